@@ -1,0 +1,98 @@
+"""``python -m dqt_lightning {fit,validate,test} --config ...``: LightningCLI with the project's defaults.
+
+- The data module's vocabulary size reaches the model through a link, never by hand.
+- With no logger configured, runs log to TensorBoard under ``runs/<config names>/version_N``: a new directory for
+  every run, so repeating a command never fails on, or overwrites, an earlier run.
+- A user mistake ends with one line on stderr naming the field or file, not a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+from jsonargparse import Namespace
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from dqt_lightning.errors import ConfigError
+
+RUNS_DIR = "runs"
+
+
+def _config_error_in(error: BaseException | None) -> ConfigError | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ConfigError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class _OneLineErrorParser(LightningArgumentParser):
+    """jsonargparse prints usage plus a nested report (with tracebacks of failed instantiations); users get the one
+    line that matters."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        found = _config_error_in(ex) or ConfigError.latest_in(message)
+        line = str(found) if found else _first_reason(message)
+        sys.stderr.write(f"error: {line}\n")
+        sys.exit(2)
+
+
+def _first_reason(message: str) -> str:
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    head = lines[0] if lines else message
+    detail = next((ln for ln in lines[1:] if ln.startswith(("Expected", "Does not", "Problem", "No action", "Unable",
+                                                            "Not a valid", "Path", "Parser key"))), "")
+    return f"{head} {detail}".strip()
+
+
+class DQTLightningCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        if config.trainer.logger in (None, True):
+            files = [Path(str(c)).stem for c in (config.get("config") or [])]
+            config.trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                init_args=Namespace(save_dir=RUNS_DIR, name="+".join(files) or "default", default_hp_metric=False),
+            )
+
+    def after_fit(self) -> None:
+        self._report("fit")
+
+    def after_validate(self) -> None:
+        self._report("validate")
+
+    def _report(self, stage: str) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
+        data = self.datamodule
+        lines = [f"[{stage}] run directory: {self.trainer.log_dir}"]
+        if "val/loss" in metrics:
+            loss = metrics["val/loss"]
+            lines.append(f"[{stage}] final validation loss {loss:.4f} nats/token (perplexity {math.exp(loss):.2f})")
+        if hasattr(data, "unigram_entropy"):
+            lines.append(f"[{stage}] unigram entropy of the training tokens {data.unigram_entropy():.4f} nats/token")
+        print("\n".join(lines), flush=True)
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        DQTLightningCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_class=_OneLineErrorParser,
+            args=args,
+        )
+    except ConfigError as error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(2)

@@ -1,0 +1,21 @@
+"""User-facing errors: the CLI prints these as one line, never as a traceback."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config value or input file; the message names the field or path."""
+
+    # jsonargparse turns an exception raised while it instantiates a class into text of its own; remembering the
+    # last message lets the CLI find it again in that text and print it alone.
+    _latest: str | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        ConfigError._latest = message
+
+    @classmethod
+    def latest_in(cls, text: str) -> ConfigError | None:
+        if cls._latest and cls._latest in text:
+            return cls(cls._latest)
+        return None

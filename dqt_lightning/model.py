@@ -1,0 +1,197 @@
+"""A LLaMA-structured decoder in one file: RMSNorm, RoPE, SwiGLU, no biases, untied embeddings.
+
+Nothing here knows about quantization. Every projection is a plain ``nn.Linear`` named as in Hugging Face's
+``LlamaForCausalLM`` (``q_proj`` ... ``down_proj``), so the precision plugin can find and swap them in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_LAYOUTS = ("llama", "subln", "bitlinear")
+
+
+@dataclass
+class Config:
+    """Sizes of a LLaMA model.
+
+    Args:
+        name: Name of the size preset this config started from.
+        vocab_size: Rows of the embedding and the output head (linked from the data module).
+        block_size: Longest sequence the rotary tables are built for.
+        n_layer: Number of transformer blocks.
+        n_head: Attention heads per block.
+        n_embd: Width of the residual stream.
+        intermediate_size: Hidden width of the SwiGLU feed-forward.
+        norm_eps: Epsilon of every RMSNorm.
+        rope_base: Base of the rotary frequencies.
+        init_std: Standard deviation of the normal init of every weight matrix.
+        norm_layout: Where the RMSNorms sit. ``llama``: one pre-norm per sub-block. ``subln`` (1bitLLM and the
+            official DQT code): the pre-norms plus one more before ``o_proj`` and before ``down_proj``.
+            ``bitlinear`` (Microsoft's BitNet): an RMSNorm on the input of every projection, block pre-norms removed.
+    """
+
+    name: str = "tiny"
+    vocab_size: int = 4096
+    block_size: int = 2048
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    intermediate_size: int = 384
+    norm_eps: float = 1e-6
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+    norm_layout: str = "subln"
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: object) -> Config:
+        if name not in SIZES:
+            raise ValueError(f"'{name}' is not a supported model size; choose one of {', '.join(SIZES)}")
+        return replace(SIZES[name], **overrides)
+
+    def problems(self) -> list[str]:
+        """Every inconsistency in this config, as messages that name the field."""
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", "float") and value <= 0:
+                out.append(f"{f.name} must be > 0, got {value}")
+        if self.n_embd % max(self.n_head, 1) or self.head_size % 2:
+            out.append(f"n_embd ({self.n_embd}) must split into n_head ({self.n_head}) heads of even size")
+        if self.norm_layout not in NORM_LAYOUTS:
+            out.append(f"norm_layout must be one of {', '.join(NORM_LAYOUTS)}; got '{self.norm_layout}'")
+        return out
+
+
+SIZES = {
+    # Trains to a meaningful loss on 2 CPU cores in minutes.
+    "tiny": Config("tiny", n_layer=4, n_head=4, n_embd=128, intermediate_size=384),
+    # The DQT paper's 130M recipe (as the official code: d 768, 12 layers, 12 heads, FFN 2048).
+    "130m": Config("130m", n_layer=12, n_head=12, n_embd=768, intermediate_size=2048),
+    "320m": Config("320m", n_layer=24, n_head=16, n_embd=1024, intermediate_size=2816),
+    # LLaMA 1B-class shape as in SPEC §5 (d 2048, 24 layers, 16 heads, FFN 5632).
+    "1b": Config("1b", n_layer=24, n_head=16, n_embd=2048, intermediate_size=5632),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the autocast dtype: bf16 sums of squares lose too much.
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def _projection(config: Config, n_in: int, n_out: int) -> nn.Module:
+    linear = nn.Linear(n_in, n_out, bias=False)
+    if config.norm_layout != "bitlinear":
+        return linear
+    return nn.Sequential(RMSNorm(n_in, config.norm_eps), linear)
+
+
+def rope_tables(config: Config, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    half = config.head_size // 2
+    inv_freq = 1.0 / config.rope_base ** (torch.arange(half, device=device, dtype=torch.float32) / half)
+    angles = torch.outer(torch.arange(config.block_size, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Rotate-half convention (as HF LLaMA): pairs are (i, i + head_size/2).
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        d = config.n_embd
+        self.n_head, self.head_size = config.n_head, config.head_size
+        self.q_proj = _projection(config, d, d)
+        self.k_proj = _projection(config, d, d)
+        self.v_proj = _projection(config, d, d)
+        self.sub_norm = RMSNorm(d, config.norm_eps) if config.norm_layout == "subln" else nn.Identity()
+        self.o_proj = _projection(config, d, d)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.n_head, self.head_size).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.o_proj(self.sub_norm(y))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        d, h = config.n_embd, config.intermediate_size
+        self.gate_proj = _projection(config, d, h)
+        self.up_proj = _projection(config, d, h)
+        self.sub_norm = RMSNorm(h, config.norm_eps) if config.norm_layout == "subln" else nn.Identity()
+        self.down_proj = _projection(config, h, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.sub_norm(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        # Microsoft's layout normalises inside each projection, so the block pre-norms go away.
+        pre_norm = config.norm_layout != "bitlinear"
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps) if pre_norm else nn.Identity()
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps) if pre_norm else nn.Identity()
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        cos, sin = rope_tables(config)
+        # Derived from the config, so kept out of checkpoints.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed_tokens(idx)
+        for block in self.layers:
+            x = block(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+

@@ -1,0 +1,136 @@
+"""The LightningModule: next-token loss, perplexity, AdamW with warm-up and cosine decay, throughput."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics.text import Perplexity
+from typing_extensions import override
+
+from dqt_lightning.errors import ConfigError
+from dqt_lightning.layers import quantized_parameters
+from dqt_lightning.model import LLaMA, Config
+
+
+def _default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+class LanguageModel(pl.LightningModule):
+    """A LLaMA language model trained on next-token prediction in any of the three modes.
+
+    The training mode (fp, BitNet STE, DQT) is not chosen here: the precision plugin converts the projections of
+    ``self.model``, so this module reads the same for every run.
+
+    Args:
+        config: Model sizes (see ``configs/model/``).
+        vocab_size: Vocabulary size; linked from the data module, never set by hand.
+        optimizer: Optimizer for every parameter, quantized ones included (e.g. ``torch.optim.AdamW``).
+        warmup_steps: Linear warm-up from 0 to the optimizer's learning rate.
+        min_lr_ratio: Cosine decay ends at this fraction of the peak learning rate, at the last training step.
+    """
+
+    def __init__(self, config: Config | None = None, vocab_size: int = 4096, optimizer: OptimizerCallable | None = None,
+                 warmup_steps: int = 100, min_lr_ratio: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        config = replace(config or Config(), vocab_size=vocab_size)
+        problems = [f"model.config.{p}" for p in config.problems()]
+        if warmup_steps < 0:
+            problems.append(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            problems.append(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        self.config = config
+        self.model = LLaMA(config)
+        self.optimizer_factory = optimizer or _default_optimizer
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.val_perplexity = Perplexity()
+        self._step_started = 0.0
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    @override
+    def configure_model(self) -> None:
+        # Lightning restores checkpoint weights right after this hook and converts the model only later, in
+        # strategy setup. Converting here (idempotent) lets an integer-weight checkpoint load into integer layers.
+        convert = getattr(self.trainer.precision_plugin, "convert_module", None)
+        if convert is not None:
+            convert(self.model)
+
+    @override
+    def setup(self, stage: str) -> None:
+        seq_len = getattr(self.trainer.datamodule, "seq_len", None)
+        if seq_len is not None and seq_len > self.config.block_size:
+            raise ConfigError(f"data.seq_len={seq_len} is longer than model.config.block_size={self.config.block_size}")
+
+    def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Each window holds seq_len + 1 tokens: inputs are the first seq_len, targets the last seq_len.
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = self(inputs)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return loss, logits
+
+    @override
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    @override
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach()))
+        return loss
+
+    @override
+    def on_train_batch_end(self, outputs, batch: torch.Tensor, batch_idx: int) -> None:
+        tokens = (batch.shape[1] - 1) * batch.shape[0] * self.trainer.world_size
+        elapsed = max(time.perf_counter() - self._step_started, 1e-9)
+        self.log("train/tokens_per_sec", tokens / elapsed)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    @override
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        loss, logits = self._loss(batch)
+        self.val_perplexity(logits.float(), batch[:, 1:])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", self.val_perplexity)
+
+    @override
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        loss, _ = self._loss(batch)
+        self.log("test/loss", loss, sync_dist=True)
+
+    @override
+    def configure_optimizers(self):
+        quantized = quantized_parameters(self.model)
+        float_params = [p for p in self.parameters() if p.requires_grad]
+        # Matrices decay (quantized projections included), vectors (norm gains) do not, as in LLaMA and BitNet.
+        decay = quantized + [p for p in float_params if p.dim() >= 2]
+        no_decay = [p for p in float_params if p.dim() < 2]
+        try:
+            optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        except ValueError as error:
+            raise ConfigError(f"model.optimizer: {error}") from error
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor_fn(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _lr_factor_fn(self, total_steps: int):
+        warmup, floor = self.warmup_steps, self.min_lr_ratio
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        return factor

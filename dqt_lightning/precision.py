@@ -1,0 +1,100 @@
+"""The precision plugin: turns the model's projections into DQT, BitNet or plain layers and owns numeric precision."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.precision import Precision
+from torch import nn
+from typing_extensions import override
+
+from dqt_lightning.errors import ConfigError
+from dqt_lightning.layers import BitLinear, DQTLinear
+from dqt_lightning.quant import ROUNDINGS, Grid
+
+log = logging.getLogger(__name__)
+
+MODES = ("fp", "ste", "dqt")
+PRECISIONS = ("32-true", "bf16-mixed")
+# The seven projections of a LLaMA block; embeddings, lm_head and norm gains stay float (as BitNet and torchao).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _choice(field: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"trainer.plugins.{field} must be one of {', '.join(choices)}; got '{value}'")
+    return value
+
+
+class QuantPrecision(Precision):
+    """Converts a model for one training mode, in place, and runs its forward in the chosen numeric precision.
+
+    Args:
+        mode: ``fp`` leaves ``nn.Linear`` alone; ``ste`` swaps in BitNet b1.58 layers (float master weight, STE);
+            ``dqt`` swaps in integer-only layers updated by :class:`~dqt_lightning.update.QuantizedUpdate`.
+        bits: 1.58 (ternary) or an integer 2..8; ignored for ``fp``.
+        rounding: ``stochastic`` (DQT) or ``nearest`` (the ablation that loses sub-step updates).
+        symmetric: Use the symmetric grid [-(2^(n-1)-1), 2^(n-1)-1] instead of the official asymmetric one.
+        per_row_scale: One DQT scale per output row instead of one per tensor.
+        precision: ``32-true`` or ``bf16-mixed`` (autocast in forward; weights, grads and states stay float32).
+
+    Raises:
+        ConfigError: for an unknown mode, rounding or precision, or bits outside 1.58 / 2..8.
+    """
+
+    def __init__(self, mode: str = "dqt", bits: float = 1.58, rounding: str = "stochastic", symmetric: bool = False,
+                 per_row_scale: bool = False, precision: str = "32-true") -> None:
+        super().__init__()
+        self.mode = _choice("mode", mode, MODES)
+        self.rounding = _choice("rounding", rounding, ROUNDINGS)
+        self.precision = _choice("precision", precision, PRECISIONS)  # type: ignore[assignment]
+        self.grid = Grid.from_bits(bits, symmetric, field="trainer.plugins.bits") if mode != "fp" else None
+        self.per_row_scale = per_row_scale
+        self._device_type = "cpu"
+
+    def describe(self) -> dict[str, Any]:
+        """What a run used, for hparams and reports."""
+        return {"mode": self.mode, "bits": self.grid.bits if self.grid else 32, "rounding": self.rounding,
+                "precision": self.precision, "per_row_scale": self.per_row_scale}
+
+    @override
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        # Under DDPStrategy the return value is ignored, so every swap happens in place. Converting twice is a no-op:
+        # the LightningModule also calls this before a checkpoint is restored into it.
+        if self.mode == "fp":
+            return module
+        for name, parent in list(module.named_modules()):
+            for child_name, child in list(parent.named_children()):
+                # A projection is matched by its own name or, in the `bitlinear` norm layout, by the name of the
+                # (RMSNorm, Linear) pair that holds it.
+                qualified = f"{name}.{child_name}".split(".")
+                if type(child) is nn.Linear and any(part in PROJECTIONS for part in qualified[-2:]):
+                    setattr(parent, child_name, self._convert(child))
+                    log.debug("converted %s.%s to %s", name, child_name, self.mode)
+        already = sum(isinstance(m, (DQTLinear, BitLinear)) for m in module.modules())
+        if already == 0:
+            raise TypeError(f"mode {self.mode} found no projection ({', '.join(PROJECTIONS)}) to quantize in the model")
+        return module
+
+    def _convert(self, linear: nn.Linear) -> nn.Module:
+        if linear.bias is not None:
+            raise TypeError("quantized projections are bias-free, as in LLaMA; got a Linear with a bias")
+        if self.mode == "ste":
+            return BitLinear.from_linear(linear, self.grid)
+        return DQTLinear.from_linear(linear, self.grid, self.rounding, self.per_row_scale)
+
+    @override
+    def connect(self, model: nn.Module, optimizers: list, lr_schedulers: list) -> tuple[nn.Module, list, list]:
+        # Autocast needs the device type; connect() is the first hook that sees the model on its device.
+        first = next(model.parameters(), None)
+        self._device_type = first.device.type if first is not None else "cpu"
+        return super().connect(model, optimizers, lr_schedulers)
+
+    @override
+    def forward_context(self):
+        if self.precision == "bf16-mixed":
+            return torch.autocast(self._device_type, dtype=torch.bfloat16)
+        return nullcontext()
