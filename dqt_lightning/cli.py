@@ -55,7 +55,7 @@ class DQTLightningCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.logger in (None, True):
             files = [Path(str(c)).stem for c in (config.get("config") or [])]
             config.trainer.logger = Namespace(

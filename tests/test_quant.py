@@ -1,0 +1,130 @@
+import math
+
+import pytest
+import torch
+
+from dqt_lightning.errors import ConfigError
+from dqt_lightning.quant import (
+    Grid,
+    TernaryGrid,
+    absmean_quantize,
+    pack_ternary,
+    quantize_activations,
+    quantized_step,
+    round_to_grid,
+    step_seed,
+    stochastic_round,
+    unpack_ternary,
+)
+
+
+@pytest.mark.parametrize("bits,qmin,qmax", [(1.58, -1, 1), (2, -2, 1), (3, -4, 3), (4, -8, 7), (8, -128, 127)])
+def test_grid_ranges(bits, qmin, qmax):
+    grid = Grid.from_bits(bits)
+    assert (grid.qmin, grid.qmax) == (qmin, qmax)
+
+
+def test_symmetric_grid_and_ternary():
+    assert (Grid.from_bits(4, symmetric=True).qmin, Grid.from_bits(4, symmetric=True).qmax) == (-7, 7)
+    assert Grid.from_bits(1.58) is TernaryGrid and TernaryGrid.is_ternary
+
+
+@pytest.mark.parametrize("bits", [0, 1, 9, 2.5, -3])
+def test_bad_bits_name_the_field(bits):
+    with pytest.raises(ConfigError, match="bits must be 1.58"):
+        Grid.from_bits(bits)
+
+
+@pytest.mark.parametrize("bits", [1.58, 4, 8])
+def test_absmean_init_follows_the_rule(bits):
+    grid = Grid.from_bits(bits)
+    w = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 0.02
+    q, alpha = absmean_quantize(w, grid)
+    assert q.dtype == torch.int8 and q.min() >= grid.qmin and q.max() <= grid.qmax
+    assert torch.allclose(alpha, w.abs().mean() / grid.qmax)
+    expected = torch.round(w / alpha).clamp(grid.qmin, grid.qmax)
+    assert torch.equal(q.float(), expected)
+
+
+def test_absmean_per_row_scale_has_one_per_row():
+    w = torch.randn(16, 8)
+    q, alpha = absmean_quantize(w, TernaryGrid, per_row=True)
+    assert alpha.shape == (16, 1)
+    assert torch.allclose(alpha.squeeze(1), w.abs().mean(dim=1))
+
+
+def test_stochastic_rounding_is_unbiased():
+    # 200k draws of each of 16 fractional values: the mean of floor(y + u) has standard deviation
+    # sqrt(p(1-p)/n) <= 0.0011, so a tolerance of 0.006 is over 5 sigma.
+    y = torch.linspace(-2.9, 2.9, 16)
+    gen = torch.Generator().manual_seed(1)
+    draws = stochastic_round(y.expand(200_000, 16), gen)
+    assert torch.all(draws == torch.floor(draws))
+    assert torch.allclose(draws.mean(0), y, atol=0.006)
+    # ... and it is really random: both neighbours occur for a non-integer value.
+    assert set(draws[:, 3].unique().tolist()) == {math.floor(y[3].item()), math.ceil(y[3].item())}
+
+
+def test_nearest_is_deterministic_and_loses_small_updates():
+    y = torch.tensor([0.3, 0.49, -0.3, 1.7])
+    a = round_to_grid(y, TernaryGrid, "nearest", None)
+    b = round_to_grid(y, TernaryGrid, "nearest", torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.tolist() == [0, 0, 0, 1]
+
+
+def test_round_to_grid_clips_to_the_grid():
+    y = torch.tensor([-7.0, 5.0, 0.2])
+    out = round_to_grid(y, TernaryGrid, "stochastic", torch.Generator().manual_seed(0))
+    assert out.dtype == torch.int8 and out[0] == -1 and out[1] == 1
+
+
+def test_same_seed_same_noise_different_layer_different_noise():
+    y = torch.rand(1000) * 4 - 2
+    draw = lambda seed: round_to_grid(y, Grid.from_bits(4), "stochastic", torch.Generator().manual_seed(seed))
+    assert torch.equal(draw(step_seed(7, 3, 0)), draw(step_seed(7, 3, 0)))
+    assert not torch.equal(draw(step_seed(7, 3, 0)), draw(step_seed(7, 3, 1)))
+    assert not torch.equal(draw(step_seed(7, 3, 0)), draw(step_seed(7, 4, 0)))
+
+
+def test_quantized_step_without_a_move_keeps_every_level():
+    grid = Grid.from_bits(8)
+    q, alpha = absmean_quantize(torch.randn(128, 64) * 0.02, grid)
+    unmoved = q.float() * alpha
+    for _ in range(5):
+        out = quantized_step(q, alpha, unmoved, grid, "stochastic", torch.Generator().manual_seed(3))
+        assert torch.equal(out, q)
+
+
+def test_quantized_step_moves_by_delta_over_alpha_in_expectation():
+    grid = Grid.from_bits(8)
+    q = torch.zeros(200_000, dtype=torch.int8)
+    alpha = torch.tensor(0.01)
+    stepped = q.float() * alpha - 0.0023  # a move of -0.23 grid steps, below half a step
+    sr = quantized_step(q, alpha, stepped, grid, "stochastic", torch.Generator().manual_seed(0))
+    nearest = quantized_step(q, alpha, stepped, grid, "nearest", None)
+    assert abs(sr.float().mean().item() + 0.23) < 0.005
+    assert torch.count_nonzero(nearest) == 0  # round-to-nearest loses the update entirely
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (3, 5), (1,), (7, 3, 2)])
+def test_pack_unpack_ternary_round_trip(shape):
+    q = torch.randint(-1, 2, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    packed = pack_ternary(q)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(q.numel() / 4)
+    assert torch.equal(unpack_ternary(packed, shape), q)
+
+
+def test_pack_ternary_rejects_other_levels():
+    with pytest.raises(ValueError):
+        pack_ternary(torch.tensor([2, 0], dtype=torch.int8))
+
+
+def test_activation_quantizer_levels_and_straight_through():
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    xq = quantize_activations(x)
+    s = 127 / x.detach().abs().amax(-1, keepdim=True)
+    levels = xq.detach() * s
+    assert torch.allclose(levels, levels.round(), atol=1e-3)
+    assert levels.abs().max() <= 127.001
+    xq.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
