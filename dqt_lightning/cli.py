@@ -64,6 +64,9 @@ class DQTLightningCLI(LightningCLI):
             )
 
     def after_fit(self) -> None:
+        # Validation runs every val_check_interval steps, which need not fall on the last one: measure the end state.
+        if self.trainer.limit_val_batches and not self.trainer.interrupted:
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         self._report("fit")
 
     def after_validate(self) -> None:
@@ -93,6 +96,10 @@ def main(args: list[str] | None = None) -> None:
             parser_class=_OneLineErrorParser,
             args=args,
         )
-    except ConfigError as error:
-        sys.stderr.write(f"error: {error}\n")
+    except Exception as error:
+        # jsonargparse re-raises a failed instantiation as its own ValueError with our message inside its text.
+        found = _config_error_in(error) or ConfigError.latest_in(str(error))
+        if found is None:
+            raise
+        sys.stderr.write(f"error: {found}\n")
         sys.exit(2)

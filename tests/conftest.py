@@ -48,6 +48,12 @@ def fit(model: LanguageModel, mode: str = "dqt", bits: float = 1.58, rounding: s
     return trainer
 
 
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+    """One tokenizer and token cache for the whole session: the embedded corpus takes seconds to encode."""
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_defaults():
     dtype = torch.get_default_dtype()

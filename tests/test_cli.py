@@ -1,0 +1,105 @@
+"""Every YAML under configs/ parses, overlays merge, and user mistakes end in one line naming the field."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lightning.pytorch import LightningDataModule, LightningModule
+
+from dqt_lightning.cli import DQTLightningCLI
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+BASES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+OVERLAYS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/*.yaml"))
+
+
+class ParseOnly(DQTLightningCLI):
+    """Parses and validates a config without building the (possibly 1B-parameter) model."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse(*configs: str) -> dict:
+    args = [a for c in configs for a in ("--config", str(CONFIGS / c))]
+    cli = ParseOnly(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                    run=False, args=args)
+    return cli.config.as_dict()
+
+
+def test_configs_exist():
+    expected = {"ternary.yaml", "dqt-8bit.yaml", "dqt-4bit.yaml", "dqt-3bit.yaml", "dqt-2bit.yaml", "bitnet.yaml", "fp.yaml"}
+    assert expected <= set(BASES)
+    assert {"ablation/nearest.yaml", "model/tiny.yaml", "model/130m.yaml", "model/320m.yaml", "model/1b.yaml",
+            "precision/fp32.yaml", "precision/bf16.yaml"} <= set(OVERLAYS)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_every_base_config_builds(base, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = DQTLightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                          run=False, args=["--config", str(CONFIGS / base)])
+    plugin = cli.trainer.precision_plugin
+    assert type(plugin).__name__ == "QuantPrecision"
+    assert cli.model.config.vocab_size == cli.datamodule.vocab_size  # linked, not set by hand
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_merges_onto_the_base(overlay):
+    base, merged = parse("ternary.yaml"), parse("ternary.yaml", overlay)
+    assert merged != base
+    assert merged["trainer"]["plugins"]["class_path"].endswith("QuantPrecision")  # the overlay did not drop it
+
+
+def test_quantized_configs_differ_from_their_base_by_a_few_lines():
+    base = (CONFIGS / "ternary.yaml").read_text().splitlines()
+    for name in BASES:
+        other = (CONFIGS / name).read_text().splitlines()
+        assert len(other) == len(base)
+        assert sum(a != b for a, b in zip(base, other)) <= 3, name
+
+
+def test_model_overlays_set_the_named_sizes():
+    cfg = parse("ternary.yaml", "model/130m.yaml")
+    sizes = cfg["model"]["init_args"]["config"]
+    assert (sizes["n_embd"], sizes["n_layer"], sizes["n_head"], sizes["intermediate_size"]) == (768, 12, 12, 2048)
+    assert cfg["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 5e-4
+
+
+def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "dqt_lightning", "fit", "--config", str(CONFIGS / "ternary.yaml"), *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,names", [
+    (["--trainer.plugins.init_args.bits", "0"], "trainer.plugins.bits"),
+    (["--trainer.plugins.init_args.bits", "9"], "trainer.plugins.bits"),
+    (["--trainer.plugins.init_args.mode", "foo"], "trainer.plugins.mode"),
+    (["--model.init_args.optimizer.init_args.lr", "-0.001"], "model.optimizer"),
+    (["--data.init_args.seq_len", "100000", "--data.init_args.vocab_size", "512"], "data.seq_len"),
+], ids=["bits0", "bits9", "mode-foo", "negative-lr", "seq-len-too-long"])
+def test_user_mistakes_end_in_one_line(args, names, tmp_path, data_cache):
+    result = _run(tmp_path, *args, "--data.init_args.cache_dir", data_cache, "--trainer.max_steps", "1")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and names in errors[0], result.stderr[-2000:]
+
+
+def test_a_repeated_command_starts_a_new_run_directory(tmp_path, data_cache):
+    args = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "2", "--data.init_args.vocab_size", "512",
+            "--data.init_args.cache_dir", data_cache]
+    for _ in range(2):
+        result = _run(tmp_path, *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / "runs" / "ternary").iterdir())
+    assert runs == ["version_0", "version_1"]
+    for run in runs:
+        assert (tmp_path / "runs" / "ternary" / run / "config.yaml").exists()
+    assert "unigram entropy" in result.stdout and "final validation loss" in result.stdout

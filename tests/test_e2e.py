@@ -1,0 +1,75 @@
+"""End to end through LightningCLI on the embedded corpus: every mode trains, checkpoints hold integers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+
+from dqt_lightning.cli import DQTLightningCLI
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--trainer.max_steps", "40", "--trainer.val_check_interval", "40", "--trainer.limit_val_batches", "4",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--data.init_args.vocab_size", "512", "--data.init_args.seq_len", "64", "--data.init_args.batch_size", "8",
+        "--model.init_args.warmup_steps", "5"]
+
+
+def cli_for(configs: list[str], data_cache: str, *extra: str) -> DQTLightningCLI:
+    args = [a for c in configs for a in ("--config", str(REPO / "configs" / c))]
+    return DQTLightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True, subclass_mode_data=True, run=False,
+        args=[*args, *FAST, "--data.init_args.cache_dir", data_cache, *extra],
+    )
+
+
+@pytest.mark.parametrize("configs", [["fp.yaml"], ["bitnet.yaml"], ["ternary.yaml"], ["dqt-8bit.yaml"],
+                                     ["dqt-8bit.yaml", "ablation/nearest.yaml"]], ids=lambda c: "+".join(c))
+def test_each_mode_trains_and_the_loss_falls(configs, data_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_for(configs, data_cache)
+    before = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]["val/loss"]
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    after = float(cli.trainer.callback_metrics["val/loss"])
+    assert before == pytest.approx(math.log(512), abs=0.3)  # an untrained model is near uniform
+    assert after < before - 0.7
+    events = list(Path(cli.trainer.log_dir).glob("events.out.tfevents.*"))
+    assert events and Path(cli.trainer.log_dir).resolve().is_relative_to(tmp_path.resolve() / "runs")
+
+
+def test_checkpoint_holds_integer_weights_and_resumes(data_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_for(["ternary.yaml"], data_cache, "--trainer.max_steps", "6")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    path = cli.trainer.checkpoint_callback.last_model_path
+    ckpt = torch.load(path, weights_only=False, map_location="cpu")
+    state = ckpt["state_dict"]
+    projections = [k for k in state if k.endswith("_proj.weight")]
+    assert len(projections) == 4 * 7
+    shapes = {state[k].shape for k in projections}
+    for key in projections:
+        assert state[key].dtype == torch.int8 and state[key].abs().max() <= 1
+    assert not [k for k, t in state.items() if t.is_floating_point() and t.shape in shapes and "_proj" in k]
+    assert ckpt["callbacks"]["QuantizedUpdate"]["n_updates"] == 6
+    # The optimizer moments of the quantized weights are in the checkpoint, next to the float ones.
+    n_states = len(ckpt["optimizer_states"][0]["state"])
+    assert n_states == sum(1 for _ in cli.model.parameters()) + 28
+
+    resumed = cli_for(["ternary.yaml"], data_cache, "--trainer.max_steps", "9")
+    resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path=path)
+    assert resumed.trainer.global_step == 9
+    update = next(c for c in resumed.trainer.callbacks if type(c).__name__ == "QuantizedUpdate")
+    assert update.n_updates == 9
+
+
+def test_bf16_mixed_overlay_trains(data_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_for(["ternary.yaml", "precision/bf16.yaml"], data_cache, "--trainer.max_steps", "5")
+    assert cli.trainer.precision_plugin.precision == "bf16-mixed"
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
