@@ -73,11 +73,12 @@ class DQTLightningCLI(LightningCLI):
         self._report("validate")
 
     def _report(self, stage: str) -> None:
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         if not self.trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         data = self.datamodule
-        lines = [f"[{stage}] run directory: {self.trainer.log_dir}"]
+        lines = [f"[{stage}] run directory: {log_dir}"]
         if "val/loss" in metrics:
             loss = metrics["val/loss"]
             lines.append(f"[{stage}] final validation loss {loss:.4f} nats/token (perplexity {math.exp(loss):.2f})")

@@ -19,7 +19,7 @@ from dqt_lightning.model import LLaMA, Config
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
 
 
 class LanguageModel(pl.LightningModule):

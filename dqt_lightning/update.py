@@ -59,9 +59,27 @@ class QuantizedUpdate(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if trainer.world_size > 1:
+            self._average_gradients_across_ranks()
         for _, layer in self._layers:
             layer.materialize()
         self._pending = bool(self._layers)
+
+    @torch.no_grad()
+    def _average_gradients_across_ranks(self) -> None:
+        # DDP all-reduces registered parameters only; the quantized weights' gradients live outside it. One flat
+        # bucket, one collective per step, before clipping, so every rank rounds the same averaged update.
+        params = [layer.update_param for _, layer in self._layers]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        torch.distributed.all_reduce(flat)
+        flat /= torch.distributed.get_world_size()
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.grad.numel()].view_as(p.grad))
+            offset += p.grad.numel()
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
