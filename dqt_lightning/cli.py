@@ -16,15 +16,15 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from dqt_lightning.errors import ConfigError
+from dqt_lightning.errors import ConfigError, TrainingStopped
 
 RUNS_DIR = "runs"
 
 
-def _config_error_in(error: BaseException | None) -> ConfigError | None:
+def _user_facing_error_in(error: BaseException | None) -> Exception | None:
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, ConfigError):
+        if isinstance(error, (ConfigError, TrainingStopped)):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
@@ -36,7 +36,7 @@ class _OneLineErrorParser(LightningArgumentParser):
     line that matters."""
 
     def error(self, message: str, ex: Exception | None = None):
-        found = _config_error_in(ex) or ConfigError.latest_in(message)
+        found = _user_facing_error_in(ex) or ConfigError.latest_in(message)
         line = str(found) if found else _first_reason(message)
         sys.stderr.write(f"error: {line}\n")
         sys.exit(2)
@@ -56,6 +56,13 @@ class DQTLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        strategy = config.trainer.strategy
+        name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "")
+        if "fsdp" in str(name).lower():
+            raise ConfigError(
+                f"trainer.strategy={name} is not supported: FSDP shards float parameters and insists on its own "
+                "precision plugin, while DQT weights are integer buffers; use trainer.strategy: ddp"
+            )
         if config.trainer.logger in (None, True):
             files = [Path(str(c)).stem for c in (config.get("config") or [])]
             config.trainer.logger = Namespace(
@@ -99,7 +106,7 @@ def main(args: list[str] | None = None) -> None:
         )
     except Exception as error:
         # jsonargparse re-raises a failed instantiation as its own ValueError with our message inside its text.
-        found = _config_error_in(error) or ConfigError.latest_in(str(error))
+        found = _user_facing_error_in(error) or ConfigError.latest_in(str(error))
         if found is None:
             raise
         sys.stderr.write(f"error: {found}\n")

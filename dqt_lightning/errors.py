@@ -19,3 +19,7 @@ class ConfigError(ValueError):
         if cls._latest and cls._latest in text:
             return cls(cls._latest)
         return None
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself on purpose (diverged replicas, non-finite values); the message says where and why."""

@@ -64,7 +64,7 @@ class LanguageModel(pl.LightningModule):
         # strategy setup. Converting here (idempotent) lets an integer-weight checkpoint load into integer layers.
         convert = getattr(self.trainer.precision_plugin, "convert_module", None)
         if convert is not None:
-            convert(self.model)
+            convert(self)
 
     @override
     def setup(self, stage: str) -> None:

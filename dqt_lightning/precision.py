@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.precision import Precision
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError
@@ -77,6 +78,7 @@ class QuantPrecision(Precision):
         already = sum(isinstance(m, (DQTLinear, BitLinear)) for m in module.modules())
         if already == 0:
             raise TypeError(f"mode {self.mode} found no projection ({', '.join(PROJECTIONS)}) to quantize in the model")
+        _keep_integers_out_of_ddp_sync(module)
         return module
 
     def _convert(self, linear: nn.Linear) -> nn.Module:
@@ -98,3 +100,12 @@ class QuantPrecision(Precision):
         if self.precision == "bf16-mixed":
             return torch.autocast(self._device_type, dtype=torch.bfloat16)
         return nullcontext()
+
+
+def _keep_integers_out_of_ddp_sync(module: nn.Module) -> None:
+    # DDP re-broadcasts every buffer from rank 0 before each forward. For DQT weights that is a byte per weight of
+    # traffic each step, and it would silently paper over a divergence that QuantizedUpdate's replica check exists
+    # to catch. Replicas stay equal by construction instead: same averaged gradient, same rounding noise.
+    names = [f"{name}.{buffer}" for name, m in module.named_modules() if isinstance(m, DQTLinear)
+             for buffer in ("weight", "scale")]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)

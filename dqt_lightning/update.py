@@ -8,9 +8,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from dqt_lightning.errors import ConfigError
+from dqt_lightning.errors import ConfigError, TrainingStopped
 from dqt_lightning.layers import DQTLinear
 from dqt_lightning.quant import quantized_step, step_seed
 
@@ -24,14 +25,36 @@ class QuantizedUpdate(Callback):
     each layer once (stochastic or nearest) with noise seeded by (run seed, global step, layer index) and frees the
     float values again. Nothing float of the weight outlives the step.
 
+    Under DDP the quantized gradients are averaged in one collective per step and every rank draws the same noise,
+    so the integer replicas stay bit-identical; every ``check_replicas_every_n_steps`` steps a checksum comparison
+    proves it, and stops the run if it ever fails.
+
     Args:
         seed: Seed of the rounding noise; ``None`` takes the run's ``seed_everything`` value (``PL_GLOBAL_SEED``).
         log_per_layer: Also log the share of weights that changed level for each layer, not only overall.
+        check_replicas_every_n_steps: Compare integer weights across DDP ranks this often (0: never).
+        on_nonfinite: What a NaN or inf gradient does: ``skip`` the step (no weight moves) or ``stop`` the run.
+            Either way it never reaches the integer weights or a checkpoint.
+        shared_noise: Draw the same rounding noise on every rank. Turn off only to watch the replica check fire.
+
+    Raises:
+        ConfigError: for an unknown ``on_nonfinite`` or a negative check interval.
     """
 
-    def __init__(self, seed: int | None = None, log_per_layer: bool = True) -> None:
+    def __init__(self, seed: int | None = None, log_per_layer: bool = True, check_replicas_every_n_steps: int = 50,
+                 on_nonfinite: str = "skip", shared_noise: bool = True) -> None:
+        if on_nonfinite not in ("skip", "stop"):
+            raise ConfigError(f"QuantizedUpdate.on_nonfinite must be skip or stop; got '{on_nonfinite}'")
+        if check_replicas_every_n_steps < 0:
+            raise ConfigError("QuantizedUpdate.check_replicas_every_n_steps must be >= 0, "
+                              f"got {check_replicas_every_n_steps}")
         self.seed = seed
         self.log_per_layer = log_per_layer
+        self.check_every = check_replicas_every_n_steps
+        self.on_nonfinite = on_nonfinite
+        self.shared_noise = shared_noise
+        self.skipped_steps = 0
+        self._names: dict[int, str] = {}
         self.n_updates = 0
         self._layers: list[tuple[str, DQTLinear]] = []
         self._handles: list[Any] = []
@@ -44,6 +67,8 @@ class QuantizedUpdate(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
         self._layers = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, DQTLinear)]
+        self._names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._names.update({id(m.update_param): f"{name}.weight" for name, m in self._layers})
         if not self._layers:
             return
         if self.seed is None:
@@ -59,11 +84,33 @@ class QuantizedUpdate(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and self._layers:
             self._average_gradients_across_ranks()
+        if not self._gradients_are_finite(trainer, optimizer):
+            return
         for _, layer in self._layers:
             layer.materialize()
         self._pending = bool(self._layers)
+
+    def _gradients_are_finite(self, trainer: pl.Trainer, optimizer) -> bool:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return True
+        # One reduction per tensor, one host sync per step: a NaN max stays NaN, an inf stays inf.
+        peaks = torch.stack([p.grad.detach().abs().amax() for p in params])
+        finite = torch.isfinite(peaks)
+        if bool(finite.all()):
+            return True
+        first = self._names.get(id(params[int((~finite).nonzero()[0])]), "an unnamed parameter")
+        if self.on_nonfinite == "stop":
+            raise TrainingStopped(f"non-finite gradient at step {trainer.global_step}, first in {first}; "
+                                  "lower the learning rate, or set on_nonfinite: skip")
+        # Without gradients the optimizer moves nothing this step, so no NaN reaches any weight.
+        for p in params:
+            p.grad = None
+        self.skipped_steps += 1
+        rank_zero_warn(f"skipped step {trainer.global_step}: non-finite gradient, first in {first}")
+        return False
 
     @torch.no_grad()
     def _average_gradients_across_ranks(self) -> None:
@@ -86,9 +133,10 @@ class QuantizedUpdate(Callback):
         if not self._pending:
             return
         step = self._trainer.global_step  # still the index of this step: Lightning counts it after the step
+        seed = self.seed if self.shared_noise else self.seed + 7919 * self._trainer.global_rank
         for index, (name, layer) in enumerate(self._layers):
             generator = self._generator(layer.weight.device)
-            generator.manual_seed(step_seed(self.seed, step, index))
+            generator.manual_seed(step_seed(seed, step, index))
             q_new = quantized_step(layer.weight, layer.scale, layer.update_param.data, layer.grid, layer.rounding,
                                    generator)
             self._flips[name] = (q_new != layer.weight).sum()
@@ -96,6 +144,26 @@ class QuantizedUpdate(Callback):
             layer.release()
         self.n_updates += 1
         self._pending = False
+        if self._trainer.world_size > 1 and self.check_every and (step + 1) % self.check_every == 0:
+            self._check_replicas(step)
+
+    def _check_replicas(self, step: int) -> None:
+        # Two int64 sums per layer (plain and position-weighted) catch any flipped level; MAX and MIN across ranks
+        # agree only if every rank holds the same integers.
+        sums = []
+        for _, layer in self._layers:
+            q = layer.weight.reshape(-1).to(torch.int64)
+            position = torch.arange(1, q.numel() + 1, device=q.device) % 65521
+            sums.append(torch.stack([q.sum(), (q * position).sum()]))
+        high = torch.stack(sums)
+        low = high.clone()
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+        differ = (high != low).any(dim=1)
+        if bool(differ.any()):
+            first = self._layers[int(differ.nonzero()[0])][0]
+            raise TrainingStopped(f"integer weights differ across DDP ranks after step {step}, first in {first} "
+                                  f"({int(differ.sum())} of {len(self._layers)} layers)")
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -107,7 +175,7 @@ class QuantizedUpdate(Callback):
         if not self._flips:
             return
         total = sum(m.weight.numel() for _, m in self._layers)
-        metrics = {"dqt/flip_rate": sum(self._flips.values()).float() / total}
+        metrics = {"dqt/flip_rate": sum(self._flips.values()).float() / total, "dqt/skipped_steps": self.skipped_steps}
         if self.log_per_layer:
             sizes = dict((name, m.weight.numel()) for name, m in self._layers)
             metrics.update({f"dqt_layers/{n}": f.float() / sizes[n] for n, f in self._flips.items()})
@@ -122,10 +190,11 @@ class QuantizedUpdate(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "n_updates": self.n_updates}
+        return {"seed": self.seed, "n_updates": self.n_updates, "skipped_steps": self.skipped_steps}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # A resumed run keeps the seed it started with, so its noise continues the original sequence.
         self.seed = state_dict["seed"]
         self.n_updates = state_dict["n_updates"]
+        self.skipped_steps = state_dict["skipped_steps"]

@@ -103,3 +103,10 @@ def test_a_repeated_command_starts_a_new_run_directory(tmp_path, data_cache):
     for run in runs:
         assert (tmp_path / "runs" / "ternary" / run / "config.yaml").exists()
     assert "unigram entropy" in result.stdout and "final validation loss" in result.stdout
+
+
+def test_fsdp_is_refused_up_front_with_the_reason(tmp_path, data_cache):
+    result = _run(tmp_path, "--trainer.strategy", "fsdp", "--data.init_args.cache_dir", data_cache)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "trainer.strategy=fsdp is not supported" in errors[0] and "ddp" in errors[0]

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 import dqt_lightning.quant as quant
+from dqt_lightning import QuantizedUpdate, QuantPrecision
+from dqt_lightning.errors import TrainingStopped
 from dqt_lightning.layers import DQTLinear, dqt_layers
-from tests.conftest import fit, make_model
+from tests.conftest import TokenWindows, fit, make_model
 
 
 class GradRecorder(pl.Callback):
@@ -137,3 +139,49 @@ def test_missing_quantized_parameters_in_the_optimizer_is_an_error():
     model.configure_optimizers = lambda: torch.optim.AdamW(model.parameters(), lr=1e-3)
     with pytest.raises(ConfigError, match="quantized_parameters"):
         fit(model, steps=1)
+
+
+class PoisonGradient(pl.Callback):
+    """Puts a NaN into one quantized gradient at one step, as a diverging loss would."""
+
+    def __init__(self, step: int):
+        self.step, self.before, self.after = step, None, None
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == self.step:
+            layer = next(dqt_layers(pl_module))
+            layer.update_param.grad[0, 0] = float("nan")
+            self.before = [layer.weight.clone() for layer in dqt_layers(pl_module)]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step + 1:
+            self.after = [layer.weight.clone() for layer in dqt_layers(pl_module)]
+
+
+def test_a_nonfinite_gradient_skips_the_step_and_never_reaches_the_weights():
+    poison = PoisonGradient(step=1)
+    model = make_model()
+    trainer = fit(model, steps=3, callbacks=[poison])
+    update = next(c for c in trainer.callbacks if type(c).__name__ == "QuantizedUpdate")
+    assert update.skipped_steps == 1 and trainer.global_step == 3
+    assert all(torch.equal(a, b) for a, b in zip(poison.before, poison.after))  # nothing moved at the bad step
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_nonfinite_gradient_can_stop_the_run_naming_step_and_layer():
+    model = make_model()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         plugins=[QuantPrecision(mode="dqt")],
+                         callbacks=[QuantizedUpdate(on_nonfinite="stop"), PoisonGradient(step=1)])
+    with pytest.raises(TrainingStopped, match=r"step 1, first in model\.layers\.0\.attn\.q_proj\.weight"):
+        trainer.fit(model, datamodule=TokenWindows())
+
+
+def test_integer_buffers_are_kept_out_of_ddp_broadcasts():
+    model = make_model()
+    fit(model, steps=1)
+    ignored = set(model._ddp_params_and_buffers_to_ignore)
+    expected = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, DQTLinear) for b in ("weight", "scale")}
+    assert len(expected) == 28 and expected <= ignored
+    assert not any(name in ignored for name, _ in model.named_parameters())  # float weights still sync as usual

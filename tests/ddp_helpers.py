@@ -1,0 +1,19 @@
+"""A callback the DDP tests load by class path into the child processes: each rank saves what it holds at the end."""
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from dqt_lightning.layers import DQTLinear
+
+
+class SaveReplica(pl.Callback):
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        weights = {name: (m.weight.clone() if isinstance(m, DQTLinear) else m.weight.detach().clone())
+                   for name, m in pl_module.named_modules() if name.endswith("_proj")}
+        torch.save({"weights": weights, "step": trainer.global_step},
+                   Path(self.directory) / f"rank{trainer.global_rank}.pt")
