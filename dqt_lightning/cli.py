@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 from jsonargparse import Namespace
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from dqt_lightning.checkpoint import AtomicCheckpointIO
 from dqt_lightning.errors import ConfigError, TrainingStopped
 
 RUNS_DIR = "runs"
@@ -69,6 +71,12 @@ class DQTLightningCLI(LightningCLI):
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
                 init_args=Namespace(save_dir=RUNS_DIR, name="+".join(files) or "default", default_hp_metric=False),
             )
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default, not a user's choice
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def after_fit(self) -> None:
         # Validation runs every val_check_interval steps, which need not fall on the last one: measure the end state.

@@ -12,7 +12,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
 
 from dqt_lightning.errors import ConfigError
+from dqt_lightning.sampling import ResumableSampler, training_position
 
 EOT = "<|endoftext|>"
 FORMAT_VERSION = 1  # bump whenever corpus selection, tokenizer recipe or file layout changes, so old caches are ignored
@@ -235,6 +236,7 @@ class EmbeddedDocs(pl.LightningDataModule):
         self.tokenizer: Tokenizer | None = None
         self.tokens = self.train_docs = self.val_docs = self.train_stream = self.val_stream = np.empty(0, np.uint16)
         self.n_docs = self.n_chars = 0
+        self._resume: dict[str, Any] | None = None
 
     def prepare_data(self) -> None:
         """Build (or find) the cached tokenizer and token ids; Lightning runs this once per node."""
@@ -271,15 +273,29 @@ class EmbeddedDocs(pl.LightningDataModule):
         if workers:
             # Training the tokenizer used its thread pool; without this every forked worker warns about it.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        generator = torch.Generator().manual_seed(self.seed) if train else None
+        windows = PackedWindows(stream, self.seq_len)
+        sampler = None
+        if train:
+            trainer = self.trainer
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            sampler = ResumableSampler(windows, world, rank, self.seed, self.batch_size)
+            if self._resume:
+                sampler.resume_at(self._resume["epoch"], self._resume["batches_done"])
         return DataLoader(
-            PackedWindows(stream, self.seq_len), batch_size=self.batch_size, shuffle=train, drop_last=train,
-            generator=generator, num_workers=workers, persistent_workers=workers > 0,
+            windows, batch_size=self.batch_size, sampler=sampler, drop_last=train, num_workers=workers,
+            persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training windows (seeded), incomplete last batch dropped."""
+        """Training windows shuffled per epoch (seeded), split across ranks, incomplete last batch dropped."""
         return self._loader(train=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position, saved in every checkpoint so that a resumed run continues with the next batch."""
+        return training_position(self.trainer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = state_dict or None
 
     def val_dataloader(self) -> DataLoader:
         """Validation windows in order, all of them."""

@@ -13,9 +13,14 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.text import Perplexity
 from typing_extensions import override
 
+from dqt_lightning.checkpoint import PACKED_KEY, pack_ternary_weights, unpack_ternary_weights
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.layers import quantized_parameters
 from dqt_lightning.model import LLaMA, Config
+
+
+# Hyper-parameters hold the Config dataclass; allowing it keeps checkpoints loadable with torch's weights_only=True.
+torch.serialization.add_safe_globals([Config])
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -65,6 +70,16 @@ class LanguageModel(pl.LightningModule):
         convert = getattr(self.trainer.precision_plugin, "convert_module", None)
         if convert is not None:
             convert(self)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if getattr(self.trainer.precision_plugin, "pack_ternary", False):
+            checkpoint[PACKED_KEY] = pack_ternary_weights(self, checkpoint["state_dict"])
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Runs before the state dict is loaded into the (already converted) layers.
+        unpack_ternary_weights(checkpoint["state_dict"], checkpoint.pop(PACKED_KEY, {}))
 
     @override
     def setup(self, stage: str) -> None:

@@ -41,19 +41,21 @@ class QuantPrecision(Precision):
         symmetric: Use the symmetric grid [-(2^(n-1)-1), 2^(n-1)-1] instead of the official asymmetric one.
         per_row_scale: One DQT scale per output row instead of one per tensor.
         precision: ``32-true`` or ``bf16-mixed`` (autocast in forward; weights, grads and states stay float32).
+        pack_ternary: Store ternary DQT weights in checkpoints 4 per byte instead of one int8 each.
 
     Raises:
         ConfigError: for an unknown mode, rounding or precision, or bits outside 1.58 / 2..8.
     """
 
     def __init__(self, mode: str = "dqt", bits: float = 1.58, rounding: str = "stochastic", symmetric: bool = False,
-                 per_row_scale: bool = False, precision: str = "32-true") -> None:
+                 per_row_scale: bool = False, precision: str = "32-true", pack_ternary: bool = False) -> None:
         super().__init__()
         self.mode = _choice("mode", mode, MODES)
         self.rounding = _choice("rounding", rounding, ROUNDINGS)
         self.precision = _choice("precision", precision, PRECISIONS)  # type: ignore[assignment]
         self.grid = Grid.from_bits(bits, symmetric, field="trainer.plugins.bits") if mode != "fp" else None
         self.per_row_scale = per_row_scale
+        self.pack_ternary = pack_ternary
         self._device_type = "cpu"
 
     def describe(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ def _config(tmp_path: Path, base: str, rounding: str | None, update_args: dict) 
         config["trainer"]["plugins"]["init_args"]["rounding"] = rounding
     config["trainer"]["callbacks"] = [
         {"class_path": "dqt_lightning.QuantizedUpdate", "init_args": update_args},
-        {"class_path": "tests.ddp_helpers.SaveReplica", "init_args": {"directory": str(tmp_path)}},
+        {"class_path": "tests.helpers.SaveReplica", "init_args": {"directory": str(tmp_path)}},
     ]
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))

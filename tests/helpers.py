@@ -1,4 +1,4 @@
-"""A callback the DDP tests load by class path into the child processes: each rank saves what it holds at the end."""
+"""Callbacks the subprocess tests load by class path into the runs they start."""
 
 from pathlib import Path
 
@@ -17,3 +17,15 @@ class SaveReplica(pl.Callback):
                    for name, m in pl_module.named_modules() if name.endswith("_proj")}
         torch.save({"weights": weights, "step": trainer.global_step},
                    Path(self.directory) / f"rank{trainer.global_rank}.pt")
+
+
+class SlowDown(pl.Callback):
+    """Sleeps after each batch so a test can kill the run mid-way; the arithmetic is unchanged."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        time.sleep(self.seconds)
