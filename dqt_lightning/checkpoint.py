@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from typing_extensions import override
 
+from dqt_lightning.files import atomic_write
 from dqt_lightning.layers import DQTLinear
 from dqt_lightning.quant import pack_ternary, unpack_ternary
 
@@ -27,18 +27,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
 
 
 def pack_ternary_weights(module: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, list[int]]:
@@ -55,3 +44,69 @@ def pack_ternary_weights(module: torch.nn.Module, state_dict: dict[str, torch.Te
 def unpack_ternary_weights(state_dict: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> None:
     for key, shape in shapes.items():
         state_dict[key] = unpack_ternary(state_dict[key], tuple(shape))
+
+
+def measure_checkpoint_sizes(size: str, vocab_size: int, directory: Path) -> dict[str, tuple[int, int]]:
+    """Train ``size`` one step on random tokens in each storage format and save it as Lightning does.
+
+    Returns ``{label: (full checkpoint bytes, weights-only checkpoint bytes)}``; a full checkpoint also holds the
+    optimizer states, scheduler, loops and callbacks needed to resume.
+    """
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from dqt_lightning.model import Config
+    from dqt_lightning.module import LanguageModel
+    from dqt_lightning.precision import QuantPrecision
+    from dqt_lightning.update import QuantizedUpdate
+
+    formats = {
+        "fp (float32)": dict(mode="fp"),
+        "DQT 8-bit (int8)": dict(mode="dqt", bits=8),
+        "DQT ternary (int8)": dict(mode="dqt", bits=1.58),
+        "DQT ternary (packed 2-bit)": dict(mode="dqt", bits=1.58, pack_ternary=True),
+    }
+    tokens = torch.randint(0, vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    sizes = {}
+    for label, plugin_args in formats.items():
+        torch.manual_seed(0)
+        model = LanguageModel(Config.from_name(size), vocab_size=vocab_size, warmup_steps=0)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             plugins=[QuantPrecision(**plugin_args), AtomicCheckpointIO()],
+                             callbacks=[QuantizedUpdate()])
+        trainer.fit(model, train_dataloaders=DataLoader(tokens, batch_size=2))
+        full, weights = directory / "full.ckpt", directory / "weights.ckpt"
+        trainer.save_checkpoint(full)
+        trainer.save_checkpoint(weights, weights_only=True)
+        sizes[label] = (full.stat().st_size, weights.stat().st_size)
+        full.unlink()
+        weights.unlink()
+    return sizes
+
+
+def main() -> None:
+    """Print checkpoint sizes of the 130m model per storage format: ``python -m dqt_lightning.checkpoint``."""
+    import argparse
+    import datetime
+    import platform
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--size", default="130m")
+    parser.add_argument("--vocab-size", type=int, nargs="+", default=[32000, 4096])
+    args = parser.parse_args()
+    print("| model | vocab | format | full checkpoint (MB) | ratio to fp | weights only (MB) | ratio to fp |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for vocab in args.vocab_size:
+        with tempfile.TemporaryDirectory() as tmp:
+            sizes = measure_checkpoint_sizes(args.size, vocab, Path(tmp))
+        fp_full, fp_weights = sizes["fp (float32)"]
+        for label, (full, weights) in sizes.items():
+            print(f"| {args.size} | {vocab} | {label} | {full / 1e6:.1f} | {full / fp_full:.2f} | "
+                  f"{weights / 1e6:.1f} | {weights / fp_weights:.2f} |")
+    print(f"\nMeasured with torch {torch.__version__} on {platform.machine()} CPU, {datetime.date.today()}: "
+          f"`python -m dqt_lightning.checkpoint --size {args.size} --vocab-size {' '.join(map(str, args.vocab_size))}`")
+
+
+if __name__ == "__main__":
+    main()

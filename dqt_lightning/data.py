@@ -8,11 +8,10 @@ import os
 import platform
 import random
 import sysconfig
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -22,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
 
 from dqt_lightning.errors import ConfigError
+from dqt_lightning.files import atomic_write
 from dqt_lightning.sampling import ResumableSampler, training_position
 
 EOT = "<|endoftext|>"
@@ -97,20 +97,6 @@ def cache_key(docs: Sequence[str], vocab_size: int) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through a temp file in the same directory, then ``os.replace``: readers see a whole file or none."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _train_tokenizer(docs: Sequence[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE tokenizer (GPT-2 style) whose ids are all ``< vocab_size``."""
     tokenizer = Tokenizer(models.BPE())
@@ -163,8 +149,8 @@ def load_or_build(cache_dir: str | Path, vocab_size: int, docs: Sequence[str]) -
     tok_path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer(docs, vocab_size)
     tokens = _encode(tokenizer, docs)
-    _atomic_write(tok_path, lambda f: f.write(tokenizer.to_str().encode()))
-    _atomic_write(ids_path, lambda f: np.save(f, tokens))
+    atomic_write(tok_path, lambda f: f.write(tokenizer.to_str().encode()))
+    atomic_write(ids_path, lambda f: np.save(f, tokens))
     return tokenizer, tokens
 
 

@@ -53,3 +53,13 @@ def test_packed_ternary_checkpoints_are_smaller_and_restore_exactly(tmp_path):
     resumed_trainer, resumed = _fit(tmp_path / "packed", 3, pack=True, ckpt_path=tmp_path / "packed" / "ckpt" / "last.ckpt")
     for a, b in zip(dqt_layers(model), dqt_layers(resumed)):
         assert torch.equal(a.weight, b.weight)
+
+
+def test_checkpoint_size_command_ranks_the_formats(tmp_path):
+    from dqt_lightning.checkpoint import measure_checkpoint_sizes
+
+    sizes = measure_checkpoint_sizes("tiny", 512, tmp_path)
+    weights = {label: w for label, (_, w) in sizes.items()}
+    assert weights["DQT ternary (packed 2-bit)"] < weights["DQT ternary (int8)"] < weights["fp (float32)"]
+    assert all(full > w for full, w in sizes.values())  # the full checkpoint adds optimizer states and loop state
+    assert list(tmp_path.iterdir()) == []
