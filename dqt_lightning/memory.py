@@ -47,7 +47,7 @@ def storage_bytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
-def _unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
+def unique_storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     # Sum each storage once: two views of one buffer (or a tensor listed twice) occupy memory only once. Empty
     # storages are skipped because they all share data_ptr 0 and would wrongly dedupe against each other anyway.
     seen: set[tuple[str, int]] = set()
@@ -92,7 +92,7 @@ class StateBytes:
                 "total": self.total / n}
 
 
-def _projections(module: nn.Module) -> Iterator[nn.Module]:
+def projection_layers(module: nn.Module) -> Iterator[nn.Module]:
     # The same rule QuantPrecision converts by: a Linear (or its DQT/BitNet replacement) named after a projection,
     # or sitting inside the (RMSNorm, Linear) Sequential named after one in the `bitlinear` layout.
     for name, child in module.named_modules():
@@ -116,7 +116,7 @@ def quantized_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -
     weights: list[torch.Tensor] = []
     held: list[torch.Tensor] = []  # the parameters the optimizer steps for these weights
     n_params = 0
-    for layer in _projections(module):
+    for layer in projection_layers(module):
         n_params += layer.weight.numel()
         if isinstance(layer, DQTLinear):
             # The update parameter's data is part of what DQT keeps: ~4 bytes between steps, a full float32 copy
@@ -130,7 +130,8 @@ def quantized_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -
         raise TypeError(f"no projection ({', '.join(PROJECTIONS)}) found to measure")
     grads = [p.grad for p in held if p.grad is not None]
     states = [v for p in held for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
-    return StateBytes(_unique_bytes(weights), _unique_bytes(grads), _unique_bytes(states), n_params)
+    return StateBytes(unique_storage_bytes(weights), unique_storage_bytes(grads), unique_storage_bytes(states),
+                      n_params)
 
 
 def measure(mode: str, bits: float = 1.58, steps: int = 2) -> StateBytes:

@@ -77,7 +77,8 @@ class QuantizedUpdate(Callback):
         missing = [name for name, m in self._layers if id(m.update_param) not in held]
         if missing:
             raise ConfigError(
-                f"the optimizer does not hold the quantized weights of {len(missing)} DQT layers (first: {missing[0]}); "
+                f"the optimizer does not hold the quantized weights of {len(missing)} DQT layers "
+                f"(first: {missing[0]}); "
                 "pass dqt_lightning.quantized_parameters(model) to it in configure_optimizers"
             )
         self._handles = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]

@@ -50,7 +50,8 @@ def test_packed_ternary_checkpoints_are_smaller_and_restore_exactly(tmp_path):
     assert packed["state_dict"][key].dtype == torch.uint8
     assert packed["state_dict"][key].numel() * 4 == plain["state_dict"][key].numel()
     # Resuming from the packed file rebuilds the very same integer weights before training on.
-    resumed_trainer, resumed = _fit(tmp_path / "packed", 3, pack=True, ckpt_path=tmp_path / "packed" / "ckpt" / "last.ckpt")
+    last = tmp_path / "packed" / "ckpt" / "last.ckpt"
+    _, resumed = _fit(tmp_path / "packed", 3, pack=True, ckpt_path=last)
     for a, b in zip(dqt_layers(model), dqt_layers(resumed)):
         assert torch.equal(a.weight, b.weight)
 

@@ -33,7 +33,8 @@ def parse(*configs: str) -> dict:
 
 
 def test_configs_exist():
-    expected = {"ternary.yaml", "dqt-8bit.yaml", "dqt-4bit.yaml", "dqt-3bit.yaml", "dqt-2bit.yaml", "bitnet.yaml", "fp.yaml"}
+    expected = {"ternary.yaml", "dqt-8bit.yaml", "dqt-4bit.yaml", "dqt-3bit.yaml", "dqt-2bit.yaml", "bitnet.yaml",
+                "fp.yaml"}
     assert expected <= set(BASES)
     assert {"ablation/nearest.yaml", "model/tiny.yaml", "model/130m.yaml", "model/320m.yaml", "model/1b.yaml",
             "precision/fp32.yaml", "precision/bf16.yaml"} <= set(OVERLAYS)

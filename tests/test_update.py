@@ -182,6 +182,7 @@ def test_integer_buffers_are_kept_out_of_ddp_broadcasts():
     model = make_model()
     fit(model, steps=1)
     ignored = set(model._ddp_params_and_buffers_to_ignore)
-    expected = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, DQTLinear) for b in ("weight", "scale")}
+    expected = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, DQTLinear)
+                for b in ("weight", "scale")}
     assert len(expected) == 28 and expected <= ignored
     assert not any(name in ignored for name, _ in model.named_parameters())  # float weights still sync as usual

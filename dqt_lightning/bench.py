@@ -1,0 +1,294 @@
+"""Throughput and memory of every training recipe, measured with a real Lightning ``Trainer`` in one process.
+
+For one model size, batch and sequence length, each recipe (fp, BitNet STE, DQT at several bit widths, and
+torchao's quantized training when it is installed) trains a few steps on random tokens; the table reports tokens/s,
+the ratio to the fp recipe, and the memory of weights, gradients and optimizer states of all parameters.
+
+Run ``python -m dqt_lightning.bench --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.util
+import logging
+import platform
+import shlex
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dqt_lightning.memory import projection_layers, quantized_state_bytes, unique_storage_bytes
+from dqt_lightning.model import SIZES, Config
+from dqt_lightning.module import LanguageModel
+from dqt_lightning.precision import PROJECTIONS, QuantPrecision
+from dqt_lightning.update import QuantizedUpdate
+
+RECIPES = ("fp", "ste", "dqt-1.58", "dqt-2", "dqt-3", "dqt-4", "dqt-8")
+TORCHAO = {"torchao-int8": "torchao int8 QT", "torchao-bitnet": "torchao BitNet"}
+MIB, GIB = 2**20, 2**30
+
+
+@dataclass
+class Row:
+    """One recipe's measurements; ``None`` means not measurable here (printed as n/a).
+
+    Attributes:
+        recipe: Label of the recipe.
+        tokens_per_s: Training tokens per second over the measured steps.
+        ratio: ``tokens_per_s`` relative to the fp recipe's under the same precision.
+        peak_gib: Allocator peak during the run (CUDA only).
+        weights_mib: Weights of all parameters as kept between steps.
+        grads_mib: Their gradients.
+        states_mib: Their optimizer states.
+        activations_mib: ``peak - (weights + grads + states)`` (CUDA only).
+        skipped: Why the recipe did not run, if it did not.
+        measured_steps: Steps the throughput was timed over (the warm-up excluded).
+    """
+
+    recipe: str
+    tokens_per_s: float | None = None
+    ratio: float | None = None
+    peak_gib: float | None = None
+    weights_mib: float | None = None
+    grads_mib: float | None = None
+    states_mib: float | None = None
+    activations_mib: float | None = None
+    skipped: str | None = None
+    measured_steps: int = 0
+
+
+class StepTimer(pl.Callback):
+    """Sums the wall time of every training step after the first ``warmup`` ones (compilation, allocator growth)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.seconds, self.steps, self._start = warmup, 0.0, 0, 0.0
+
+    def _now(self) -> float:
+        # CUDA kernels run asynchronously: without a sync the clock would stop before the step's work is done.
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx >= self.warmup:
+            self._start = self._now()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if batch_idx >= self.warmup:  # runs after the optimizer step and the DQT rounding of this batch
+            self.seconds += self._now() - self._start
+            self.steps += 1
+
+
+def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    # torchao's quantized weights are tensor subclasses whose real storage lives in their inner tensors.
+    if hasattr(type(t), "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [leaf for name in names for leaf in _leaves(getattr(t, name))]
+    return [t]
+
+
+def _flat_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return unique_storage_bytes(leaf for t in tensors for leaf in _leaves(t))
+
+
+def state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer, projections: bool = True) -> tuple[int, int, int]:
+    """Bytes of weights, gradients and optimizer states of every parameter, each storage counted once.
+
+    Args:
+        module: The trained LightningModule.
+        optimizer: Its optimizer.
+        projections: Measure the projections with :func:`~dqt_lightning.memory.quantized_state_bytes` (DQT keeps
+            them as buffers outside ``parameters()``); ``False`` treats every parameter alike (torchao).
+
+    Returns:
+        Weights, gradients and optimizer states, in bytes.
+    """
+    params = list(module.parameters())
+    weights = grads = states = 0
+    if projections:
+        proj = quantized_state_bytes(module, optimizer)
+        weights, grads, states = proj.weights, proj.grads, proj.optimizer_states
+        held = {id(layer.weight) for layer in projection_layers(module)}
+        params = [p for p in params if id(p) not in held]  # embeddings, lm_head, norm gains
+    weights += _flat_bytes(p.data for p in params)
+    grads += _flat_bytes(p.grad for p in params if p.grad is not None)
+    states += _flat_bytes(v for p in params for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v))
+    return weights, grads, states
+
+
+def _torchao(recipe: str, model: LanguageModel) -> None:
+    from torchao import quantize_
+    from torchao.prototype.quantized_training import bitnet_training, int8_weight_only_quantized_training
+
+    config = int8_weight_only_quantized_training() if recipe == "torchao-int8" else bitnet_training()
+    quantize_(model.model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear)
+              and any(part in PROJECTIONS for part in fqn.split(".")[-2:]))
+
+
+def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len: int, steps: int, warmup: int,
+               precision: str, compile: bool = False) -> Row:
+    """Train ``warmup + steps`` steps of one recipe and measure its throughput and memory.
+
+    Args:
+        recipe: ``fp``, ``ste``, ``ste-<bits>``, ``dqt-<bits>``, ``torchao-int8`` or ``torchao-bitnet``.
+        size: Model size preset (``tiny``, ``130m``, ...).
+        vocab_size: Vocabulary size.
+        batch_size: Windows per step.
+        seq_len: Tokens per window (inputs; each window holds one more for the targets).
+        steps: Measured steps.
+        warmup: Unmeasured steps first.
+        precision: ``32-true`` or ``bf16-mixed``.
+        compile: Wrap the LLaMA forward with ``torch.compile``.
+
+    Returns:
+        The row, with ``ratio`` unset.
+    """
+    name, _, bits = recipe.partition("-")
+    torchao = name == "torchao"
+    mode = "fp" if torchao else name
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    # torchao's int8 weight subclass crashes on weight decay, so its recipes run AdamW without it.
+    optimizer = partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0) if torchao else None
+    with torch.random.fork_rng(devices=[]):  # every recipe starts from the same weights and data
+        torch.manual_seed(0)
+        model = LanguageModel(Config.from_name(size), vocab_size=vocab_size, optimizer=optimizer, warmup_steps=0)
+        tokens = torch.randint(0, vocab_size, ((warmup + steps) * batch_size, seq_len + 1))
+    if torchao:
+        _torchao(recipe, model)
+    if compile:
+        model.model.compile()  # lazy: compiles on the first forward, after QuantPrecision has swapped the layers
+    timer = StepTimer(warmup)
+    trainer = pl.Trainer(
+        accelerator="auto", devices=1, max_steps=warmup + steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        plugins=[QuantPrecision(mode=mode, bits=float(bits or 1.58), precision=precision)],
+        callbacks=[QuantizedUpdate(), timer],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PossibleUserWarning)  # "few dataloader workers": the data is in memory
+        warnings.filterwarnings("ignore", r".*LeafSpec.*deprecated", FutureWarning)  # Lightning's, harmless
+        trainer.fit(model, train_dataloaders=DataLoader(tokens, batch_size=batch_size))
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    # Measured after fit, between steps: gradients are still allocated (Lightning frees them at the next step's
+    # start). Lightning's teardown has moved everything to CPU, which leaves storage sizes unchanged.
+    weights, grads, states = state_bytes(model, trainer.optimizers[0], projections=not torchao)
+    row = Row(recipe=TORCHAO.get(recipe, recipe), tokens_per_s=batch_size * seq_len * timer.steps / timer.seconds,
+              peak_gib=peak / GIB if peak is not None else None, weights_mib=weights / MIB, grads_mib=grads / MIB,
+              states_mib=states / MIB, measured_steps=timer.steps)
+    if peak is not None:  # also holds the input batch, rope tables and the optimizer's temporaries
+        row.activations_mib = (peak - weights - grads - states) / MIB
+    del model, trainer, tokens
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_benchmark(recipes: Sequence[str] = RECIPES, **kwargs) -> list[Row]:
+    """Run every recipe in turn and fill in each one's ratio to the fp row.
+
+    Args:
+        recipes: Recipe names (see :func:`run_recipe`).
+        **kwargs: The other arguments of :func:`run_recipe`.
+
+    Returns:
+        One row per recipe, in order; a torchao recipe that fails becomes a row with ``skipped`` set.
+    """
+    rows = []
+    for recipe in recipes:
+        try:
+            rows.append(run_recipe(recipe, **kwargs))
+        except Exception as error:  # noqa: BLE001 - only the optional torchao recipes may fail softly
+            if not recipe.startswith("torchao"):
+                raise
+            rows.append(Row(TORCHAO.get(recipe, recipe), skipped=f"{type(error).__name__}: {error}".splitlines()[0]))
+    fp = next((r.tokens_per_s for r in rows if r.recipe == "fp"), None)
+    for row in rows:
+        if fp and row.tokens_per_s is not None:
+            row.ratio = row.tokens_per_s / fp
+    return rows
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def table(rows: Sequence[Row]) -> str:
+    """The Markdown table of ``rows``: a header, a separator and one line per row."""
+    lines = ["| recipe | tokens/s | × fp (same precision) | peak GiB | weights MiB | grads MiB | optimizer states MiB "
+             "| activations MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.skipped:
+            lines.append(f"| {r.recipe} | skipped: {r.skipped} |  |  |  |  |  |  |")
+            continue
+        lines.append(f"| {r.recipe} | {_fmt(r.tokens_per_s, ',.0f')} | {_fmt(r.ratio, '.2f')} | "
+                     f"{_fmt(r.peak_gib, '.2f')} | {_fmt(r.weights_mib, '.2f')} | {_fmt(r.grads_mib, '.2f')} | "
+                     f"{_fmt(r.states_mib, '.2f')} | {_fmt(r.activations_mib, '.1f')} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """Parse the command line, run the benchmark, print (and optionally write) the table; returns the report."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m dqt_lightning.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="tiny", choices=list(SIZES))
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"],
+                        help="default: bf16-mixed on CUDA, 32-true on CPU")
+    parser.add_argument("--recipes", nargs="+", help=f"default: {' '.join(RECIPES)} (+ {' '.join(TORCHAO)} "
+                        "when torchao is installed)")
+    parser.add_argument("--compile", action="store_true", help="wrap the LLaMA forward with torch.compile")
+    parser.add_argument("--out", type=Path, help="also write the report to this Markdown file")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    has_torchao = importlib.util.find_spec("torchao") is not None
+    recipes = args.recipes or [*RECIPES, *(TORCHAO if has_torchao else ())]
+    unknown = [r for r in recipes if r.partition("-")[0] not in ("fp", "ste", "dqt") and r not in TORCHAO]
+    if unknown:
+        parser.error(f"unknown recipe {unknown[0]}; use fp, ste[-BITS], dqt-BITS, {' or '.join(TORCHAO)}")
+    cuda = torch.cuda.is_available()
+    precision = args.precision or ("bf16-mixed" if cuda else "32-true")
+    # Lightning's "GPU available / TPU available" banners are noise in a table meant for pasting.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    rows = run_benchmark(recipes, size=args.size, vocab_size=args.vocab_size, batch_size=args.batch_size,
+                         seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, precision=precision,
+                         compile=args.compile)
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})"
+    report = "\n".join([
+        f"Model {args.size}, vocab {args.vocab_size}, batch {args.batch_size} x {args.seq_len} tokens, {precision}, "
+        f"{args.steps} measured steps after {args.warmup} warm-up, AdamW{', torch.compile' if args.compile else ''}."
+        " Weights, grads and optimizer states cover all parameters, between steps.", "", table(rows), "",
+        f"Device: {device}; torch {torch.__version__}; {datetime.date.today().isoformat()}."
+        + ("" if cuda else " No allocator peak on CPU, so peak and activations are n/a.")
+        + ("" if has_torchao else " torchao not installed: its recipes are omitted."),
+        f"Command: `{shlex.join(['python', '-m', 'dqt_lightning.bench', *argv])}`",
+    ])
+    print(report)
+    if args.out:
+        args.out.write_text(report + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
