@@ -18,7 +18,6 @@ import platform
 import shlex
 import sys
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -26,15 +25,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch import nn
-from torch.utils.data import DataLoader
 
-from dqt_lightning.memory import projection_layers, quantized_state_bytes, unique_storage_bytes
+from dqt_lightning.memory import fit_on_tokens, projection_layers, quantized_state_bytes, unique_storage_bytes
 from dqt_lightning.model import SIZES, Config
 from dqt_lightning.module import LanguageModel
-from dqt_lightning.precision import PROJECTIONS, QuantPrecision
-from dqt_lightning.update import QuantizedUpdate
+from dqt_lightning.precision import QuantPrecision, is_projection
 
 RECIPES = ("fp", "ste", "dqt-1.58", "dqt-2", "dqt-3", "dqt-4", "dqt-8")
 TORCHAO = {"torchao-int8": "torchao int8 QT", "torchao-bitnet": "torchao BitNet"}
@@ -136,7 +132,7 @@ def _torchao(recipe: str, model: LanguageModel) -> None:
 
     config = int8_weight_only_quantized_training() if recipe == "torchao-int8" else bitnet_training()
     quantize_(model.model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear)
-              and any(part in PROJECTIONS for part in fqn.split(".")[-2:]))
+              and is_projection(fqn))
 
 
 def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len: int, steps: int, warmup: int,
@@ -174,16 +170,8 @@ def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len
     if compile:
         model.model.compile()  # lazy: compiles on the first forward, after QuantPrecision has swapped the layers
     timer = StepTimer(warmup)
-    trainer = pl.Trainer(
-        accelerator="auto", devices=1, max_steps=warmup + steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        plugins=[QuantPrecision(mode=mode, bits=float(bits or 1.58), precision=precision)],
-        callbacks=[QuantizedUpdate(), timer],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PossibleUserWarning)  # "few dataloader workers": the data is in memory
-        warnings.filterwarnings("ignore", r".*LeafSpec.*deprecated", FutureWarning)  # Lightning's, harmless
-        trainer.fit(model, train_dataloaders=DataLoader(tokens, batch_size=batch_size))
+    plugin = QuantPrecision(mode=mode, bits=float(bits or 1.58), precision=precision)
+    trainer = fit_on_tokens(model, tokens, batch_size, plugins=[plugin], callbacks=[timer], accelerator="auto")
     peak = torch.cuda.max_memory_allocated() if cuda else None
     # Measured after fit, between steps: gradients are still allocated (Lightning frees them at the next step's
     # start). Lightning's teardown has moved everything to CPU, which leaves storage sizes unchanged.

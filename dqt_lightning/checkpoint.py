@@ -52,13 +52,11 @@ def measure_checkpoint_sizes(size: str, vocab_size: int, directory: Path) -> dic
     Returns ``{label: (full checkpoint bytes, weights-only checkpoint bytes)}``; a full checkpoint also holds the
     optimizer states, scheduler, loops and callbacks needed to resume.
     """
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader
-
+    # Imported here: module.py imports this file for the checkpoint hooks.
+    from dqt_lightning.memory import fit_on_tokens
     from dqt_lightning.model import Config
     from dqt_lightning.module import LanguageModel
     from dqt_lightning.precision import QuantPrecision
-    from dqt_lightning.update import QuantizedUpdate
 
     formats = {
         "fp (float32)": dict(mode="fp"),
@@ -71,11 +69,8 @@ def measure_checkpoint_sizes(size: str, vocab_size: int, directory: Path) -> dic
     for label, plugin_args in formats.items():
         torch.manual_seed(0)
         model = LanguageModel(Config.from_name(size), vocab_size=vocab_size, warmup_steps=0)
-        trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False,
-                             plugins=[QuantPrecision(**plugin_args), AtomicCheckpointIO()],
-                             callbacks=[QuantizedUpdate()])
-        trainer.fit(model, train_dataloaders=DataLoader(tokens, batch_size=2))
+        plugins = [QuantPrecision(**plugin_args), AtomicCheckpointIO()]
+        trainer = fit_on_tokens(model, tokens, batch_size=2, plugins=plugins)
         full, weights = directory / "full.ckpt", directory / "weights.ckpt"
         trainer.save_checkpoint(full)
         trainer.save_checkpoint(weights, weights_only=True)

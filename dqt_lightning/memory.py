@@ -14,7 +14,7 @@ import logging
 import platform
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from dqt_lightning.layers import DQTLinear
 from dqt_lightning.model import Config
 from dqt_lightning.module import LanguageModel
-from dqt_lightning.precision import PROJECTIONS, QuantPrecision
+from dqt_lightning.precision import PROJECTIONS, QuantPrecision, is_projection
 from dqt_lightning.update import QuantizedUpdate
 
 COMMAND = "python -m dqt_lightning.memory"
@@ -93,10 +93,9 @@ class StateBytes:
 
 
 def projection_layers(module: nn.Module) -> Iterator[nn.Module]:
-    # The same rule QuantPrecision converts by: a Linear (or its DQT/BitNet replacement) named after a projection,
-    # or sitting inside the (RMSNorm, Linear) Sequential named after one in the `bitlinear` layout.
+    # The layers QuantPrecision converts (or, in fp mode, would): a Linear or its DQT/BitNet replacement.
     for name, child in module.named_modules():
-        if isinstance(child, (nn.Linear, DQTLinear)) and any(part in PROJECTIONS for part in name.split(".")[-2:]):
+        if isinstance(child, (nn.Linear, DQTLinear)) and is_projection(name):
             yield child
 
 
@@ -134,6 +133,27 @@ def quantized_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -
                       n_params)
 
 
+def fit_on_tokens(model: LanguageModel, tokens: torch.Tensor, batch_size: int, plugins: list,
+                  callbacks: Sequence[pl.Callback] = (), accelerator: str = "cpu") -> pl.Trainer:
+    """Train ``model`` once through ``tokens`` (windows of seq_len + 1) with a quiet real ``Trainer``: no logger,
+    checkpoints or validation. The measurement tools (memory, checkpoint sizes, the benchmark) share it.
+
+    Returns:
+        The trainer, whose optimizer state and gradients are still in place.
+    """
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=1, max_steps=len(tokens) // batch_size, plugins=plugins,
+        callbacks=[QuantizedUpdate(), *callbacks], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PossibleUserWarning)  # "few dataloader workers": the data is in memory
+        # Lightning 2.6 still builds pytree LeafSpecs, which newer torch flags; harmless, and not ours.
+        warnings.filterwarnings("ignore", r".*LeafSpec.*deprecated", FutureWarning)
+        trainer.fit(model, train_dataloaders=DataLoader(tokens, batch_size=batch_size))
+    return trainer
+
+
 def measure(mode: str, bits: float = 1.58, steps: int = 2) -> StateBytes:
     """Train the tiny model ``steps`` optimizer steps on CPU in ``mode`` and measure its state between steps.
 
@@ -157,16 +177,7 @@ def measure(mode: str, bits: float = 1.58, steps: int = 2) -> StateBytes:
             torch.manual_seed(0)
             tokens = torch.randint(0, VOCAB, (BATCH * steps, SEQ_LEN + 1))
             model = LanguageModel(Config(), vocab_size=VOCAB, warmup_steps=0)
-            trainer = pl.Trainer(
-                accelerator="cpu", devices=1, max_steps=steps, plugins=[QuantPrecision(mode=mode, bits=bits)],
-                callbacks=[QuantizedUpdate()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, limit_val_batches=0,
-            )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", PossibleUserWarning)  # "few dataloader workers": irrelevant here
-                # Lightning 2.6 still builds pytree LeafSpecs, which newer torch flags; harmless, and not ours.
-                warnings.filterwarnings("ignore", r".*LeafSpec.*deprecated", FutureWarning)
-                trainer.fit(model, train_dataloaders=DataLoader(tokens, batch_size=BATCH))
+            trainer = fit_on_tokens(model, tokens, BATCH, plugins=[QuantPrecision(mode=mode, bits=bits)])
     finally:
         torch.set_num_threads(threads)
     return quantized_state_bytes(model, trainer.optimizers[0])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from typing import Any
 
 import torch
 from lightning.pytorch.plugins.precision import Precision
@@ -22,6 +21,12 @@ MODES = ("fp", "ste", "dqt")
 PRECISIONS = ("32-true", "bf16-mixed")
 # The seven projections of a LLaMA block; embeddings, lm_head and norm gains stay float (as BitNet and torchao).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def is_projection(qualified_name: str) -> bool:
+    """Whether a module's qualified name is one of the seven projections: by its own name or, in the `bitlinear`
+    norm layout, by the name of the (RMSNorm, Linear) pair that holds it (``...q_proj.1``)."""
+    return any(part in PROJECTIONS for part in qualified_name.split(".")[-2:])
 
 
 def _choice(field: str, value: str, choices: tuple[str, ...]) -> str:
@@ -58,11 +63,6 @@ class QuantPrecision(Precision):
         self.pack_ternary = pack_ternary
         self._device_type = "cpu"
 
-    def describe(self) -> dict[str, Any]:
-        """What a run used, for hparams and reports."""
-        return {"mode": self.mode, "bits": self.grid.bits if self.grid else 32, "rounding": self.rounding,
-                "precision": self.precision, "per_row_scale": self.per_row_scale}
-
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
         # Under DDPStrategy the return value is ignored, so every swap happens in place. Converting twice is a no-op:
@@ -71,10 +71,7 @@ class QuantPrecision(Precision):
             return module
         for name, parent in list(module.named_modules()):
             for child_name, child in list(parent.named_children()):
-                # A projection is matched by its own name or, in the `bitlinear` norm layout, by the name of the
-                # (RMSNorm, Linear) pair that holds it.
-                qualified = f"{name}.{child_name}".split(".")
-                if type(child) is nn.Linear and any(part in PROJECTIONS for part in qualified[-2:]):
+                if type(child) is nn.Linear and is_projection(f"{name}.{child_name}"):
                     setattr(parent, child_name, self._convert(child))
                     log.debug("converted %s.%s to %s", name, child_name, self.mode)
         already = sum(isinstance(m, (DQTLinear, BitLinear)) for m in module.modules())

@@ -61,6 +61,7 @@ class QuantizedUpdate(Callback):
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pending = False
         self._flips: dict[str, torch.Tensor] = {}
+        self._sizes: dict[str, int] = {}
         self._trainer: pl.Trainer | None = None
 
     @override
@@ -71,6 +72,7 @@ class QuantizedUpdate(Callback):
         self._names.update({id(m.update_param): f"{name}.weight" for name, m in self._layers})
         if not self._layers:
             return
+        self._sizes = {name: m.weight.numel() for name, m in self._layers}
         if self.seed is None:
             self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
@@ -175,11 +177,10 @@ class QuantizedUpdate(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         if not self._flips:
             return
-        total = sum(m.weight.numel() for _, m in self._layers)
+        total = sum(self._sizes.values())
         metrics = {"dqt/flip_rate": sum(self._flips.values()).float() / total, "dqt/skipped_steps": self.skipped_steps}
         if self.log_per_layer:
-            sizes = dict((name, m.weight.numel()) for name, m in self._layers)
-            metrics.update({f"dqt_layers/{n}": f.float() / sizes[n] for n, f in self._flips.items()})
+            metrics.update({f"dqt_layers/{n}": f.float() / self._sizes[n] for n, f in self._flips.items()})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         self._flips = {}
 
