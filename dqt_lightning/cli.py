@@ -102,6 +102,15 @@ class DQTLightningCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
 
+def _close_process_group() -> None:
+    # Lightning leaves the process group open at exit; gloo's worker threads then die in static destructors and the
+    # process can abort ("terminate called without an active exception", exit -6) after a run that succeeded.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(args: list[str] | None = None) -> None:
     try:
         DQTLightningCLI(
@@ -119,3 +128,5 @@ def main(args: list[str] | None = None) -> None:
             raise
         sys.stderr.write(f"error: {found}\n")
         sys.exit(2)
+    finally:
+        _close_process_group()
