@@ -4,11 +4,13 @@ from dqt_lightning.errors import ConfigError
 from dqt_lightning.layers import BitLinear, DQTLinear, quantized_parameters
 from dqt_lightning.model import LLaMA, Config
 from dqt_lightning.module import LanguageModel
+from dqt_lightning.optim import AdamW
 from dqt_lightning.precision import QuantPrecision
 from dqt_lightning.quant import Grid, TernaryGrid, stochastic_round
 from dqt_lightning.update import QuantizedUpdate
 
 __all__ = [
+    "AdamW",
     "BitLinear",
     "Config",
     "ConfigError",

@@ -27,7 +27,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from dqt_lightning.memory import fit_on_tokens, projection_layers, quantized_state_bytes, unique_storage_bytes
+from dqt_lightning.layers import dqt_layers
+from dqt_lightning.memory import fit_on_tokens, unique_storage_bytes
 from dqt_lightning.model import SIZES, Config
 from dqt_lightning.module import LanguageModel
 from dqt_lightning.precision import QuantPrecision, is_projection
@@ -101,28 +102,27 @@ def _flat_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return unique_storage_bytes(leaf for t in tensors for leaf in _leaves(t))
 
 
-def state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer, projections: bool = True) -> tuple[int, int, int]:
+def state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int, int]:
     """Bytes of weights, gradients and optimizer states of every parameter, each storage counted once.
+
+    A DQT layer (a projection, or a quantized embedding or head) keeps its weight in buffers outside ``parameters()``:
+    its int8 levels, scale and ``update_param`` count as weights, and the optimizer's state and gradient of
+    ``update_param`` as the rest. torchao's weights are tensor subclasses, counted by their inner tensors.
 
     Args:
         module: The trained LightningModule.
         optimizer: Its optimizer.
-        projections: Measure the projections with :func:`~dqt_lightning.memory.quantized_state_bytes` (DQT keeps
-            them as buffers outside ``parameters()``); ``False`` treats every parameter alike (torchao).
 
     Returns:
         Weights, gradients and optimizer states, in bytes.
     """
+    dqt = list(dqt_layers(module))
     params = list(module.parameters())
-    weights = grads = states = 0
-    if projections:
-        proj = quantized_state_bytes(module, optimizer)
-        weights, grads, states = proj.weights, proj.grads, proj.optimizer_states
-        held = {id(layer.weight) for layer in projection_layers(module)}
-        params = [p for p in params if id(p) not in held]  # embeddings, lm_head, norm gains
-    weights += _flat_bytes(p.data for p in params)
-    grads += _flat_bytes(p.grad for p in params if p.grad is not None)
-    states += _flat_bytes(v for p in params for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v))
+    stored = [t for layer in dqt for t in (layer.weight, layer.scale, layer.update_param.data)]
+    held = [layer.update_param for layer in dqt] + params
+    weights = _flat_bytes([*stored, *(p.data for p in params)])
+    grads = _flat_bytes(p.grad for p in held if p.grad is not None)
+    states = _flat_bytes(v for p in held for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v))
     return weights, grads, states
 
 
@@ -175,7 +175,7 @@ def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len
     peak = torch.cuda.max_memory_allocated() if cuda else None
     # Measured after fit, between steps: gradients are still allocated (Lightning frees them at the next step's
     # start). Lightning's teardown has moved everything to CPU, which leaves storage sizes unchanged.
-    weights, grads, states = state_bytes(model, trainer.optimizers[0], projections=not torchao)
+    weights, grads, states = state_bytes(model, trainer.optimizers[0])
     row = Row(recipe=TORCHAO.get(recipe, recipe), tokens_per_s=batch_size * seq_len * timer.steps / timer.seconds,
               peak_gib=peak / GIB if peak is not None else None, weights_mib=weights / MIB, grads_mib=grads / MIB,
               states_mib=states / MIB, measured_steps=timer.steps)

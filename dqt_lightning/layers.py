@@ -1,10 +1,12 @@
-"""Linear layers for the three training modes: DQT (integer weights), BitNet b1.58 (STE) and full precision.
+"""Layers for the three training modes: DQT (integer weights), BitNet b1.58 (STE) and full precision.
 
-A ``DQTLinear`` keeps its weight only as an int8 buffer ``weight`` plus a float32 ``scale``; its gradient goes to a
-separate ``update_param`` whose storage is a single float between optimizer steps. That parameter exists so the
-optimizer configured in YAML (its hyper-parameters, state and LR schedule) and gradient clipping treat quantized and
-float weights alike; :class:`dqt_lightning.update.QuantizedUpdate` fills it with ``alpha * q`` just before the step
-and rounds the result back onto the grid just after.
+Every DQT layer derives from :class:`DQTWeight`: the weight lives only as an int8 buffer ``weight`` plus a float32
+``scale``; its gradient goes to a separate ``update_param`` whose storage is a single number between optimizer steps.
+That parameter exists so the optimizer configured in YAML (its hyper-parameters, state and LR schedule) and gradient
+clipping treat quantized and float weights alike; :class:`dqt_lightning.update.QuantizedUpdate` fills it with
+``alpha * q`` just before the step and rounds the result back onto the grid just after. :class:`DQTLinear` (the
+projections, and optionally the output head) and :class:`DQTEmbedding` (optionally the token embedding) differ only
+in their forward.
 """
 
 from __future__ import annotations
@@ -17,11 +19,83 @@ from torch import nn
 
 from dqt_lightning.quant import Grid, absmean_quantize, quantize_activations, ste_quantize
 
+GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+class DQTWeight(nn.Module):
+    """What every DQT layer shares: an integer weight on ``grid`` times a float scale, and the optimizer's view of it.
+
+    Between optimizer steps the layer holds the int8 levels, the scale, and ``update_param``: a zero-stride view of
+    one number with the weight's shape, so that gradients and optimizer bookkeeping line up at 2 or 4 bytes of
+    storage. Its dtype is the gradient buffer's dtype (``grad_dtype``); inside a step :meth:`materialize` makes it a
+    float32 ``alpha * q`` with a float32 gradient, and :meth:`release` frees both again.
+
+    Args:
+        shape: ``(rows, columns)`` of the weight: ``(out_features, in_features)`` or ``(vocab, width)``.
+        grid: The integer levels of the weight.
+        rounding: ``stochastic`` or ``nearest``; read by the update callback.
+        per_row_scale: One scale per row instead of one per tensor.
+        grad_dtype: ``torch.float32`` or ``torch.bfloat16``: the dtype of the gradient buffer between backward and
+            the optimizer step.
+    """
+
+    def __init__(self, shape: tuple[int, int], grid: Grid, rounding: str = "stochastic", per_row_scale: bool = False,
+                 grad_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.grid, self.rounding, self.grad_dtype = grid, rounding, grad_dtype
+        self.register_buffer("weight", torch.zeros(shape, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(shape[0], 1) if per_row_scale else torch.ones(()))
+        # Not registered as a parameter on purpose: DDP, state_dict and .parameters() must see integer storage only.
+        object.__setattr__(self, "update_param", nn.Parameter(self._placeholder(torch.device("cpu"))))
+
+    def quantize_from(self, weight: torch.Tensor) -> None:
+        """Set the levels and scale from a float weight: absmean, round to nearest (SPEC §2, Initialisation)."""
+        q, alpha = absmean_quantize(weight, self.grid, per_row=self.scale.dim() > 0)
+        self.weight.copy_(q)
+        self.scale.copy_(alpha)
+
+    def _placeholder(self, device: torch.device) -> torch.Tensor:
+        return torch.zeros((), device=device, dtype=self.grad_dtype).expand(self.weight.shape)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.update_param.device != self.weight.device:
+            self.update_param.data = self._placeholder(self.weight.device)
+        return self
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype) * self.scale.to(dtype)
+
+    def materialize(self) -> None:
+        """Give the optimizer a float32 ``alpha * q`` (and float32 gradient) to step from; freed by :meth:`release`.
+
+        The step is float32 whatever ``grad_dtype`` is: the update only keeps ``stepped - alpha * q``, and a bf16
+        ``alpha * q`` would be off by up to a quarter grid step at level 127, and would swallow steps below its
+        spacing before stochastic rounding ever saw them.
+        """
+        param = self.update_param
+        param.data = self.dequantize(torch.float32)
+        if param.grad is not None and param.grad.dtype != torch.float32:
+            param.grad = param.grad.float()
+
+    def release(self) -> None:
+        param = self.update_param
+        param.data = self._placeholder(self.weight.device)
+        if param.grad is not None and param.grad.dtype != self.grad_dtype:
+            # The gradient is spent; kept in the buffer's own dtype so that what stays allocated until the next
+            # zero_grad (and what memory.py measures) is the bf16 buffer, not the step's float32 copy.
+            param.grad = param.grad.to(self.grad_dtype)
+
+    def _describe(self) -> str:
+        scale = "per-row" if self.scale.dim() else "per-tensor"
+        grad = "" if self.grad_dtype == torch.float32 else f", grad_dtype={str(self.grad_dtype).removeprefix('torch.')}"
+        return f"levels=[{self.grid.qmin}, {self.grid.qmax}], rounding={self.rounding}, scale={scale}{grad}"
 
 
 class _DQTLinearFn(torch.autograd.Function):
@@ -50,8 +124,9 @@ class _DQTLinearFn(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
-class DQTLinear(nn.Module):
-    """A bias-free linear layer whose weight persists only as integers on ``grid`` times a float scale.
+class DQTLinear(DQTWeight):
+    """A bias-free linear layer whose weight persists only as integers on ``grid`` times a float scale; its input is
+    quantized to 8 bits per token, as in BitNet b1.58.
 
     Args:
         in_features: Input width.
@@ -59,54 +134,91 @@ class DQTLinear(nn.Module):
         grid: The integer levels of the weight.
         rounding: ``stochastic`` or ``nearest``; read by the update callback.
         per_row_scale: One scale per output row instead of one per tensor.
+        grad_dtype: Dtype of the gradient buffer (see :class:`DQTWeight`).
     """
 
     def __init__(self, in_features: int, out_features: int, grid: Grid, rounding: str = "stochastic",
-                 per_row_scale: bool = False) -> None:
-        super().__init__()
+                 per_row_scale: bool = False, grad_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__((out_features, in_features), grid, rounding, per_row_scale, grad_dtype)
         self.in_features, self.out_features = in_features, out_features
-        self.grid, self.rounding = grid, rounding
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.ones(out_features, 1) if per_row_scale else torch.ones(()))
-        # Not registered as a parameter on purpose: DDP, state_dict and .parameters() must see integer storage only.
-        object.__setattr__(self, "update_param", nn.Parameter(self._placeholder(torch.device("cpu"))))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, grid: Grid, rounding: str, per_row_scale: bool = False) -> DQTLinear:
-        layer = cls(linear.in_features, linear.out_features, grid, rounding, per_row_scale)
-        q, alpha = absmean_quantize(linear.weight, grid, per_row=per_row_scale)
-        layer.weight.copy_(q)
-        layer.scale.copy_(alpha)
+    def from_linear(cls, linear: nn.Linear, grid: Grid, rounding: str, per_row_scale: bool = False,
+                    grad_dtype: torch.dtype = torch.float32) -> DQTLinear:
+        layer = cls(linear.in_features, linear.out_features, grid, rounding, per_row_scale, grad_dtype)
+        layer.quantize_from(linear.weight)
         return layer.to(linear.weight.device)
-
-    def _placeholder(self, device: torch.device) -> torch.Tensor:
-        # A zero-stride view of one float: the weight's shape (so gradients and optimizer bookkeeping line up) at
-        # 4 bytes of storage.
-        return torch.zeros((), device=device).expand(self.out_features, self.in_features)
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        if self.update_param.device != self.weight.device:
-            self.update_param.data = self._placeholder(self.weight.device)
-        return self
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.weight.to(dtype) * self.scale.to(dtype)
-
-    def materialize(self) -> None:
-        """Give the optimizer ``alpha * q`` to step from; freed again by :meth:`release`."""
-        self.update_param.data = self.dequantize(self.update_param.dtype)
-
-    def release(self) -> None:
-        self.update_param.data = self._placeholder(self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _DQTLinearFn.apply(quantize_activations(x), self.update_param, self.weight, self.scale)
 
     def extra_repr(self) -> str:
-        scale = "per-row" if self.scale.dim() else "per-tensor"
-        return (f"{self.in_features}, {self.out_features}, levels=[{self.grid.qmin}, {self.grid.qmax}], "
-                f"rounding={self.rounding}, scale={scale}")
+        return f"{self.in_features}, {self.out_features}, {self._describe()}"
+
+
+class _DQTEmbeddingFn(torch.autograd.Function):
+    """``y = alpha * q[idx]`` (gather the integer rows, then scale) with the true gradient w.r.t. the stored weight:
+    each row's gradient is the sum of the output gradients of the tokens that looked it up."""
+
+    @staticmethod
+    def forward(ctx, idx: torch.Tensor, update_param: torch.Tensor, q: torch.Tensor, scale: torch.Tensor):
+        ctx.save_for_backward(idx)
+        ctx.grad_dtype, ctx.rows = update_param.dtype, q.shape[0]
+        rows_scale = scale[idx] if scale.dim() else scale
+        return q[idx].to(scale.dtype) * rows_scale
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            (idx,) = ctx.saved_tensors
+            width = g.shape[-1]
+            # Summed in float32 (a token seen many times adds many terms), stored in the buffer's dtype.
+            grad_w = torch.zeros(ctx.rows, width, dtype=torch.float32, device=g.device)
+            grad_w.index_add_(0, idx.reshape(-1), g.reshape(-1, width).float())
+            grad_w = grad_w.to(ctx.grad_dtype)
+        return None, grad_w, None, None
+
+
+class DQTEmbedding(DQTWeight):
+    """A token embedding whose table persists only as integers on ``grid`` times a float scale.
+
+    A lookup has no activation to quantize, so the forward is just ``alpha * q[idx]``, in float32 as a plain
+    ``nn.Embedding`` under autocast.
+
+    Args:
+        num_embeddings: Vocabulary size.
+        embedding_dim: Width of each row.
+        grid: The integer levels of the table.
+        rounding: ``stochastic`` or ``nearest``; read by the update callback.
+        per_row_scale: One scale per token row instead of one per tensor.
+        grad_dtype: Dtype of the gradient buffer (see :class:`DQTWeight`).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, grid: Grid, rounding: str = "stochastic",
+                 per_row_scale: bool = False, grad_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__((num_embeddings, embedding_dim), grid, rounding, per_row_scale, grad_dtype)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, grid: Grid, rounding: str, per_row_scale: bool = False,
+                       grad_dtype: torch.dtype = torch.float32) -> DQTEmbedding:
+        _refuse_embedding_options(embedding)
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, grid, rounding, per_row_scale, grad_dtype)
+        layer.quantize_from(embedding.weight)
+        return layer.to(embedding.weight.device)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return _DQTEmbeddingFn.apply(idx, self.update_param, self.weight, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self._describe()}"
+
+
+def _refuse_embedding_options(embedding: nn.Embedding) -> None:
+    # The LLaMA embedding is a plain lookup; these options would change what the gradient is.
+    if embedding.padding_idx is not None or embedding.max_norm is not None or embedding.sparse:
+        raise TypeError("quantized embeddings support a plain lookup only (no padding_idx, max_norm or sparse)")
 
 
 class BitLinear(nn.Linear):
@@ -130,9 +242,32 @@ class BitLinear(nn.Linear):
         return f"{super().extra_repr()}, levels=[{self.grid.qmin}, {self.grid.qmax}]"
 
 
-def dqt_layers(module: nn.Module) -> Iterator[DQTLinear]:
-    """The DQT layers of ``module`` in a fixed order (``named_modules`` order), the order layer indices come from."""
-    return (m for m in module.modules() if isinstance(m, DQTLinear))
+class BitEmbedding(nn.Embedding):
+    """The STE counterpart of :class:`DQTEmbedding`: a float master table, fake-quantized (absmean over the whole
+    table, ``grid``) in every forward; the lookup's gradient passes straight through to the master."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, grid: Grid) -> None:
+        super().__init__(num_embeddings, embedding_dim)
+        self.grid = grid
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, grid: Grid) -> BitEmbedding:
+        _refuse_embedding_options(embedding)
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, grid).to(embedding.weight.device)
+        layer.weight.data.copy_(embedding.weight.data)
+        return layer
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, ste_quantize(self.weight, self.grid))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, levels=[{self.grid.qmin}, {self.grid.qmax}]"
+
+
+def dqt_layers(module: nn.Module) -> Iterator[DQTWeight]:
+    """The DQT layers of ``module`` (projections, and embedding and head when quantized) in a fixed order
+    (``named_modules`` order), the order layer indices come from."""
+    return (m for m in module.modules() if isinstance(m, DQTWeight))
 
 
 def quantized_parameters(module: nn.Module) -> list[nn.Parameter]:

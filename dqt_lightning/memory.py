@@ -4,12 +4,14 @@ DQT's claim is memory: its weights live only as int8 levels plus a scale, with n
 measures what a real Lightning run actually keeps allocated between optimizer steps for the seven projections of
 every block (the only layers a mode changes), by reading tensor storage sizes rather than trusting shapes.
 
-Run ``python -m dqt_lightning.memory`` for the Markdown table of fp / BitNet STE / DQT ternary / DQT 8-bit.
+Run ``python -m dqt_lightning.memory`` for the Markdown table of fp / BitNet STE / DQT ternary / DQT 8-bit, and of
+DQT ternary with bf16 or 8-bit AdamW states.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import platform
 import time
@@ -23,9 +25,10 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dqt_lightning.layers import DQTLinear
+from dqt_lightning.layers import DQTWeight
 from dqt_lightning.model import Config
 from dqt_lightning.module import LanguageModel
+from dqt_lightning.optim import AdamW
 from dqt_lightning.precision import PROJECTIONS, QuantPrecision, is_projection
 from dqt_lightning.update import QuantizedUpdate
 
@@ -95,7 +98,7 @@ class StateBytes:
 def projection_layers(module: nn.Module) -> Iterator[nn.Module]:
     # The layers QuantPrecision converts (or, in fp mode, would): a Linear or its DQT/BitNet replacement.
     for name, child in module.named_modules():
-        if isinstance(child, (nn.Linear, DQTLinear)) and is_projection(name):
+        if isinstance(child, (nn.Linear, DQTWeight)) and is_projection(name):
             yield child
 
 
@@ -117,7 +120,7 @@ def quantized_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -
     n_params = 0
     for layer in projection_layers(module):
         n_params += layer.weight.numel()
-        if isinstance(layer, DQTLinear):
+        if isinstance(layer, DQTWeight):
             # The update parameter's data is part of what DQT keeps: ~4 bytes between steps, a full float32 copy
             # only inside the step. Measuring it here catches a placeholder that was never released.
             weights += [layer.weight, layer.scale, layer.update_param.data]
@@ -154,7 +157,7 @@ def fit_on_tokens(model: LanguageModel, tokens: torch.Tensor, batch_size: int, p
     return trainer
 
 
-def measure(mode: str, bits: float = 1.58, steps: int = 2) -> StateBytes:
+def measure(mode: str, bits: float = 1.58, steps: int = 2, state_dtype: str = "float32") -> StateBytes:
     """Train the tiny model ``steps`` optimizer steps on CPU in ``mode`` and measure its state between steps.
 
     Random tokens are enough: the byte counts do not depend on what the model learns.
@@ -163,6 +166,8 @@ def measure(mode: str, bits: float = 1.58, steps: int = 2) -> StateBytes:
         mode: ``fp``, ``ste`` or ``dqt`` (see :class:`~dqt_lightning.precision.QuantPrecision`).
         bits: Weight bits for ``ste`` and ``dqt``; 1.58 is ternary.
         steps: Optimizer steps to run first, so that gradients and optimizer states exist.
+        state_dtype: AdamW's moments: ``float32`` (``torch.optim.AdamW``), or ``bfloat16`` / ``int8``
+            (:class:`dqt_lightning.optim.AdamW`), with the same hyper-parameters.
 
     Returns:
         The state of the quantized projections after ``trainer.fit`` returns. Lightning frees gradients
@@ -176,18 +181,22 @@ def measure(mode: str, bits: float = 1.58, steps: int = 2) -> StateBytes:
         with torch.random.fork_rng(devices=[]):  # deterministic, without disturbing the caller's global RNG
             torch.manual_seed(0)
             tokens = torch.randint(0, VOCAB, (BATCH * steps, SEQ_LEN + 1))
-            model = LanguageModel(Config(), vocab_size=VOCAB, warmup_steps=0)
+            optimizer = None if state_dtype == "float32" else functools.partial(
+                AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01, state_dtype=state_dtype)
+            model = LanguageModel(Config(), vocab_size=VOCAB, optimizer=optimizer, warmup_steps=0)
             trainer = fit_on_tokens(model, tokens, BATCH, plugins=[QuantPrecision(mode=mode, bits=bits)])
     finally:
         torch.set_num_threads(threads)
     return quantized_state_bytes(model, trainer.optimizers[0])
 
 
-ROWS = (
-    ("fp (FP32 AdamW)", "fp", 32.0),
-    ("BitNet b1.58 STE (FP32 master, AdamW)", "ste", 1.58),
-    ("DQT ternary", "dqt", 1.58),
-    ("DQT 8-bit", "dqt", 8.0),
+ROWS = (  # label, mode, bits, AdamW state dtype
+    ("fp (FP32 AdamW)", "fp", 32.0, "float32"),
+    ("BitNet b1.58 STE (FP32 master, AdamW)", "ste", 1.58, "float32"),
+    ("DQT ternary", "dqt", 1.58, "float32"),
+    ("DQT 8-bit", "dqt", 8.0, "float32"),
+    ("DQT ternary, AdamW bf16 states", "dqt", 1.58, "bfloat16"),
+    ("DQT ternary, AdamW 8-bit states", "dqt", 1.58, "int8"),
 )
 
 
@@ -202,11 +211,11 @@ def table(results: dict[str, StateBytes]) -> str:
 
 
 def main() -> None:
-    """Print the bytes-per-parameter table for the four training setups, with where and when it was measured."""
+    """Print the bytes-per-parameter table for every row of ``ROWS``, with where and when it was measured."""
     # Lightning's "GPU available / TPU available" banners are noise in a table meant for pasting.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     started = time.perf_counter()
-    results = {label: measure(mode, bits) for label, mode, bits in ROWS}
+    results = {label: measure(mode, bits, state_dtype=dtype) for label, mode, bits, dtype in ROWS}
     elapsed = time.perf_counter() - started
     print(f"Bytes per quantized parameter (the 7 projections of every block) between optimizer steps, tiny model "
           f"({Config().n_layer} layers, d={Config().n_embd}), AdamW.\n")

@@ -12,15 +12,18 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.layers import BitLinear, DQTLinear
+from dqt_lightning.layers import GRAD_DTYPES, BitEmbedding, BitLinear, DQTEmbedding, DQTLinear, DQTWeight
 from dqt_lightning.quant import ROUNDINGS, Grid
 
 log = logging.getLogger(__name__)
 
 MODES = ("fp", "ste", "dqt")
 PRECISIONS = ("32-true", "bf16-mixed")
-# The seven projections of a LLaMA block; embeddings, lm_head and norm gains stay float (as BitNet and torchao).
+# The seven projections of a LLaMA block; embeddings, lm_head and norm gains stay float by default (as BitNet and
+# torchao).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Quantized too with quantize_embeddings (names as in model.py and Hugging Face's LlamaForCausalLM).
+EMBEDDING, HEAD = "embed_tokens", "lm_head"
 
 
 def is_projection(qualified_name: str) -> bool:
@@ -47,20 +50,35 @@ class QuantPrecision(Precision):
         per_row_scale: One DQT scale per output row instead of one per tensor.
         precision: ``32-true`` or ``bf16-mixed`` (autocast in forward; weights, grads and states stay float32).
         pack_ternary: Store ternary DQT weights in checkpoints 4 per byte instead of one int8 each.
+        quantize_embeddings: Also quantize the token embedding and the output head (``embed_tokens``, ``lm_head``),
+            as the official DQT code does; off by default, as in BitNet and torchao. ``dqt``: a
+            :class:`~dqt_lightning.layers.DQTEmbedding` and a :class:`~dqt_lightning.layers.DQTLinear` head (8-bit
+            activations); ``ste``: their BitNet counterparts (float masters behind an STE).
+        grad_dtype: ``float32`` or ``bfloat16``: the gradient buffer of DQT weights. The optimizer step itself stays
+            float32 (the gradient is widened inside the step), so bf16 costs gradient precision, not update precision.
 
     Raises:
-        ConfigError: for an unknown mode, rounding or precision, or bits outside 1.58 / 2..8.
+        ConfigError: for an unknown mode, rounding, precision or grad_dtype, bits outside 1.58 / 2..8, or
+            quantize_embeddings / a bf16 grad_dtype with nothing quantized to apply them to.
     """
 
     def __init__(self, mode: str = "dqt", bits: float = 1.58, rounding: str = "stochastic", symmetric: bool = False,
-                 per_row_scale: bool = False, precision: str = "32-true", pack_ternary: bool = False) -> None:
+                 per_row_scale: bool = False, precision: str = "32-true", pack_ternary: bool = False,
+                 quantize_embeddings: bool = False, grad_dtype: str = "float32") -> None:
         super().__init__()
         self.mode = _choice("mode", mode, MODES)
         self.rounding = _choice("rounding", rounding, ROUNDINGS)
         self.precision = _choice("precision", precision, PRECISIONS)  # type: ignore[assignment]
+        self.grad_dtype = GRAD_DTYPES[_choice("grad_dtype", grad_dtype, tuple(GRAD_DTYPES))]
         self.grid = Grid.from_bits(bits, symmetric, field="trainer.plugins.bits") if mode != "fp" else None
+        if quantize_embeddings and mode == "fp":
+            raise ConfigError("trainer.plugins.quantize_embeddings needs mode dqt or ste; mode fp quantizes nothing")
+        if self.grad_dtype != torch.float32 and mode != "dqt":
+            raise ConfigError(f"trainer.plugins.grad_dtype: {grad_dtype} applies to DQT weights only (mode: dqt); "
+                              f"mode {mode} keeps float32 gradients")
         self.per_row_scale = per_row_scale
         self.pack_ternary = pack_ternary
+        self.quantize_embeddings = quantize_embeddings
         self._device_type = "cpu"
 
     @override
@@ -71,21 +89,31 @@ class QuantPrecision(Precision):
             return module
         for name, parent in list(module.named_modules()):
             for child_name, child in list(parent.named_children()):
-                if type(child) is nn.Linear and is_projection(f"{name}.{child_name}"):
-                    setattr(parent, child_name, self._convert(child))
+                converted = self._convert(child, f"{name}.{child_name}")
+                if converted is not None:
+                    setattr(parent, child_name, converted)
                     log.debug("converted %s.%s to %s", name, child_name, self.mode)
-        already = sum(isinstance(m, (DQTLinear, BitLinear)) for m in module.modules())
+        already = sum(isinstance(m, (DQTWeight, BitLinear)) for m in module.modules())
         if already == 0:
             raise TypeError(f"mode {self.mode} found no projection ({', '.join(PROJECTIONS)}) to quantize in the model")
         _keep_integers_out_of_ddp_sync(module)
         return module
 
-    def _convert(self, linear: nn.Linear) -> nn.Module:
-        if linear.bias is not None:
+    def _convert(self, child: nn.Module, qualified_name: str) -> nn.Module | None:
+        """The quantized replacement of ``child``, or ``None`` when it stays as it is (or is converted already)."""
+        own_name = qualified_name.rsplit(".", 1)[-1]
+        if type(child) is nn.Embedding and self.quantize_embeddings and own_name == EMBEDDING:
+            if self.mode == "ste":
+                return BitEmbedding.from_embedding(child, self.grid)
+            return DQTEmbedding.from_embedding(child, self.grid, self.rounding, self.per_row_scale, self.grad_dtype)
+        is_head = self.quantize_embeddings and own_name == HEAD
+        if type(child) is not nn.Linear or not (is_projection(qualified_name) or is_head):
+            return None
+        if child.bias is not None:
             raise TypeError("quantized projections are bias-free, as in LLaMA; got a Linear with a bias")
         if self.mode == "ste":
-            return BitLinear.from_linear(linear, self.grid)
-        return DQTLinear.from_linear(linear, self.grid, self.rounding, self.per_row_scale)
+            return BitLinear.from_linear(child, self.grid)
+        return DQTLinear.from_linear(child, self.grid, self.rounding, self.per_row_scale, self.grad_dtype)
 
     @override
     def connect(self, model: nn.Module, optimizers: list, lr_schedulers: list) -> tuple[nn.Module, list, list]:
@@ -105,6 +133,6 @@ def _keep_integers_out_of_ddp_sync(module: nn.Module) -> None:
     # DDP re-broadcasts every buffer from rank 0 before each forward. For DQT weights that is a byte per weight of
     # traffic each step, and it would silently paper over a divergence that QuantizedUpdate's replica check exists
     # to catch. Replicas stay equal by construction instead: same averaged gradient, same rounding noise.
-    names = [f"{name}.{buffer}" for name, m in module.named_modules() if isinstance(m, DQTLinear)
+    names = [f"{name}.{buffer}" for name, m in module.named_modules() if isinstance(m, DQTWeight)
              for buffer in ("weight", "scale")]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)

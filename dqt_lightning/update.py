@@ -12,15 +12,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError, TrainingStopped
-from dqt_lightning.layers import DQTLinear
+from dqt_lightning.layers import DQTWeight
 from dqt_lightning.quant import quantized_step, step_seed
 
 
 class QuantizedUpdate(Callback):
     """Runs the configured optimizer on ``alpha * q`` of every DQT layer and rounds the result back onto the grid.
 
-    Order within one optimizer step (after gradient accumulation): ``on_before_optimizer_step`` fills each layer's
-    ``update_param`` with ``alpha * q``; Lightning clips all gradients, float and quantized together; the optimizer
+    Every :class:`~dqt_lightning.layers.DQTWeight` takes part: the projections, and the embedding and output head
+    when they are quantized too. Order within one optimizer step (after gradient accumulation):
+    ``on_before_optimizer_step`` fills each layer's ``update_param`` with a float32 ``alpha * q`` (and widens a bf16
+    gradient buffer to float32 for the step); Lightning clips all gradients, float and quantized together; the optimizer
     steps every parameter with its own hyper-parameters and the scheduled learning rate; a step post-hook then rounds
     each layer once (stochastic or nearest) with noise seeded by (run seed, global step, layer index) and frees the
     float values again. Nothing float of the weight outlives the step.
@@ -56,7 +58,7 @@ class QuantizedUpdate(Callback):
         self.skipped_steps = 0
         self._names: dict[int, str] = {}
         self.n_updates = 0
-        self._layers: list[tuple[str, DQTLinear]] = []
+        self._layers: list[tuple[str, DQTWeight]] = []
         self._handles: list[Any] = []
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pending = False
@@ -67,7 +69,7 @@ class QuantizedUpdate(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
-        self._layers = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, DQTLinear)]
+        self._layers = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, DQTWeight)]
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
         self._names.update({id(m.update_param): f"{name}.weight" for name, m in self._layers})
         if not self._layers:
@@ -123,7 +125,8 @@ class QuantizedUpdate(Callback):
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        # Summed in float32 even when the buffers are bf16: the average is rounded once, not at every addition.
+        flat = torch.cat([p.grad.reshape(-1).float() for p in params])
         torch.distributed.all_reduce(flat)
         flat /= torch.distributed.get_world_size()
         offset = 0

@@ -1,15 +1,19 @@
 """Checkpoint files: written atomically, ternary weights optionally packed 4 per byte and restored exactly."""
 
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
 
 from dqt_lightning import QuantizedUpdate, QuantPrecision
-from dqt_lightning.checkpoint import AtomicCheckpointIO
+from dqt_lightning.checkpoint import FORMATS, AtomicCheckpointIO
 from dqt_lightning.layers import dqt_layers
+from dqt_lightning.optim import AdamW
+from dqt_lightning.sampling import ResumableSampler, training_position
 from tests.conftest import TokenWindows, make_model
 
 
@@ -29,15 +33,16 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left behind
 
 
-def _fit(tmp_path: Path, steps: int, pack: bool, ckpt_path=None) -> tuple[pl.Trainer, pl.LightningModule]:
-    model = make_model()
+def _fit(tmp_path: Path, steps: int, pack: bool, ckpt_path=None, data=None, seed=0, callbacks=(), optimizer=None,
+         **plugin) -> tuple[pl.Trainer, pl.LightningModule]:
+    model = make_model(seed, optimizer=optimizer)
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, default_root_dir=tmp_path,
-        plugins=[QuantPrecision(mode="dqt", bits=1.58, pack_ternary=pack), AtomicCheckpointIO()],
-        callbacks=[QuantizedUpdate(seed=3), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        plugins=[QuantPrecision(mode="dqt", bits=1.58, pack_ternary=pack, **plugin), AtomicCheckpointIO()],
+        callbacks=[QuantizedUpdate(seed=3), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), *callbacks],
     )
-    trainer.fit(model, datamodule=TokenWindows(), ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=data or TokenWindows(), ckpt_path=ckpt_path)
     return trainer, model
 
 
@@ -60,7 +65,86 @@ def test_checkpoint_size_command_ranks_the_formats(tmp_path):
     from dqt_lightning.checkpoint import measure_checkpoint_sizes
 
     sizes = measure_checkpoint_sizes("tiny", 512, tmp_path)
+    assert list(sizes) == list(FORMATS)
     weights = {label: w for label, (_, w) in sizes.items()}
-    assert weights["DQT ternary (packed 2-bit)"] < weights["DQT ternary (int8)"] < weights["fp (float32)"]
-    assert all(full > w for full, w in sizes.values())  # the full checkpoint adds optimizer states and loop state
+    full = {label: f for label, (f, _) in sizes.items()}
+    packed, embedded = "DQT ternary (packed 2-bit)", "DQT ternary packed + quantized embeddings/head"
+    assert weights[embedded] < weights[packed] < weights["DQT ternary (int8)"] < weights["fp (float32)"]
+    assert all(f > w for f, w in sizes.values())  # the full checkpoint adds optimizer states and loop state
+    # 8-bit AdamW moments (~2 bytes per parameter instead of 8) shrink the resumable checkpoint, not the weights.
+    lean = "DQT ternary packed + int8 AdamW states"
+    assert weights[lean] == pytest.approx(weights[packed], abs=2000) and full[lean] < full[packed] / 2
     assert list(tmp_path.iterdir()) == []
+
+
+def _layer_weights(model) -> list[torch.Tensor]:
+    return [layer.weight for layer in dqt_layers(model)]
+
+
+def test_quantized_embeddings_checkpoint_is_packed_and_validates_to_the_same_loss(tmp_path):
+    data = TokenWindows()
+    trainer, model = _fit(tmp_path, 3, pack=True, data=data, quantize_embeddings=True)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    state = torch.load(last, weights_only=False)["state_dict"]
+    table = model.model.embed_tokens.weight
+    assert state["model.embed_tokens.weight"].dtype == torch.uint8
+    assert state["model.embed_tokens.weight"].numel() * 4 == table.numel()
+    assert state["model.lm_head.weight"].dtype == torch.uint8
+    assert not [k for k, t in state.items() if t.is_floating_point() and t.shape == table.shape]
+
+    def validate(module, **kwargs) -> float:
+        checker = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             plugins=[QuantPrecision(mode="dqt", pack_ternary=True, quantize_embeddings=True)])
+        return checker.validate(module, datamodule=data, verbose=False, **kwargs)[0]["val/loss"]
+
+    trained = validate(model)
+    loaded = validate(make_model(seed=5), ckpt_path=last)  # different random init: all it knows is the file
+    assert loaded == trained
+
+
+class StopAfter(pl.Callback):
+    """Stops a run after ``step`` optimizer steps; unlike a smaller max_steps it leaves the LR schedule alone."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+class ResumableWindows(TokenWindows):
+    """``TokenWindows`` shuffled by the project's resumable sampler, with the data position in every checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._resume = None
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = ResumableSampler(self.windows, num_replicas=1, rank=0, seed=0, batch_size=self.batch_size)
+        if self._resume:
+            sampler.resume_at(self._resume["epoch"], self._resume["batches_done"])
+        return DataLoader(self.windows, batch_size=self.batch_size, sampler=sampler, drop_last=True)
+
+    def state_dict(self) -> dict:
+        return training_position(self.trainer)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume = state_dict or None
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "int8"])
+def test_quantized_embeddings_resume_exactly(tmp_path, state_dtype):
+    # The int8 AdamW states make this the smallest resumable format of docs/checkpoints.md.
+    setup = dict(pack=True, quantize_embeddings=True,
+                 optimizer=partial(AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01, state_dtype=state_dtype))
+    _, straight = _fit(tmp_path / "straight", 6, data=ResumableWindows(), **setup)
+    # As a killed run would: resume from the checkpoint written after step 3, mid-epoch (8 batches per epoch).
+    every_3 = ModelCheckpoint(dirpath=tmp_path / "every-3", filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    _fit(tmp_path / "stopped", 6, data=ResumableWindows(), callbacks=[every_3, StopAfter(3)], **setup)
+    step_3 = tmp_path / "every-3" / "step=3.ckpt"
+    assert torch.load(step_3, weights_only=False)["global_step"] == 3
+    _, resumed = _fit(tmp_path / "resumed", 6, data=ResumableWindows(), ckpt_path=step_3, **setup)
+    assert len(_layer_weights(resumed)) == 16
+    for a, b in zip(_layer_weights(straight), _layer_weights(resumed)):
+        assert torch.equal(a, b)

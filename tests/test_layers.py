@@ -1,9 +1,27 @@
+import math
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
 
-from dqt_lightning.layers import BitLinear, DQTLinear, quantized_parameters
+import dqt_lightning.quant as quant
+from dqt_lightning import QuantizedUpdate, QuantPrecision
+from dqt_lightning.bench import state_bytes
+from dqt_lightning.errors import ConfigError
+from dqt_lightning.layers import (
+    BitEmbedding,
+    BitLinear,
+    DQTEmbedding,
+    DQTLinear,
+    DQTWeight,
+    dqt_layers,
+    quantized_parameters,
+)
+from dqt_lightning.memory import quantized_state_bytes
+from dqt_lightning.model import LLaMA, Config
 from dqt_lightning.quant import Grid, absmean_quantize
+from tests.conftest import TokenWindows, fit, make_model
 
 
 def _linear(n_in=24, n_out=16, seed=0):
@@ -91,3 +109,195 @@ def test_dqt_linear_under_bf16_autocast_keeps_float32_gradient_buffer():
     assert layer.update_param.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
     ref = _act_quant64(x.detach().double()) @ (layer.weight.double() * layer.scale.double()).t()
     assert torch.allclose(y.double(), ref, rtol=0.05, atol=0.02)
+
+
+# Quantized embeddings and head (QuantPrecision(quantize_embeddings=True)) and bf16 gradient buffers.
+
+
+def _embedding(vocab=10, width=6, seed=0):
+    torch.manual_seed(seed)
+    embedding = nn.Embedding(vocab, width)
+    nn.init.normal_(embedding.weight, std=0.02)
+    return embedding
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_dqt_embedding_gathers_then_scales_and_gets_the_true_gradient(per_row):
+    layer = DQTEmbedding.from_embedding(_embedding(), Grid.from_bits(4), "stochastic", per_row_scale=per_row)
+    idx = torch.tensor([[1, 3, 3], [9, 1, 1]])
+    y = layer(idx)
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    w64 = layer.weight.double() * layer.scale.double()
+    assert y.dtype == torch.float32 and torch.allclose(y.double(), w64[idx], atol=1e-8)
+    # d loss / d W[row] is the sum of the output gradients of every position that looked the row up.
+    expected = torch.zeros(10, 6, dtype=torch.float64)
+    for position, row in enumerate(idx.reshape(-1).tolist()):
+        expected[row] += g.reshape(-1, 6)[position].double()
+    assert torch.allclose(layer.update_param.grad.double(), expected, atol=1e-6)
+    assert layer.update_param.grad[[0, 2, 4, 5, 6, 7, 8]].abs().sum() == 0  # rows nobody looked up
+
+
+def test_dqt_embedding_stores_only_integers_and_starts_from_absmean():
+    embedding = _embedding()
+    layer = DQTEmbedding.from_embedding(embedding, Grid.from_bits(1.58), "stochastic")
+    q, alpha = absmean_quantize(embedding.weight, Grid.from_bits(1.58))
+    assert torch.equal(layer.weight, q) and torch.allclose(layer.scale, alpha)
+    state = layer.state_dict()
+    assert set(state) == {"weight", "scale"} and state["weight"].dtype == torch.int8
+    assert list(layer.parameters()) == []
+    assert layer.update_param.untyped_storage().nbytes() == 4
+    assert isinstance(layer, DQTWeight) and quantized_parameters(nn.Sequential(layer)) == [layer.update_param]
+
+
+def test_bit_embedding_looks_up_the_quantized_table_and_passes_the_gradient_straight_through():
+    layer = BitEmbedding.from_embedding(_embedding(), Grid.from_bits(1.58))
+    idx = torch.tensor([2, 2, 7])
+    y = layer(idx)
+    g = torch.randn_like(y)
+    y.backward(g)
+    w = layer.weight.detach().double()
+    alpha = w.abs().mean()
+    assert torch.allclose(y.double(), (torch.round(w / alpha).clamp(-1, 1) * alpha)[idx], atol=1e-7)
+    expected = torch.zeros(10, 6, dtype=torch.float64)
+    expected[2] = g[0].double() + g[1].double()
+    expected[7] = g[2].double()
+    assert torch.allclose(layer.weight.grad.double(), expected, atol=1e-6)
+
+
+def test_quantize_embeddings_converts_embedding_and_head_in_every_quantized_mode():
+    dqt = QuantPrecision(mode="dqt", quantize_embeddings=True).convert_module(LLaMA(Config(vocab_size=64, n_layer=1)))
+    assert isinstance(dqt.embed_tokens, DQTEmbedding) and isinstance(dqt.lm_head, DQTLinear)
+    layers = list(dqt_layers(dqt))
+    assert len(layers) == 9 and layers[0] is dqt.embed_tokens and layers[-1] is dqt.lm_head
+    assert not any(p.dim() == 2 for p in dqt.parameters())  # only norm gains stay float
+    ignored = set(dqt._ddp_params_and_buffers_to_ignore)
+    assert {"embed_tokens.weight", "embed_tokens.scale", "lm_head.weight", "lm_head.scale"} <= ignored
+
+    ste = QuantPrecision(mode="ste", quantize_embeddings=True).convert_module(LLaMA(Config(vocab_size=64, n_layer=1)))
+    assert type(ste.embed_tokens) is BitEmbedding and type(ste.lm_head) is BitLinear
+
+    default = QuantPrecision(mode="dqt").convert_module(LLaMA(Config(vocab_size=64, n_layer=1)))
+    assert type(default.embed_tokens) is nn.Embedding and type(default.lm_head) is nn.Linear
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (dict(mode="fp", quantize_embeddings=True), "quantize_embeddings"),
+    (dict(mode="ste", grad_dtype="bfloat16"), "grad_dtype"),
+    (dict(mode="dqt", grad_dtype="float16"), "grad_dtype"),
+])
+def test_plugin_refuses_options_that_do_not_apply(args, field):
+    with pytest.raises(ConfigError, match=f"trainer.plugins.{field}"):
+        QuantPrecision(**args)
+
+
+def _initial_integers(**plugin):
+    fresh = make_model()
+    QuantPrecision(mode="dqt", **plugin).convert_module(fresh)
+    return [layer.weight.clone() for layer in dqt_layers(fresh)]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_quantized_embeddings_keep_the_invariants_in_training(monkeypatch):
+    calls = []
+    original = quant.round_to_grid
+
+    def counting(y, *args, **kwargs):
+        calls.append(y.numel())
+        return original(y, *args, **kwargs)
+
+    monkeypatch.setattr(quant, "round_to_grid", counting)
+    model = make_model()
+    trainer = fit(model, steps=3, accumulate=2, batch_size=4, quantize_embeddings=True)
+    layers = list(dqt_layers(model))
+    assert len(layers) == 2 * 7 + 2
+    # One rounding per weight per optimizer step, embedding and head included.
+    assert len(calls) == 3 * 16 and sum(calls) == 3 * sum(layer.weight.numel() for layer in layers)
+    # Integer storage only: no float tensor of the table's shape survives the step anywhere in the model.
+    table = model.model.embed_tokens
+    floats = [*model.state_dict().values(), *model.parameters(), *model.buffers(),
+              *(layer.update_param.data for layer in layers)]
+    assert not [t for t in floats if t.is_floating_point() and t.shape == table.weight.shape
+                and t.untyped_storage().nbytes() > 4]
+    assert table.weight.dtype == torch.int8 and model.model.lm_head.weight.dtype == torch.int8
+    # Both moved; and the rounding noise follows the layer order, embedding first and head last.
+    start = _initial_integers(quantize_embeddings=True)
+    assert not torch.equal(layers[0].weight, start[0]) and not torch.equal(layers[-1].weight, start[-1])
+    update = next(c for c in trainer.callbacks if isinstance(c, QuantizedUpdate))
+    assert [name for name, _ in update._layers][::15] == ["model.embed_tokens", "model.lm_head"]
+
+
+@pytest.fixture
+def one_thread():
+    # The test model gains nothing from more threads, and when other processes share the cores, spinning OpenMP
+    # workers make these short runs many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_quantized_embeddings_train_deterministically_and_the_loss_falls():
+    runs = []
+    for _ in range(2):
+        runs.append(make_model())
+        fit(runs[-1], steps=4, quantize_embeddings=True)
+    for a, b in zip(dqt_layers(runs[0]), dqt_layers(runs[1])):
+        assert torch.equal(a.weight, b.weight)  # same seed, same noise for every layer
+
+    model = make_model(optimizer=partial(torch.optim.AdamW, lr=3e-2, betas=(0.9, 0.95), weight_decay=0.01))
+    fit(model, steps=60, quantize_embeddings=True)
+    # The test model learns slowly with a DQT head: its fixed absmean scale caps the logits at alpha * sum|x|
+    # (~0.4 at width 32) until the final norm gain grows, so only a clear fall is asked for.
+    assert _loss_on_windows(model) < math.log(128) - 0.4
+
+
+def _loss_on_windows(model) -> float:
+    with torch.no_grad():
+        return float(model._loss(TokenWindows().windows)[0])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bf16_gradient_buffers_take_two_bytes_per_weight():
+    model = make_model()
+    trainer = fit(model, steps=2, grad_dtype="bfloat16", quantize_embeddings=True)
+    for layer in dqt_layers(model):
+        assert layer.update_param.grad.dtype == torch.bfloat16 and layer.update_param.dtype == torch.bfloat16
+        assert layer.update_param.untyped_storage().nbytes() == 2
+    per_param = quantized_state_bytes(model, trainer.optimizers[0]).per_param()
+    assert per_param["grads"] == 2.0
+    assert 1.0 < per_param["weights"] < 1.01
+    assert per_param["optimizer_states"] == pytest.approx(8.0, rel=1e-3)  # the step itself ran in float32
+    # The benchmark's accounting of all parameters sees the embedding and head as integers with bf16 gradients too.
+    n_int = sum(layer.weight.numel() for layer in dqt_layers(model))
+    n_float = sum(p.numel() for p in model.parameters())
+    weights, grads, _ = state_bytes(model, trainer.optimizers[0])
+    assert weights == n_int + 16 * (4 + 2) + 4 * n_float  # levels, a scale and a placeholder per layer, norm gains
+    assert grads == 2 * n_int + 4 * n_float
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that records the dtypes of what it steps, i.e. after QuantizedUpdate prepared the quantized weights."""
+
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        self.seen = {(p.dtype, p.grad.dtype) for g in self.param_groups for p in g["params"] if p.grad is not None}
+        super().step()
+        return loss
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bf16_gradient_buffers_step_in_float32_and_train_like_float32():
+    model = make_model(optimizer=lambda params: RecordingSGD(params, lr=0.1))
+    trainer = fit(model, steps=1, grad_dtype="bfloat16")
+    assert trainer.optimizers[0].seen == {(torch.float32, torch.float32)}
+
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        model = make_model(optimizer=partial(torch.optim.AdamW, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01))
+        fit(model, steps=30, grad_dtype=dtype)
+        losses[dtype] = _loss_on_windows(model)
+    assert losses["float32"] < math.log(128) - 1.0
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], abs=0.25)
