@@ -17,14 +17,15 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from pydoc_data.topics import topics
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
 from dqt_lightning.sampling import ResumableSampler, training_position
+from dqt_lightning.tokenizer import EOT
+from dqt_lightning.tokenizer import train_bpe as _train_tokenizer  # the one BPE recipe; tests patch this name
 
-EOT = "<|endoftext|>"
 FORMAT_VERSION = 1  # bump whenever corpus selection, tokenizer recipe or file layout changes, so old caches are ignored
 MIN_DOC_CHARS = 200
 _SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages"})
@@ -97,21 +98,6 @@ def cache_key(docs: Sequence[str], vocab_size: int) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def _train_tokenizer(docs: Sequence[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE tokenizer (GPT-2 style) whose ids are all ``< vocab_size``."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()  # all 256 bytes, so any text encodes without unknown tokens
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT], initial_alphabet=alphabet, show_progress=False
-    )
-    tokenizer.train_from_iterator(docs, trainer=trainer)
-    # A literal "<|endoftext|>" in a docstring must stay text, not fake a document boundary.
-    tokenizer.encode_special_tokens = True
-    return tokenizer
-
-
 def _encode(tokenizer: Tokenizer, docs: Sequence[str]) -> np.ndarray:
     """Encode the documents into one uint16 stream with the end-of-text id between consecutive documents."""
     eot = np.array([tokenizer.token_to_id(EOT)], np.uint16)
@@ -125,7 +111,7 @@ def _load(tok_path: Path, ids_path: Path) -> tuple[Tokenizer, np.ndarray] | None
         tokenizer, tokens = Tokenizer.from_file(str(tok_path)), np.load(ids_path)
     except Exception:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
         return None
-    tokenizer.encode_special_tokens = True  # not saved in the JSON; see _train_tokenizer
+    tokenizer.encode_special_tokens = True  # not saved in the JSON; see tokenizer.train_bpe
     return (tokenizer, tokens) if tokens.dtype == np.uint16 and tokens.ndim == 1 else None
 
 
