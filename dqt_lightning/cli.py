@@ -1,15 +1,20 @@
-"""``python -m dqt_lightning {fit,validate,test} --config ...``: LightningCLI with the project's defaults.
+"""``python -m dqt_lightning {fit,validate,test,prepare} --config ...`` and ``compare RUN ...``: LightningCLI with the
+project's defaults.
 
 - The data module's vocabulary size reaches the model through a link, never by hand.
 - With no logger configured, runs log to TensorBoard under ``runs/<config names>/version_N``: a new directory for
   every run, so repeating a command never fails on, or overwrites, an earlier run.
 - A user mistake ends with one line on stderr naming the field or file, not a traceback.
+- ``prepare`` parses the same configs as ``fit`` and writes the token shards its ``data`` section describes.
+- ``compare`` prints a table of finished runs and plots their validation loss against tokens
+  (:mod:`dqt_lightning.compare`).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import warnings
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -97,6 +102,10 @@ class DQTLightningCLI(LightningCLI):
         if "val/loss" in metrics:
             loss = metrics["val/loss"]
             lines.append(f"[{stage}] final validation loss {loss:.4f} nats/token (perplexity {math.exp(loss):.2f})")
+        if "val/loss_ternary" in metrics:
+            loss = metrics["val/loss_ternary"]
+            lines.append(f"[{stage}] with weights re-quantized to ternary {loss:.4f} nats/token "
+                         f"(perplexity {math.exp(loss):.2f})")
         if hasattr(data, "unigram_entropy"):
             lines.append(f"[{stage}] unigram entropy of the training tokens {data.unigram_entropy():.4f} nats/token")
         print("\n".join(lines), flush=True)
@@ -111,7 +120,48 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+class _ParseOnly(DQTLightningCLI):
+    """Parses fit's configs (same files, overlays and overrides) without building a trainer or a model."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def _prepare(args: list[str]) -> None:
+    """``prepare --config ...``: tokenize the ``data`` section's source into shards (see ``dqt_lightning.shards``)."""
+    try:
+        with warnings.catch_warnings():  # that args and sys.argv differ is the point here: "prepare" is not fit's
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            cli = _ParseOnly(LightningModule, LightningDataModule, subclass_mode_model=True,
+                             subclass_mode_data=True, parser_class=_OneLineErrorParser, run=False, args=args,
+                             parser_kwargs={"prog": "python -m dqt_lightning prepare"})
+        config = cli.config
+        from dqt_lightning.shards import TokenShards, prepare_from_config  # noqa: PLC0415 - only prepare needs it
+
+        wanted = f"{TokenShards.__module__}.{TokenShards.__name__}"
+        if config.data.class_path != wanted:
+            raise ConfigError(f"prepare needs data.class_path: {wanted}, got {config.data.class_path}; add "
+                              "--config configs/data/shards.yaml")
+        shards = prepare_from_config(config.data.init_args.as_dict())
+    except KeyboardInterrupt:
+        sys.stderr.write("error: prepare interrupted; the finished shards are kept, run the same command again to "
+                         "continue\n")
+        sys.exit(130)
+    except ConfigError as error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(2)
+    print(f"[prepare] {shards.describe()}", flush=True)
+
+
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["prepare"]:  # not a Trainer method, so not a LightningCLI subcommand: dispatched here
+        _prepare(argv[1:])
+        return
+    if argv[:1] == ["compare"]:  # reads finished runs; needs no config, model or trainer
+        from dqt_lightning.compare import main as compare  # noqa: PLC0415 - matplotlib loads only when comparing
+
+        sys.exit(compare(argv[1:]))
     try:
         DQTLightningCLI(
             LightningModule,

@@ -17,10 +17,20 @@ from dqt_lightning.checkpoint import PACKED_KEY, pack_ternary_weights, unpack_te
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.layers import quantized_parameters
 from dqt_lightning.model import LLaMA, Config
+from dqt_lightning.ternary import TernaryWeights
 
 
 # Hyper-parameters hold the Config dataclass; allowing it keeps checkpoints loadable with torch's weights_only=True.
 torch.serialization.add_safe_globals([Config])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA's peak allocation on a GPU, the peak resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource  # POSIX only, and only needed on CPU
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -39,12 +49,16 @@ class LanguageModel(pl.LightningModule):
         optimizer: Optimizer for every parameter, quantized ones included (e.g. ``torch.optim.AdamW``).
         warmup_steps: Linear warm-up from 0 to the optimizer's learning rate.
         min_lr_ratio: Cosine decay ends at this fraction of the peak learning rate, at the last training step.
+        ternary_eval: Validation and test also run the model with its quantized weights re-quantized to ternary
+            (:class:`~dqt_lightning.ternary.TernaryWeights`) and log ``val/loss_ternary`` beside ``val/loss``.
     """
 
     def __init__(self, config: Config | None = None, vocab_size: int = 4096, optimizer: OptimizerCallable | None = None,
-                 warmup_steps: int = 100, min_lr_ratio: float = 0.1) -> None:
+                 warmup_steps: int = 100, min_lr_ratio: float = 0.1, ternary_eval: bool = False) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer"])
+        # ternary_eval is a choice of how to evaluate, not part of the model: LightningCLI would otherwise let a
+        # checkpoint's saved value override the flag given to `validate --ckpt_path`.
+        self.save_hyperparameters(ignore=["optimizer", "ternary_eval"])
         config = replace(config or Config(), vocab_size=vocab_size)
         problems = [f"model.config.{p}" for p in config.problems()]
         if warmup_steps < 0:
@@ -57,8 +71,11 @@ class LanguageModel(pl.LightningModule):
         self.model = LLaMA(config)
         self.optimizer_factory = optimizer or _default_optimizer
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.ternary_eval = ternary_eval
+        self._ternary: TernaryWeights | None = None
         self.val_perplexity = Perplexity()
         self._step_started = 0.0
+        self.tokens_seen = 0  # all ranks together; saved in checkpoints so a resumed run keeps counting
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -73,12 +90,14 @@ class LanguageModel(pl.LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
         if getattr(self.trainer.precision_plugin, "pack_ternary", False):
             checkpoint[PACKED_KEY] = pack_ternary_weights(self, checkpoint["state_dict"])
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Runs before the state dict is loaded into the (already converted) layers.
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)
         unpack_ternary_weights(checkpoint["state_dict"], checkpoint.pop(PACKED_KEY, {}))
 
     @override
@@ -108,9 +127,39 @@ class LanguageModel(pl.LightningModule):
     @override
     def on_train_batch_end(self, outputs, batch: torch.Tensor, batch_idx: int) -> None:
         tokens = (batch.shape[1] - 1) * batch.shape[0] * self.trainer.world_size
+        self.tokens_seen += tokens
         elapsed = max(time.perf_counter() - self._step_started, 1e-9)
         self.log("train/tokens_per_sec", tokens / elapsed)
+        # Runs of different batch sizes or device counts compare at equal tokens, not equal steps (see `compare`).
+        self.log("train/tokens_seen", float(self.tokens_seen))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("train/peak_memory_mb", peak_memory_mb(batch.device))
+
+    def _start_ternary_eval(self) -> None:
+        # Ternary levels are computed once per evaluation pass, from the weights as they are now.
+        self._ternary = TernaryWeights(self.model) if self.ternary_eval else None
+
+    def _log_ternary_loss(self, stage: str, batch: torch.Tensor) -> None:
+        if self._ternary is not None:
+            with self._ternary:
+                loss, _ = self._loss(batch)
+            self.log(f"{stage}/loss_ternary", loss, sync_dist=True)
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._start_ternary_eval()
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self._start_ternary_eval()
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._ternary = None  # training resumes after validation: no ternary copy stays allocated
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._ternary = None
 
     @override
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
@@ -118,11 +167,13 @@ class LanguageModel(pl.LightningModule):
         self.val_perplexity(logits.float(), batch[:, 1:])
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", self.val_perplexity)
+        self._log_ternary_loss("val", batch)
 
     @override
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         loss, _ = self._loss(batch)
         self.log("test/loss", loss, sync_dist=True)
+        self._log_ternary_loss("test", batch)
 
     @override
     def configure_optimizers(self):

@@ -1,0 +1,172 @@
+"""``python -m dqt_lightning compare RUN ...``: one table and one plot for several TensorBoard runs.
+
+A run is a ``runs/<name>/version_N`` directory as the CLI writes it: TensorBoard event files plus the resolved
+``config.yaml``. Naming a directory above runs (``runs/`` or ``runs/ternary``) takes every run under it. The table gives,
+per run, what a paper's results table needs: mode, bits and rounding (from the run's config), the final validation
+loss and perplexity, tokens seen, median training throughput and peak memory; the PNG plots validation loss against
+tokens seen, so runs with different batch sizes or device counts line up at equal data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dqt_lightning.errors import ConfigError
+
+
+@dataclass
+class Run:
+    """What one run logged, reduced to the numbers the table and the plot show."""
+
+    path: Path
+    mode: str
+    bits: str
+    rounding: str
+    val_curve: list[tuple[float, float]]  # (tokens seen, validation loss), in step order
+    tokens_seen: float | None
+    tokens_per_sec: float | None
+    peak_memory_mb: float | None
+
+    @property
+    def final_val_loss(self) -> float | None:
+        return self.val_curve[-1][1] if self.val_curve else None
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    """Every run directory (one that holds TensorBoard event files) at or under each of ``paths``, in sorted order."""
+    runs: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            raise ConfigError(f"compare: run directory {given} does not exist")
+        found = sorted({event.parent for event in path.rglob("events.out.tfevents.*")})
+        if not found:
+            raise ConfigError(f"compare: no TensorBoard event files under {given}")
+        runs += [run for run in found if run not in runs]
+    return runs
+
+
+def _plugin_args(run_dir: Path) -> dict:
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(config_file.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"compare: {config_file} is not valid YAML ({error})") from error
+    plugins = (config.get("trainer") or {}).get("plugins") or {}
+    if isinstance(plugins, list):  # several plugins: ours is the one with a training mode
+        plugins = next((p for p in plugins if "mode" in (p.get("init_args") or {})), {})
+    return plugins.get("init_args") or {}
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read one run's scalars and configuration."""
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every point, not a sample
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+
+    def series(tag: str) -> list[tuple[int, float]]:
+        return [(e.step, e.value) for e in events.Scalars(tag)] if tag in tags else []
+
+    tokens = series("train/tokens_seen")
+    val = series("val/loss")
+    # Validation is logged at the step of the last training batch; map each step to the tokens seen by then.
+    curve = [(_tokens_at(tokens, step) if tokens else float(step), loss) for step, loss in val]
+    throughput = [v for _, v in series("train/tokens_per_sec")]
+    memory = [v for _, v in series("train/peak_memory_mb")]
+    args = _plugin_args(run_dir)
+    mode = str(args.get("mode", "?"))
+    return Run(
+        path=run_dir,
+        mode=mode,
+        bits="32" if mode == "fp" else _bits(args.get("bits", 1.58)),
+        rounding=str(args.get("rounding", "-")) if mode == "dqt" else "-",
+        val_curve=curve,
+        tokens_seen=tokens[-1][1] if tokens else None,
+        # Median, not mean: the first steps include warm-up work (allocation, tokenizer threads) and skew a mean.
+        tokens_per_sec=statistics.median(throughput) if throughput else None,
+        peak_memory_mb=max(memory) if memory else None,
+    )
+
+
+def _bits(value: object) -> str:
+    # The resolved config stores bits as a float: show 8.0 as 8 and 1.58 as it is.
+    number = float(value)
+    return str(int(number)) if number.is_integer() else str(number)
+
+
+def _tokens_at(tokens: list[tuple[int, float]], step: int) -> float:
+    earlier = [value for s, value in tokens if s <= step]
+    return earlier[-1] if earlier else tokens[0][1]
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or math.isnan(value) else format(value, spec)
+
+
+def table(runs: list[Run]) -> str:
+    """A Markdown table of the runs, best final validation loss first."""
+    lines = ["| run | mode | bits | rounding | final val loss | val ppl | tokens seen | tokens/s | peak memory (MB) |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    ranked = sorted(runs, key=lambda r: (r.final_val_loss is None, r.final_val_loss or 0.0))
+    for run in ranked:
+        loss = run.final_val_loss
+        lines.append(
+            f"| {run.path} | {run.mode} | {run.bits} | {run.rounding} | {_fmt(loss, '.4f')} | "
+            f"{_fmt(math.exp(loss) if loss is not None else None, '.2f')} | {_fmt(run.tokens_seen, ',.0f')} | "
+            f"{_fmt(run.tokens_per_sec, ',.0f')} | {_fmt(run.peak_memory_mb, ',.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(runs: list[Run], output: Path) -> None:
+    """Validation loss against tokens seen, one line per run, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a training machine
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for run in runs:
+        if run.val_curve:
+            x, y = zip(*run.val_curve)
+            ax.plot(x, y, marker="o", markersize=3, label=f"{run.path.parent.name}/{run.path.name} ({run.mode})")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Validation loss against training tokens")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dqt_lightning compare", description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="run directories (runs/<name>/version_N) or directories above them")
+    parser.add_argument("--plot", default="compare.png",
+                        help="where to write the PNG of validation loss against tokens (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        runs = [load_run(path) for path in find_runs(args.runs)]
+    except ConfigError as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 2
+    print(table(runs))
+    plot(runs, Path(args.plot))
+    print(f"\nplot of validation loss against tokens seen: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

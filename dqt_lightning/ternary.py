@@ -1,0 +1,86 @@
+"""Ternary inference: run any model (fp, BitNet STE, DQT at any bit width) with its quantized weights re-quantized to
+ternary, as SPEC §2 describes: BitNet's absmean quantizer per tensor, levels {-1, 0, 1}, and 8-bit activations.
+
+The paper's claim 4 is that an 8-bit DQT model keeps most of its quality this way. :class:`TernaryWeights` computes
+the ternary levels once (for example at the start of a validation epoch) and then swaps them in and out around each
+forward, so one validation pass can report the model's own loss and its ternary loss side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dqt_lightning.layers import BitEmbedding, BitLinear, DQTWeight
+from dqt_lightning.precision import is_projection
+from dqt_lightning.quant import TernaryGrid, absmean_quantize
+
+
+@dataclass
+class _Swap:
+    """One layer's ternary stand-in and what it replaces."""
+
+    parent: nn.Module
+    name: str
+    original: nn.Module
+    ternary: nn.Module
+
+
+class TernaryWeights:
+    """A context manager that gives ``model`` ternary weights inside ``with`` and its own weights back after it.
+
+    - DQT layers get ternary levels and a per-tensor absmean scale computed from their dequantized weight.
+    - BitNet layers keep their float master and fake-quantize it on the ternary grid instead of their own.
+    - Plain ``nn.Linear`` projections (a full-precision model) run as BitNet layers on the ternary grid, which also
+      quantizes their input activations to 8 bits.
+
+    Args:
+        model: The model to evaluate; only its projections (and embedding and head, where those are quantized) change.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.swaps: list[_Swap] = []
+        with torch.no_grad():
+            for parent_name, parent in model.named_modules():
+                for name, child in parent.named_children():
+                    ternary = _ternary_stand_in(child, f"{parent_name}.{name}")
+                    if ternary is not None:
+                        self.swaps.append(_Swap(parent, name, child, ternary))
+        if not self.swaps:
+            raise TypeError("ternary inference found no projection to re-quantize in the model")
+
+    def __enter__(self) -> TernaryWeights:
+        for swap in self.swaps:
+            setattr(swap.parent, swap.name, swap.ternary)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for swap in self.swaps:
+            setattr(swap.parent, swap.name, swap.original)
+
+
+def _ternary_stand_in(layer: nn.Module, qualified_name: str) -> nn.Module | None:
+    if isinstance(layer, DQTWeight):
+        ternary = _copy_structure(layer)
+        q, alpha = absmean_quantize(layer.dequantize(), TernaryGrid)  # per tensor, whatever the layer's scale was
+        ternary.weight = q
+        ternary.scale = alpha
+        return ternary
+    if isinstance(layer, (BitLinear, BitEmbedding)):
+        ternary = _copy_structure(layer)
+        ternary.grid = TernaryGrid  # the same float master, shared, quantized on the ternary grid
+        return ternary
+    if type(layer) is nn.Linear and is_projection(qualified_name):
+        ternary = BitLinear(layer.in_features, layer.out_features, TernaryGrid)
+        ternary.weight = layer.weight  # shared, not copied: the fp model's own weight
+        return ternary
+    return None
+
+
+def _copy_structure(layer: nn.Module) -> nn.Module:
+    """A shallow twin of ``layer``: same class and attributes, the same tensors until the caller replaces some."""
+    twin = layer.__class__.__new__(layer.__class__)
+    twin.__dict__ = {**layer.__dict__, "_buffers": dict(layer._buffers), "_parameters": dict(layer._parameters)}
+    return twin

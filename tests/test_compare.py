@@ -1,0 +1,77 @@
+"""`compare` reads real CLI runs: the table has each run's mode, bits and numbers, and the PNG is written."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dqt_lightning.cli import main
+from dqt_lightning.compare import find_runs, load_run
+from dqt_lightning.compare import main as compare
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
+        "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--data.init_args.vocab_size", "512",
+        "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4", "--model.init_args.warmup_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def three_runs(tmp_path_factory, data_cache) -> Path:
+    root = tmp_path_factory.mktemp("compare")
+    cwd = Path.cwd()
+    os.chdir(root)  # the CLI writes runs/ under the working directory
+    try:
+        for config in ("fp.yaml", "bitnet.yaml", "dqt-8bit.yaml"):
+            main(["fit", "--config", str(REPO / "configs" / config), *TINY, "--data.init_args.cache_dir", data_cache])
+    finally:
+        os.chdir(cwd)
+    return root / "runs"
+
+
+def test_every_run_is_found_and_read(three_runs):
+    runs = [load_run(path) for path in find_runs([str(three_runs)])]
+    assert [(r.path.parent.name, r.mode, r.bits) for r in runs] == [
+        ("bitnet", "ste", "1.58"), ("dqt-8bit", "dqt", "8"), ("fp", "fp", "32")]
+    for run in runs:
+        # Two validations during fit (steps 3 and 6) plus the CLI's final one.
+        assert len(run.val_curve) >= 2
+        assert run.tokens_seen == 6 * 4 * 32
+        tokens = [t for t, _ in run.val_curve]
+        assert tokens == sorted(tokens) and tokens[-1] == run.tokens_seen
+        assert run.tokens_per_sec > 0 and run.peak_memory_mb > 0
+        assert 0 < run.final_val_loss < math.log(512) + 0.5
+
+
+def test_compare_prints_the_table_and_writes_a_png(three_runs, tmp_path, capsys):
+    png = tmp_path / "plots" / "val.png"
+    assert compare([str(three_runs / "fp"), str(three_runs / "dqt-8bit"), str(three_runs / "bitnet"),
+                    "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "version_" in line]
+    assert len(rows) == 3
+    losses = [float(row.split("|")[5]) for row in rows]
+    assert losses == sorted(losses)  # best first
+    assert any("| dqt | 8 | stochastic |" in row for row in rows)
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size[0] >= 640
+
+
+def test_a_missing_run_directory_is_one_line(tmp_path, capsys):
+    assert compare([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: compare: run directory {tmp_path / 'nope'} does not exist"
+    (tmp_path / "empty").mkdir()
+    assert compare([str(tmp_path / "empty")]) == 2
+    assert "no TensorBoard event files" in capsys.readouterr().err
+
+
+def test_the_cli_dispatches_compare(three_runs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["compare", str(three_runs), "--plot", str(tmp_path / "all.png")])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.count("version_0 |") == 3 and (tmp_path / "all.png").is_file()
