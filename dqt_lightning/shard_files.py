@@ -39,7 +39,9 @@ DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 ENCODE_CHARS = 1_000_000  # characters per encode_batch call: work for every core, memory bounded, progress often
 ENCODE_DOCS = 4096
 BPE_SPECS = (None, "", "bpe")  # tokenizer specs that mean "train a byte-level BPE"
-PREPARE_HINT = "python -m dqt_lightning prepare --config ... (the same --config files as fit)"
+# The default shard directory is named after every data setting, so prepare must see the same ones as fit.
+PREPARE_HINT = ("python -m dqt_lightning prepare --config ... (the same --config files and --data.init_args overrides "
+                "as fit)")
 
 
 def shard_dtype(vocab_size: int, dtype: str | None = None) -> str:
