@@ -1,17 +1,18 @@
-"""``python -m dqt_lightning {fit,validate,test,prepare} --config ...`` and ``compare RUN ...``: LightningCLI with the
-project's defaults.
+"""``python -m dqt_lightning {fit,validate,test,prepare} --config ...`` and ``{compare,export,generate} ...``:
+LightningCLI with the project's defaults, and the tools that work on its runs.
 
 - The data module's vocabulary size reaches the model through a link, never by hand.
 - With no logger configured, runs log to TensorBoard under ``runs/<config names>/version_N``: a new directory for
   every run, so repeating a command never fails on, or overwrites, an earlier run.
 - A user mistake ends with one line on stderr naming the field or file, not a traceback.
 - ``prepare`` parses the same configs as ``fit`` and writes the token shards its ``data`` section describes.
-- ``compare`` prints a table of finished runs and plots their validation loss against tokens
-  (:mod:`dqt_lightning.compare`).
+- ``compare`` prints a table of finished runs and plots their validation loss against tokens; ``export`` writes a
+  checkpoint as safetensors with integer weights; ``generate`` samples text from a checkpoint or an export.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 import warnings
@@ -26,6 +27,8 @@ from dqt_lightning.checkpoint import AtomicCheckpointIO
 from dqt_lightning.errors import ConfigError, TrainingStopped
 
 RUNS_DIR = "runs"
+# Commands beside LightningCLI's, each a module with a main(argv) -> exit code; imported only when used.
+TOOLS = {"compare": "dqt_lightning.compare", "export": "dqt_lightning.export", "generate": "dqt_lightning.generate"}
 
 
 def _user_facing_error_in(error: BaseException | None) -> Exception | None:
@@ -158,10 +161,8 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] == ["prepare"]:  # not a Trainer method, so not a LightningCLI subcommand: dispatched here
         _prepare(argv[1:])
         return
-    if argv[:1] == ["compare"]:  # reads finished runs; needs no config, model or trainer
-        from dqt_lightning.compare import main as compare  # noqa: PLC0415 - matplotlib loads only when comparing
-
-        sys.exit(compare(argv[1:]))
+    if argv[:1] and argv[0] in TOOLS:  # work on finished runs: no config, model or trainer to build
+        sys.exit(importlib.import_module(TOOLS[argv[0]]).main(argv[1:]))
     try:
         DQTLightningCLI(
             LightningModule,

@@ -54,7 +54,8 @@ def find_runs(paths: list[str]) -> list[Path]:
     return runs
 
 
-def _plugin_args(run_dir: Path) -> dict:
+def plugin_args(run_dir: Path) -> dict:
+    """The precision plugin's init args (mode, bits, ...) from the ``config.yaml`` the CLI saved in a run directory."""
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         return {}
@@ -83,7 +84,7 @@ def load_run(run_dir: Path) -> Run:
     curve = [(_tokens_at(tokens, step) if tokens else float(step), loss) for step, loss in val]
     throughput = [v for _, v in series("train/tokens_per_sec")]
     memory = [v for _, v in series("train/peak_memory_mb")]
-    args = _plugin_args(run_dir)
+    args = plugin_args(run_dir)
     mode = str(args.get("mode", "?"))
     return Run(
         path=run_dir,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from dataclasses import replace
 
 import lightning.pytorch as pl
@@ -18,6 +19,7 @@ from dqt_lightning.errors import ConfigError
 from dqt_lightning.layers import quantized_parameters
 from dqt_lightning.model import LLaMA, Config
 from dqt_lightning.ternary import TernaryWeights
+from dqt_lightning.tokenizer import TextTokenizer
 
 
 # Hyper-parameters hold the Config dataclass; allowing it keeps checkpoints loadable with torch's weights_only=True.
@@ -99,6 +101,18 @@ class LanguageModel(pl.LightningModule):
         # Runs before the state dict is loaded into the (already converted) layers.
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         unpack_ternary_weights(checkpoint["state_dict"], checkpoint.pop(PACKED_KEY, {}))
+
+    @override
+    def on_fit_start(self) -> None:
+        # The run directory keeps the tokenizer beside config.yaml, so `export` and `generate` need nothing else.
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        if self.trainer.logger is None or tokenizer is None:
+            return
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks, rank 0 writes
+        if log_dir and self.trainer.is_global_zero:
+            if not isinstance(tokenizer, TextTokenizer):
+                tokenizer = TextTokenizer(tokenizer, origin="the training data module")
+            tokenizer.save(Path(log_dir))
 
     @override
     def setup(self, stage: str) -> None:

@@ -1,0 +1,189 @@
+"""``python -m dqt_lightning export CKPT``: a trained model as safetensors with integer weights, and its loader.
+
+An export is a directory a Hugging Face user recognises:
+
+- ``model.safetensors``: every quantized weight as its ``int8`` levels (``<name>.weight``) plus its float ``<name>.scale``,
+  or, with ``--pack``, ternary levels four per byte (``<name>.weight_packed``, ``uint8``); everything else in float32.
+- ``config.json``: the model sizes (:class:`~dqt_lightning.model.Config`) and a ``quantization`` entry (mode, bits,
+  which weights are integers, packed shapes).
+- ``tokenizer.json`` (or ``tokenizer.model``) when the run directory kept one.
+
+A DQT checkpoint already holds integers, so they are written as they are. A BitNet (STE) checkpoint holds float
+masters: they are quantized with the absmean rule the model was trained with, which is how BitNet b1.58 is deployed.
+A full-precision checkpoint is written in float32. :func:`load_exported` builds the model back, with integer layers
+wherever the file holds integers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+
+from dqt_lightning.checkpoint import PACKED_KEY, unpack_ternary_weights
+from dqt_lightning.compare import plugin_args
+from dqt_lightning.errors import ConfigError
+from dqt_lightning.files import atomic_write
+from dqt_lightning.layers import BitEmbedding, BitLinear, DQTWeight
+from dqt_lightning.model import LLaMA, Config
+from dqt_lightning.precision import QuantPrecision
+from dqt_lightning.quant import Grid, absmean_quantize, pack_ternary, unpack_ternary
+from dqt_lightning.tokenizer import TextTokenizer, resolve_tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def _plugin(mode: str, bits: float, quantize_embeddings: bool, per_row_scale: bool) -> QuantPrecision:
+    return QuantPrecision(mode=mode, bits=bits, quantize_embeddings=quantize_embeddings, per_row_scale=per_row_scale)
+
+
+def model_from_checkpoint(ckpt_path: str | Path) -> tuple[LLaMA, dict]:
+    """The trained model of a Lightning checkpoint, converted the way its run trained it.
+
+    The training mode comes from the ``config.yaml`` that the CLI saved in the run directory
+    (``runs/<name>/version_N/config.yaml``, two levels above ``checkpoints/``).
+
+    Returns:
+        The model (DQT, BitNet or float layers, weights loaded) and the plugin settings it was trained with.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    import dqt_lightning.module  # noqa: F401, PLC0415 - registers Config as safe for weights_only loading
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(error).__name__})") from error
+    hparams = ckpt.get("hyper_parameters") or {}
+    if "state_dict" not in ckpt or "config" not in hparams:
+        raise ConfigError(f"checkpoint {path} is not a dqt_lightning LanguageModel checkpoint")
+    sizes = hparams["config"] or {}  # a Config in code, a plain mapping when LightningCLI built the model
+    sizes = asdict(sizes) if is_dataclass(sizes) else dict(sizes)
+    # The vocabulary size is linked in from the data module, so the hyper-parameter, not the config, holds it.
+    config = Config(**{**sizes, "vocab_size": hparams.get("vocab_size", sizes.get("vocab_size"))})
+    args = plugin_args(path.parent.parent)
+    settings = {"mode": args.get("mode", "fp"), "bits": float(args.get("bits", 1.58)),
+                "quantize_embeddings": bool(args.get("quantize_embeddings", False)),
+                "per_row_scale": bool(args.get("per_row_scale", False))}
+    model = LLaMA(config)
+    if settings["mode"] != "fp":
+        _plugin(**settings).convert_module(model)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    unpack_ternary_weights(state, {k.removeprefix("model."): v for k, v in ckpt.get(PACKED_KEY, {}).items()})
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ConfigError(f"checkpoint {path} does not match the mode in {path.parent.parent / 'config.yaml'} "
+                          f"({settings['mode']}): {str(error).splitlines()[0]}") from error
+    return model.eval(), settings
+
+
+def integer_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """What inference needs: integer levels and scales for every quantized weight, float32 for the rest.
+
+    Returns:
+        The tensors, and ``{module name: bits}`` of the integer weights.
+    """
+    tensors, integer = {}, {}
+    for name, tensor in model.state_dict().items():
+        tensors[name] = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
+    for name, module in model.named_modules():
+        if isinstance(module, DQTWeight):
+            integer[name] = module.grid.bits
+        elif isinstance(module, (BitLinear, BitEmbedding)):
+            q, alpha = absmean_quantize(module.weight, module.grid)  # what the STE forward multiplies by
+            tensors[f"{name}.weight"], tensors[f"{name}.scale"] = q, alpha
+            integer[name] = module.grid.bits
+    return {k: v.contiguous() for k, v in tensors.items()}, integer
+
+
+def export(ckpt_path: str | Path, output: str | Path, pack: bool = False) -> Path:
+    """Write ``model.safetensors``, ``config.json`` and the run's tokenizer to ``output``.
+
+    Args:
+        ckpt_path: A checkpoint written by ``fit`` (``runs/<name>/version_N/checkpoints/*.ckpt``).
+        output: Directory to write; created when needed. Files are written atomically.
+        pack: Store ternary levels four per byte.
+
+    Returns:
+        The output directory.
+    """
+    model, settings = model_from_checkpoint(ckpt_path)
+    tensors, integer = integer_state(model)
+    packed = {}
+    if pack:
+        for name, bits in integer.items():
+            if Grid.from_bits(bits).is_ternary:
+                q = tensors.pop(f"{name}.weight")
+                packed[name] = list(q.shape)
+                tensors[f"{name}.weight_packed"] = pack_ternary(q)
+    out = Path(output)
+    config = {**asdict(model.config), "quantization": {**settings, "integer_weights": integer, "packed": packed}}
+    atomic_write(out / "model.safetensors", lambda f: f.write(save(tensors, metadata={"format": "pt"})))
+    atomic_write(out / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
+    run_dir = Path(ckpt_path).parent.parent
+    for name in TOKENIZER_FILES:
+        if (run_dir / name).is_file():
+            data = (run_dir / name).read_bytes()
+            atomic_write(out / name, lambda f, data=data: f.write(data))
+    return out
+
+
+def load_exported(directory: str | Path) -> tuple[LLaMA, TextTokenizer | None]:
+    """Build the model of an export (integer layers where the file holds integers) and load its tokenizer.
+
+    Returns:
+        The model in eval mode, and the tokenizer (None when the export has none).
+    """
+    directory = Path(directory)
+    if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
+        raise ConfigError(f"{directory} is not an export (needs config.json and model.safetensors)")
+    config = json.loads((directory / "config.json").read_text())
+    quant = config.pop("quantization")
+    model = LLaMA(Config(**config))
+    tensors = load_file(str(directory / "model.safetensors"))
+    for name, shape in quant["packed"].items():
+        tensors[f"{name}.weight"] = unpack_ternary(tensors.pop(f"{name}.weight_packed"), tuple(shape))
+    integer = quant["integer_weights"]
+    if integer:
+        bits = {float(b) for b in integer.values()}
+        if len(bits) != 1:
+            raise ConfigError(f"{directory}: mixed bit widths {sorted(bits)} are not supported by this loader")
+        per_row = any(tensors[f"{name}.scale"].dim() > 0 for name in integer)
+        _plugin("dqt", bits.pop(), quant.get("quantize_embeddings", False), per_row).convert_module(model)
+    model.load_state_dict(tensors)
+    tokenizer_file = next((directory / n for n in TOKENIZER_FILES if (directory / n).is_file()), None)
+    tokenizer = None
+    if tokenizer_file is not None:  # a file spec is loaded, never trained: no documents, no cache
+        tokenizer = resolve_tokenizer(str(tokenizer_file), config["vocab_size"], lambda: [], directory, "")
+    return model.eval(), tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dqt_lightning export",
+                                     description="Export a checkpoint to safetensors with integer weights.")
+    parser.add_argument("ckpt", help="a checkpoint written by fit: runs/<name>/version_N/checkpoints/*.ckpt")
+    parser.add_argument("--output", help="directory to write (default: <run dir>/export)")
+    parser.add_argument("--pack", action="store_true", help="store ternary weights four per byte")
+    args = parser.parse_args(argv)
+    output = args.output or Path(args.ckpt).parent.parent / "export"
+    try:
+        out = export(args.ckpt, output, pack=args.pack)
+    except ConfigError as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 2
+    size = (out / "model.safetensors").stat().st_size
+    print(f"[export] {out}: model.safetensors {size / 1e6:.2f} MB, "
+          f"{', '.join(p.name for p in sorted(out.iterdir()) if p.name != 'model.safetensors')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""export and generate: integer weights in safetensors, the same model back from the file, text from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dqt_lightning.cli import main
+from dqt_lightning.export import export, load_exported, model_from_checkpoint
+from dqt_lightning.generate import main as generate
+from dqt_lightning.layers import DQTLinear
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--model.init_args.config.n_layer", "1",
+        "--model.init_args.config.n_embd", "32", "--model.init_args.config.n_head", "2",
+        "--model.init_args.config.intermediate_size", "64", "--data.init_args.vocab_size", "512",
+        "--data.init_args.seq_len", "16", "--data.init_args.batch_size", "4"]
+RUNS = {"ternary": ["ternary.yaml"], "bitnet-4bit": ["bitnet.yaml", "bits/4.yaml"], "fp": ["fp.yaml"]}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, data_cache) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export")
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        for configs in RUNS.values():
+            main(["fit", *(a for c in configs for a in ("--config", str(CONFIGS / c))), *TINY,
+                  "--data.init_args.cache_dir", data_cache])
+    finally:
+        os.chdir(cwd)
+    return {run: next((root / "runs" / "+".join(Path(c).stem for c in configs)).rglob("last.ckpt"))
+            for run, configs in RUNS.items()}
+
+
+TOKENS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("run,pack", [("ternary", True), ("ternary", False), ("bitnet-4bit", False), ("fp", False)])
+def test_the_export_holds_integers_and_loads_back_to_the_same_model(checkpoints, run, pack, tmp_path):
+    out = export(checkpoints[run], tmp_path / "export", pack=pack)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    quant = json.loads((out / "config.json").read_text())["quantization"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {key: f.get_tensor(key).dtype for key in f.keys()}  # noqa: SIM118 - safe_open has no iteration
+    projections = [k for k in dtypes if "_proj." in k and not k.endswith(".scale")]
+    assert len(projections) == 7
+    if run == "fp":
+        assert quant["integer_weights"] == {} and all(dtypes[k] == torch.float32 for k in projections)
+    else:
+        assert len(quant["integer_weights"]) == 7
+        want = torch.uint8 if pack else torch.int8
+        assert all(dtypes[k] == want for k in projections), dtypes
+        assert all(k.endswith("weight_packed") == pack for k in projections)
+    trained, _ = model_from_checkpoint(checkpoints[run])
+    loaded, tokenizer = load_exported(out)
+    assert tokenizer is not None and tokenizer.vocab_size == 512
+    assert (sum(isinstance(m, DQTLinear) for m in loaded.modules()) == 7) == (run != "fp")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(TOKENS), trained(TOKENS), rtol=1e-5, atol=1e-5)
+
+
+def test_bitnet_masters_are_exported_as_their_own_4bit_levels(checkpoints, tmp_path):
+    out = export(checkpoints["bitnet-4bit"], tmp_path / "export")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        q = f.get_tensor("layers.0.attn.q_proj.weight")
+    assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7 and int(q.abs().max()) > 1
+
+
+def test_generate_samples_reproducibly_from_a_checkpoint_and_an_export(checkpoints, tmp_path, capsys):
+    ckpt = checkpoints["ternary"]
+    out = export(ckpt, tmp_path / "export", pack=True)
+    texts = []
+    for model in (str(ckpt), str(out), str(out)):
+        assert generate([model, "--prompt", "The", "--max-new-tokens", "12", "--seed", "3"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] == texts[2] and texts[0].startswith("The") and len(texts[0]) > len("The\n")
+    assert generate([str(out), "--prompt", "The", "--max-new-tokens", "12", "--ternary"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+
+
+def test_bad_paths_are_one_line_errors(tmp_path, capsys):
+    assert generate([str(tmp_path / "missing.ckpt")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: checkpoint {tmp_path / 'missing.ckpt'} does not exist"
+    (tmp_path / "not-an-export").mkdir()
+    assert generate([str(tmp_path / "not-an-export")]) == 2
+    assert "is not an export" in capsys.readouterr().err
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as done:
+        main(["export", str(tmp_path / "junk.ckpt")])
+    assert done.value.code == 2 and "cannot be read" in capsys.readouterr().err
