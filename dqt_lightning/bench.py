@@ -16,10 +16,11 @@ import importlib.util
 import logging
 import platform
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class Row:
         activations_mib: ``peak - (weights + grads + states)`` (CUDA only).
         skipped: Why the recipe did not run, if it did not.
         measured_steps: Steps the throughput was timed over (the warm-up excluded).
+        tokens_per_s_range: Lowest and highest tokens/s over repeated runs (``None`` for a single run).
     """
 
     recipe: str
@@ -65,6 +67,7 @@ class Row:
     activations_mib: float | None = None
     skipped: str | None = None
     measured_steps: int = 0
+    tokens_per_s_range: tuple[float, float] | None = None
 
 
 class StepTimer(pl.Callback):
@@ -188,29 +191,49 @@ def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len
     return row
 
 
-def run_benchmark(recipes: Sequence[str] = RECIPES, **kwargs) -> list[Row]:
-    """Run every recipe in turn and fill in each one's ratio to the fp row.
+def _run_soft(recipe: str, **kwargs) -> Row:
+    try:
+        return run_recipe(recipe, **kwargs)
+    except Exception as error:  # noqa: BLE001 - only the optional torchao recipes may fail softly
+        if not recipe.startswith("torchao"):
+            raise
+        return Row(TORCHAO.get(recipe, recipe), skipped=f"{type(error).__name__}: {error}".splitlines()[0])
+
+
+def run_benchmark(recipes: Sequence[str] = RECIPES, repeats: int = 1, **kwargs) -> list[Row]:
+    """Run every recipe in turn, ``repeats`` rounds, and fill in each one's ratio to the fp row.
+
+    Rounds are interleaved (every recipe once, then again), so that a slow spell of a shared machine hits all recipes
+    alike. With several rounds a row reports the median tokens/s, the range, and the median of its per-round ratios
+    to fp (a paired comparison); the memory columns are the same in every round.
 
     Args:
         recipes: Recipe names (see :func:`run_recipe`).
+        repeats: Rounds.
         **kwargs: The other arguments of :func:`run_recipe`.
 
     Returns:
         One row per recipe, in order; a torchao recipe that fails becomes a row with ``skipped`` set.
     """
-    rows = []
-    for recipe in recipes:
-        try:
-            rows.append(run_recipe(recipe, **kwargs))
-        except Exception as error:  # noqa: BLE001 - only the optional torchao recipes may fail softly
-            if not recipe.startswith("torchao"):
-                raise
-            rows.append(Row(TORCHAO.get(recipe, recipe), skipped=f"{type(error).__name__}: {error}".splitlines()[0]))
-    fp = next((r.tokens_per_s for r in rows if r.recipe == "fp"), None)
-    for row in rows:
-        if fp and row.tokens_per_s is not None:
-            row.ratio = row.tokens_per_s / fp
-    return rows
+    rounds = [[_run_soft(recipe, **kwargs) for recipe in recipes] for _ in range(repeats)]
+    for rows in rounds:
+        fp = next((r.tokens_per_s for r in rows if r.recipe == "fp"), None)
+        for row in rows:
+            if fp and row.tokens_per_s is not None:
+                row.ratio = row.tokens_per_s / fp
+    if repeats == 1:
+        return rounds[0]
+    merged = []
+    for runs in zip(*rounds):
+        if runs[0].skipped:
+            merged.append(runs[0])
+            continue
+        speeds = [r.tokens_per_s for r in runs]
+        row = replace(runs[0], tokens_per_s=statistics.median(speeds), tokens_per_s_range=(min(speeds), max(speeds)))
+        if runs[0].ratio is not None:
+            row.ratio = statistics.median(r.ratio for r in runs)
+        merged.append(row)
+    return merged
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -225,7 +248,10 @@ def table(rows: Sequence[Row]) -> str:
         if r.skipped:
             lines.append(f"| {r.recipe} | skipped: {r.skipped} |  |  |  |  |  |  |")
             continue
-        lines.append(f"| {r.recipe} | {_fmt(r.tokens_per_s, ',.0f')} | {_fmt(r.ratio, '.2f')} | "
+        speed = _fmt(r.tokens_per_s, ',.0f')
+        if r.tokens_per_s_range:
+            speed += f" ({r.tokens_per_s_range[0]:,.0f}-{r.tokens_per_s_range[1]:,.0f})"
+        lines.append(f"| {r.recipe} | {speed} | {_fmt(r.ratio, '.2f')} | "
                      f"{_fmt(r.peak_gib, '.2f')} | {_fmt(r.weights_mib, '.2f')} | {_fmt(r.grads_mib, '.2f')} | "
                      f"{_fmt(r.states_mib, '.2f')} | {_fmt(r.activations_mib, '.1f')} |")
     return "\n".join(lines)
@@ -246,10 +272,16 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--recipes", nargs="+", help=f"default: {' '.join(RECIPES)} (+ {' '.join(TORCHAO)} "
                         "when torchao is installed)")
     parser.add_argument("--compile", action="store_true", help="wrap the LLaMA forward with torch.compile")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of all recipes, interleaved; rows then give median tokens/s (range) and the "
+                        "median per-round ratio to fp")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--out", type=Path, help="also write the report to this Markdown file")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--steps, --repeats and --threads must be >= 1 and --warmup >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     has_torchao = importlib.util.find_spec("torchao") is not None
     recipes = args.recipes or [*RECIPES, *(TORCHAO if has_torchao else ())]
     unknown = [r for r in recipes if r.partition("-")[0] not in ("fp", "ste", "dqt") and r not in TORCHAO]
@@ -261,11 +293,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     rows = run_benchmark(recipes, size=args.size, vocab_size=args.vocab_size, batch_size=args.batch_size,
                          seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, precision=precision,
-                         compile=args.compile)
+                         compile=args.compile, repeats=args.repeats)
     device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})"
     report = "\n".join([
         f"Model {args.size}, vocab {args.vocab_size}, batch {args.batch_size} x {args.seq_len} tokens, {precision}, "
-        f"{args.steps} measured steps after {args.warmup} warm-up, AdamW{', torch.compile' if args.compile else ''}."
+        f"{args.steps} measured steps after {args.warmup} warm-up, AdamW{', torch.compile' if args.compile else ''}"
+        f"{f', median of {args.repeats} interleaved rounds (range)' if args.repeats > 1 else ''}, "
+        f"CPU threads: {torch.get_num_threads()}."
         " Weights, grads and optimizer states cover all parameters, between steps.", "", table(rows), "",
         f"Device: {device}; torch {torch.__version__}; {datetime.date.today().isoformat()}."
         + ("" if cuda else " No allocator peak on CPU, so peak and activations are n/a.")

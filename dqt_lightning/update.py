@@ -33,7 +33,8 @@ class QuantizedUpdate(Callback):
 
     Args:
         seed: Seed of the rounding noise; ``None`` takes the run's ``seed_everything`` value (``PL_GLOBAL_SEED``).
-        log_per_layer: Also log the share of weights that changed level for each layer, not only overall.
+        log_per_layer: Also log the share of weights that changed level for each layer, not only overall (at the
+            steps the logger writes, every ``log_every_n_steps``; the overall rate is logged every step).
         check_replicas_every_n_steps: Compare integer weights across DDP ranks this often (0: never).
         on_nonfinite: What a NaN or inf gradient does: ``skip`` the step (no weight moves) or ``stop`` the run.
             Either way it never reaches the integer weights or a checkpoint.
@@ -101,12 +102,13 @@ class QuantizedUpdate(Callback):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not params:
             return True
-        # One reduction per tensor, one host sync per step: a NaN max stays NaN, an inf stays inf.
-        peaks = torch.stack([p.grad.detach().abs().amax() for p in params])
-        finite = torch.isfinite(peaks)
+        # One min-and-max pass per tensor (no |g| temporary), one host sync per step: NaN makes both NaN, +inf the
+        # max, -inf the min.
+        extremes = torch.stack([extreme.float() for p in params for extreme in p.grad.detach().aminmax()])
+        finite = torch.isfinite(extremes)
         if bool(finite.all()):
             return True
-        first = self._names.get(id(params[int((~finite).nonzero()[0])]), "an unnamed parameter")
+        first = self._names.get(id(params[int((~finite).nonzero()[0]) // 2]), "an unnamed parameter")
         if self.on_nonfinite == "stop":
             raise TrainingStopped(f"non-finite gradient at step {trainer.global_step}, first in {first}; "
                                   "lower the learning rate, or set on_nonfinite: skip")
@@ -140,13 +142,14 @@ class QuantizedUpdate(Callback):
             return
         step = self._trainer.global_step  # still the index of this step: Lightning counts it after the step
         seed = self.seed if self.shared_noise else self.seed + 7919 * self._trainer.global_rank
+        flips = self._flips
         for index, (name, layer) in enumerate(self._layers):
-            generator = self._generator(layer.weight.device)
+            q = layer.weight
+            generator = self._generator(q.device)
             generator.manual_seed(step_seed(seed, step, index))
-            q_new = quantized_step(layer.weight, layer.scale, layer.update_param.data, layer.grid, layer.rounding,
-                                   generator)
-            self._flips[name] = (q_new != layer.weight).sum()
-            layer.weight.copy_(q_new)
+            q_new = quantized_step(q, layer.scale, layer.update_param.data, layer.grid, layer.rounding, generator)
+            flips[name] = torch.count_nonzero(q_new != q)  # stays a tensor: no host sync in the hot path
+            q.copy_(q_new)
             layer.release()
         self.n_updates += 1
         self._pending = False
@@ -181,8 +184,11 @@ class QuantizedUpdate(Callback):
         if not self._flips:
             return
         total = sum(self._sizes.values())
-        metrics = {"dqt/flip_rate": sum(self._flips.values()).float() / total, "dqt/skipped_steps": self.skipped_steps}
-        if self.log_per_layer:
+        flipped = torch.stack(list(self._flips.values())).sum()
+        metrics = {"dqt/flip_rate": flipped.float() / total, "dqt/skipped_steps": self.skipped_steps}
+        # Per-layer rates only when the logger writes this step (as Lightning's own monitors decide): logging dozens
+        # of metrics every step cost as much as the rounding itself at small sizes, and loggers drop the rest anyway.
+        if self.log_per_layer and (trainer._logger_connector.should_update_logs or trainer.fast_dev_run):
             metrics.update({f"dqt_layers/{n}": f.float() / self._sizes[n] for n, f in self._flips.items()})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         self._flips = {}

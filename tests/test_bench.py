@@ -78,3 +78,15 @@ def test_cli_prints_and_writes_the_table(tmp_path, capsys) -> None:
 def test_cli_rejects_unknown_recipes() -> None:
     with pytest.raises(SystemExit):
         main(["--recipes", "int4"])
+
+
+def test_repeated_rounds_report_the_median_range_and_paired_ratio() -> None:
+    small = dict(SMALL, steps=1, warmup=0)
+    rows = {row.recipe: row for row in run_benchmark(("fp", "dqt-1.58"), repeats=2, **small)}
+    for row in rows.values():
+        low, high = row.tokens_per_s_range
+        assert 0 < low <= row.tokens_per_s <= high
+        assert row.measured_steps == 1
+    assert rows["fp"].ratio == 1.0 and rows["dqt-1.58"].ratio > 0
+    line = table([rows["dqt-1.58"]]).splitlines()[2]
+    assert f"({rows['dqt-1.58'].tokens_per_s_range[0]:,.0f}-" in line

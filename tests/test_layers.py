@@ -3,8 +3,10 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import dqt_lightning.layers as layers_module
 import dqt_lightning.quant as quant
 from dqt_lightning import QuantizedUpdate, QuantPrecision
 from dqt_lightning.bench import state_bytes
@@ -301,3 +303,67 @@ def test_bf16_gradient_buffers_step_in_float32_and_train_like_float32():
         losses[dtype] = _loss_on_windows(model)
     assert losses["float32"] < math.log(128) - 1.0
     assert losses["bfloat16"] == pytest.approx(losses["float32"], abs=0.25)
+
+
+def _three_projections(bits: float = 4):
+    return [DQTLinear.from_linear(_linear(seed=seed), Grid.from_bits(bits), "stochastic") for seed in (1, 2, 3)]
+
+
+def _run(layers, inputs):
+    outs = [layer(x) for layer, x in zip(layers, inputs)]
+    sum((out * (i + 1)).sum() for i, out in enumerate(outs)).backward()
+    return outs, [layer.update_param.grad for layer in layers]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_projections_reading_one_input_share_its_quantization_bit_for_bit(monkeypatch, autocast):
+    calls = []
+    original = layers_module.fake_quantize_activations
+    monkeypatch.setattr(layers_module, "fake_quantize_activations", lambda x: calls.append(1) or original(x))
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    base = torch.randn(2, 5, 24)
+    # Shared: q, k and v read one tensor. Separate: three tensors with the same values.
+    x = base.clone().requires_grad_()
+    with context:
+        shared, shared_grads = _run(_three_projections(), [x] * 3)
+    assert len(calls) == 1
+    separate_inputs = [base.clone().requires_grad_() for _ in range(3)]
+    with context:
+        separate, separate_grads = _run(_three_projections(), separate_inputs)
+    assert len(calls) == 4
+    for a, b in zip(shared + shared_grads, separate + separate_grads):
+        assert torch.equal(a, b)
+    # The shared input collects the three straight-through gradients (summed in the engine's order).
+    assert torch.allclose(x.grad, sum(inp.grad for inp in separate_inputs), rtol=1e-6, atol=1e-6)
+
+
+def test_a_changed_input_is_quantized_again(monkeypatch):
+    calls = []
+    original = layers_module.fake_quantize_activations
+    monkeypatch.setattr(layers_module, "fake_quantize_activations", lambda x: calls.append(1) or original(x))
+    first, second = _three_projections()[:2]
+    x = torch.randn(3, 24)
+    before = first(x)
+    x.mul_(2)  # in place: same object, new version
+    after = second(x)
+    assert len(calls) == 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first(x)  # same tensor, other compute dtype
+    assert len(calls) == 3
+    assert torch.equal(after, F.linear(_textbook_quantize(x), second.dequantize()))
+    assert not torch.equal(before, first(x))
+
+
+def test_each_block_quantizes_four_inputs_for_seven_projections(monkeypatch):
+    calls = []
+    original = layers_module.fake_quantize_activations
+    monkeypatch.setattr(layers_module, "fake_quantize_activations", lambda x: calls.append(1) or original(x))
+    model = make_model()
+    QuantPrecision(mode="dqt").convert_module(model)
+    model(torch.randint(0, 128, (2, 8))).sum().backward()
+    assert len(calls) == 4 * model.config.n_layer
+
+
+def _textbook_quantize(x: torch.Tensor) -> torch.Tensor:
+    s = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    return torch.round(x * s).clamp(-128, 127) / s

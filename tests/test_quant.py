@@ -128,3 +128,58 @@ def test_activation_quantizer_levels_and_straight_through():
     assert levels.abs().max() <= 127.001
     xq.sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def _textbook_activations(x: torch.Tensor) -> torch.Tensor:
+    # BitNet b1.58's expression with the usual detach-style STE, written out as the SPEC gives it.
+    x32 = x.float()
+    s = 127.0 / x32.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    x_q = (torch.round(x32 * s).clamp(-128, 127) / s).to(x.dtype)
+    return x + (x_q - x).detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_activation_quantizer_is_bit_identical_to_the_textbook_ste(dtype):
+    gen = torch.Generator().manual_seed(0)
+    for magnitude in (1e-6, 1e-2, 1.0, 1e3):
+        x = torch.randn(16, 64, 96, generator=gen) * magnitude
+        x = x * torch.rand(x.shape, generator=gen) ** 4  # many values far below the token's peak
+        x[:, :, :7] = 0
+        x[0] = 0  # an all-zero token: the 1e-5 floor on the peak
+        x = x.to(dtype).requires_grad_()
+        fused, textbook = quantize_activations(x), _textbook_activations(x)
+        assert fused.dtype == textbook.dtype == dtype
+        assert torch.equal(fused, textbook)
+        upstream = torch.randn(x.shape, generator=gen).to(dtype)
+        (grad_fused,) = torch.autograd.grad(fused, x, upstream)
+        (grad_textbook,) = torch.autograd.grad(textbook, x, upstream)
+        assert torch.equal(grad_fused, grad_textbook) and torch.equal(grad_fused, upstream)
+
+
+@pytest.mark.parametrize("bits,per_row", [(1.58, False), (8, False), (4, True)])
+def test_quantized_step_is_bit_identical_to_the_textbook_update(bits, per_row):
+    grid = Grid.from_bits(bits)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(grid.qmin, grid.qmax + 1, (48, 40), generator=gen, dtype=torch.int8)
+    alpha = torch.rand(48, 1, generator=gen) * 0.05 + 0.001 if per_row else torch.tensor(0.0173)
+    unmoved = q.float() * alpha
+    stepped = unmoved + torch.randn(q.shape, generator=gen) * alpha * 0.7
+    stepped[:5] = unmoved[:5]  # rows the optimizer did not move
+    y = q.float() + (stepped - q.float() * alpha) / alpha
+    for seed in (0, 1, 2):
+        u = torch.rand(q.shape, generator=torch.Generator().manual_seed(seed))
+        expected = torch.floor(y + u).clamp(grid.qmin, grid.qmax).to(torch.int8)
+        got = quantized_step(q, alpha, stepped, grid, "stochastic", torch.Generator().manual_seed(seed))
+        assert torch.equal(got, expected)
+        assert torch.equal(got[:5], q[:5])
+    nearest = quantized_step(q, alpha, stepped, grid, "nearest", None)
+    assert torch.equal(nearest, torch.round(y).clamp(grid.qmin, grid.qmax).to(torch.int8))
+    # The caller's tensors are read only: the update works in its own buffers.
+    assert torch.equal(stepped[:5], unmoved[:5])
+
+
+def test_stochastic_round_leaves_its_input_alone():
+    y = torch.linspace(-2, 2, 101)
+    before = y.clone()
+    stochastic_round(y, torch.Generator().manual_seed(0))
+    assert torch.equal(y, before)

@@ -186,3 +186,27 @@ def test_integer_buffers_are_kept_out_of_ddp_broadcasts():
                 for b in ("weight", "scale")}
     assert len(expected) == 28 and expected <= ignored
     assert not any(name in ignored for name, _ in model.named_parameters())  # float weights still sync as usual
+
+
+def test_flip_rates_reach_the_logger_overall_every_step_and_per_layer_when_it_writes(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = make_model()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=6, plugins=[QuantPrecision(mode="dqt")],
+        callbacks=[QuantizedUpdate(seed=11)], logger=CSVLogger(tmp_path, name="", version=""), log_every_n_steps=2,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=TokenWindows())
+    with open(tmp_path / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("dqt/flip_rate")]
+    layers = {f"dqt_layers/{name}": module.weight.numel() for name, module in model.named_modules()
+              if isinstance(module, DQTLinear)}
+    assert [int(row["step"]) for row in rows] == [1, 3, 5]  # the steps the logger writes, as with any metric
+    for row in rows:
+        # Every per-layer rate is there, and together they make up the overall rate.
+        per_layer = sum(float(row[key]) * size for key, size in layers.items()) / sum(layers.values())
+        assert per_layer == pytest.approx(float(row["dqt/flip_rate"]), rel=1e-5)
+        assert float(row["dqt/flip_rate"]) > 0
