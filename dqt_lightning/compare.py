@@ -34,6 +34,7 @@ class Run:
     tokens_seen: float | None
     tokens_per_sec: float | None
     peak_memory_mb: float | None
+    val_loss_ternary: float | None = None  # the last val/loss_ternary (ternary_eval runs only)
 
     @property
     def final_val_loss(self) -> float | None:
@@ -86,16 +87,22 @@ def load_run(run_dir: Path) -> Run:
     memory = [v for _, v in series("train/peak_memory_mb")]
     args = plugin_args(run_dir)
     mode = str(args.get("mode", "?"))
+    bits = "32" if mode == "fp" else _bits(args.get("bits", 1.58))
+    final_bits = series("dqt/bits")  # a bit-width schedule logs the grid it is on: show where the run ended
+    if final_bits and _bits(round(final_bits[-1][1], 2)) != bits:
+        bits = f"{bits}→{_bits(round(final_bits[-1][1], 2))}"
+    ternary = series("val/loss_ternary")
     return Run(
         path=run_dir,
         mode=mode,
-        bits="32" if mode == "fp" else _bits(args.get("bits", 1.58)),
+        bits=bits,
         rounding=str(args.get("rounding", "-")) if mode == "dqt" else "-",
         val_curve=curve,
         tokens_seen=tokens[-1][1] if tokens else None,
         # Median, not mean: the first steps include warm-up work (allocation, tokenizer threads) and skew a mean.
         tokens_per_sec=statistics.median(throughput) if throughput else None,
         peak_memory_mb=max(memory) if memory else None,
+        val_loss_ternary=ternary[-1][1] if ternary else None,
     )
 
 
@@ -115,14 +122,18 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def table(runs: list[Run]) -> str:
-    """A Markdown table of the runs, best final validation loss first."""
-    lines = ["| run | mode | bits | rounding | final val loss | val ppl | tokens seen | tokens/s | peak memory (MB) |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    """A Markdown table of the runs, best final validation loss first; with a ``val loss, ternary`` column (the loss
+    with weights re-quantized to ternary) when any run logged one."""
+    with_ternary = any(run.val_loss_ternary is not None for run in runs)
+    lines = ["| run | mode | bits | rounding | final val loss |" + (" val loss, ternary |" if with_ternary else "")
+             + " val ppl | tokens seen | tokens/s | peak memory (MB) |",
+             "|---|---|---:|---|---:|" + ("---:|" if with_ternary else "") + "---:|---:|---:|---:|"]
     ranked = sorted(runs, key=lambda r: (r.final_val_loss is None, r.final_val_loss or 0.0))
     for run in ranked:
         loss = run.final_val_loss
         lines.append(
             f"| {run.path} | {run.mode} | {run.bits} | {run.rounding} | {_fmt(loss, '.4f')} | "
+            + (f"{_fmt(run.val_loss_ternary, '.4f')} | " if with_ternary else "") +
             f"{_fmt(math.exp(loss) if loss is not None else None, '.2f')} | {_fmt(run.tokens_seen, ',.0f')} | "
             f"{_fmt(run.tokens_per_sec, ',.0f')} | {_fmt(run.peak_memory_mb, ',.0f')} |"
         )

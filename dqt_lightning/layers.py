@@ -11,13 +11,15 @@ in their forward.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dqt_lightning.quant import Grid, absmean_quantize, quantize_activations, ste_quantize
+from dqt_lightning.quant import (Grid, absmean_quantize, fake_quantize_activations, quantize_activations, round_to_grid,
+                                 ste_quantize)
 
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -92,36 +94,108 @@ class DQTWeight(nn.Module):
             # zero_grad (and what memory.py measures) is the bf16 buffer, not the step's float32 copy.
             param.grad = param.grad.to(self.grad_dtype)
 
+    @torch.no_grad()
+    def regrid(self, grid: Grid, rounding: str = "stochastic", generator: torch.Generator | None = None,
+               scale_rule: str = "absmean") -> float:
+        """Move the weight onto another grid (a bit-width schedule's switch), keeping ``W = alpha * q`` in expectation.
+
+        The new scale follows BitNet's absmean rule on the current weight, ``alpha' = mean|W| / Qp'`` (per row when
+        the layer has per-row scales), or with ``scale_rule="range"`` keeps the grid's range,
+        ``alpha' = alpha * Qp / Qp'``, so that no weight falls outside it. Then ``q' = round(W / alpha')`` clipped
+        to ``grid``: stochastic rounding keeps ``E[alpha' q'] = W`` for every weight inside the new grid's range;
+        ``nearest`` is the deterministic ablation. The float ``W`` exists only inside this call.
+
+        Args:
+            grid: The new levels.
+            rounding: ``stochastic`` or ``nearest``.
+            generator: Source of the rounding noise (seed it identically on every DDP rank).
+            scale_rule: ``absmean`` (BitNet's quantizer) or ``range`` (the old grid's range, rescaled).
+
+        Returns:
+            The share of weights that fell outside the new grid's range and were clipped to its edge.
+        """
+        w = self.dequantize(torch.float32)
+        if scale_rule == "range":
+            alpha = self.scale.float() * (self.grid.positive_levels / grid.positive_levels)
+        elif scale_rule == "absmean":
+            mean_abs = w.abs().mean(dim=1, keepdim=True) if self.scale.dim() else w.abs().mean()
+            alpha = mean_abs.clamp(min=1e-8) / grid.positive_levels
+        else:
+            raise ValueError(f"scale_rule must be absmean or range; got '{scale_rule}'")
+        y = w.div_(alpha)
+        clipped = ((y < grid.qmin) | (y > grid.qmax)).float().mean().item()
+        self.weight.copy_(round_to_grid(y, grid, rounding, generator))
+        self.scale.copy_(alpha.reshape(self.scale.shape))
+        self.grid = grid
+        return clipped
+
     def _describe(self) -> str:
         scale = "per-row" if self.scale.dim() else "per-tensor"
         grad = "" if self.grad_dtype == torch.float32 else f", grad_dtype={str(self.grad_dtype).removeprefix('torch.')}"
         return f"levels=[{self.grid.qmin}, {self.grid.qmax}], rounding={self.rounding}, scale={scale}{grad}"
 
 
+class _SharedInputQuantizer:
+    """Quantizes a projection's input once however many projections read it.
+
+    ``q_proj``, ``k_proj`` and ``v_proj`` read the same tensor, as do ``gate_proj`` and ``up_proj``. The quantized
+    activation depends on that tensor alone, so the first of them computes it (in the compute dtype) and the others
+    reuse it: 4 instead of 7 quantizations per block, and one saved copy for their backward instead of three. The
+    cache is one slot, keyed by the very tensor object (a weak reference, so it never keeps an input alive), its
+    in-place version counter and the compute dtype; it is emptied as soon as that input is freed.
+    """
+
+    def __init__(self) -> None:
+        self._input: weakref.ref | None = None
+        self._key: tuple[int, torch.dtype] | None = None
+        self._quantized: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if torch.compiler.is_compiling() or x.is_inference():
+            # The compiler dedupes on its own; inference tensors carry no version counter to key on.
+            return fake_quantize_activations(x).to(dtype)
+        key = (x._version, dtype)
+        if self._input is not None and self._input() is x and self._key == key:
+            return self._quantized
+        quantized = fake_quantize_activations(x).to(dtype)
+        self._input, self._key, self._quantized = weakref.ref(x, self._forget), key, quantized
+        return quantized
+
+    def _forget(self, ref: weakref.ref) -> None:
+        if ref is self._input:
+            self._input = self._key = self._quantized = None
+
+
+_quantize_input = _SharedInputQuantizer()
+
+
 class _DQTLinearFn(torch.autograd.Function):
-    """``y = x @ (alpha * q)^T`` with the true gradient w.r.t. the stored weight: ``grad_W = g^T @ x`` (no STE)."""
+    """``y = x_q @ (alpha * q)^T`` with the true gradient w.r.t. the stored weight, ``grad_W = g^T @ x_q`` (no STE
+    there), and the straight-through gradient of the activation quantizer, ``grad_x = g @ (alpha * q)``.
+
+    ``x_q`` is ``x`` quantized to 8 bits per token, already in the compute dtype; ``x`` only receives the gradient.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, update_param: torch.Tensor, q: torch.Tensor, scale: torch.Tensor):
-        dtype = _compute_dtype(x)
+    def forward(ctx, x: torch.Tensor, x_q: torch.Tensor, update_param: torch.Tensor, q: torch.Tensor,
+                scale: torch.Tensor):
         # Autocast does not reach inside a custom Function's forward; cast by hand, and dequantize only transiently.
-        x_c = x.to(dtype)
-        ctx.save_for_backward(x_c, q, scale)
+        ctx.save_for_backward(x_q, q, scale)
         ctx.grad_dtype = update_param.dtype
         ctx.input_dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x_c, q.to(dtype) * scale.to(dtype))
+            return F.linear(x_q, q.to(x_q.dtype) * scale.to(x_q.dtype))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        x_c, q, scale = ctx.saved_tensors
-        g = g.to(x_c.dtype)
+        x_q, q, scale = ctx.saved_tensors
+        g = g.to(x_q.dtype)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = (g @ (q.to(g.dtype) * scale.to(g.dtype))).to(ctx.input_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = (g.reshape(-1, g.shape[-1]).t() @ x_c.reshape(-1, x_c.shape[-1])).to(ctx.grad_dtype)
-        return grad_x, grad_w, None, None
+        if ctx.needs_input_grad[2]:
+            grad_w = (g.reshape(-1, g.shape[-1]).t() @ x_q.reshape(-1, x_q.shape[-1])).to(ctx.grad_dtype)
+        return grad_x, None, grad_w, None, None
 
 
 class DQTLinear(DQTWeight):
@@ -150,7 +224,10 @@ class DQTLinear(DQTWeight):
         return layer.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _DQTLinearFn.apply(quantize_activations(x), self.update_param, self.weight, self.scale)
+        # The input quantized as BitNet b1.58 does (per-token absmax, 8 bits): the same values as
+        # quantize_activations(x).to(compute dtype), shared with the sibling projections that read the same x.
+        x_q = _quantize_input(x, _compute_dtype(x))
+        return _DQTLinearFn.apply(x, x_q, self.update_param, self.weight, self.scale)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self._describe()}"

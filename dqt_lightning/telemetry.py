@@ -1,0 +1,249 @@
+"""Weight telemetry for DQT runs (issue 6, item 2): what the integer weights are doing, cheap enough to leave on.
+
+:class:`~dqt_lightning.update.QuantizedUpdate` already logs the per-layer flip rate at every step. Every
+``every_n_steps`` optimizer steps :class:`WeightTelemetry` adds:
+
+- ``telemetry/update_over_step``: the mean of ``|delta| / alpha``, the optimizer's step in grid units, before
+  rounding; and ``telemetry/update_below_half_step``: the share of weights whose step is under half a grid step (the
+  ones round-to-nearest would never move, and stochastic rounding moves only now and then).
+- ``telemetry/share_zero`` and ``telemetry/share_saturated``: the share of weights on level 0 and on the grid's two
+  edges; per layer, a TensorBoard histogram of the levels (one bucket per level) under ``telemetry_levels/``.
+- ``telemetry_scale/<layer>``: each layer's scale (the mean, with a histogram, when scales are per row).
+
+Between measured steps the callback does nothing but compare one integer per step, so its cost is the measured
+steps' cost divided by ``every_n_steps`` (docs/benchmarks.md, "Telemetry overhead", measures it).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from dqt_lightning.errors import ConfigError
+from dqt_lightning.layers import DQTWeight
+
+
+class WeightTelemetry(Callback):
+    """Logs update size against grid step, level occupancy and scales of every DQT layer every ``every_n_steps``.
+
+    The update ratio needs the optimizer's float step, which exists only between the optimizer step and the
+    rounding onto the grid. The callback reads it in an optimizer step post-hook placed ahead of every other one, so
+    it runs before :class:`~dqt_lightning.update.QuantizedUpdate`'s hook rounds the step and frees it, whatever the
+    order of the callbacks.
+
+    Args:
+        every_n_steps: Measure at optimizer steps that are multiples of this (step 0 included).
+        per_layer: Also log the update ratio per layer (``telemetry_layers/``), the level histograms and the scales;
+            the run-wide scalars are always logged.
+        histograms: Write the per-layer level and scale histograms (TensorBoard loggers only).
+    """
+
+    def __init__(self, every_n_steps: int = 50, per_layer: bool = True, histograms: bool = True) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ConfigError(f"WeightTelemetry.every_n_steps must be an integer >= 1; got {every_n_steps!r}")
+        self.every_n_steps = every_n_steps
+        self.per_layer = per_layer
+        self.histograms = histograms
+        self._layers: list[tuple[str, DQTWeight]] = []
+        self._handles: list[Any] = []
+        self._trainer: pl.Trainer | None = None
+        self._update_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name: (sum of ratios, count below)
+        self._measured_step: int | None = None
+        self.seconds = 0.0  # wall time spent measuring and logging, for the overhead benchmark
+
+    def _measuring(self, step: int) -> bool:
+        return step % self.every_n_steps == 0
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer = trainer
+        self._layers = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, DQTWeight)]
+        if self._layers:
+            self._handles = [_register_first_post_hook(opt, self._after_optimizer_step) for opt in trainer.optimizers]
+
+    @torch.no_grad()
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        trainer = self._trainer
+        if trainer is None or not trainer.is_global_zero:
+            return  # every rank holds the same integers and the same averaged update: rank 0 speaks for all
+        step = trainer.global_step  # still this step's index: Lightning counts it after the step
+        if not self._measuring(step):
+            return
+        self._measured_step = step
+        started = time.perf_counter()
+        for name, layer in self._layers:
+            stepped = layer.update_param.data
+            if stepped.dim() == 0 or 0 in stepped.stride():
+                continue  # not materialized: the update skipped this step (a non-finite gradient)
+            start = layer.weight.float() * layer.scale
+            # The same grid coordinates quantized_step rounds: y - q = (stepped - alpha*q) / alpha.
+            ratio = (stepped - start).div_(layer.scale).abs_()
+            self._update_stats[name] = (ratio.sum(), (ratio < 0.5).sum())
+        self.seconds += time.perf_counter() - started
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        # Only the batch whose optimizer step was measured logs (with gradient accumulation, the last micro-batch).
+        if self._measured_step is not None:
+            self._measured_step = None
+            started = time.perf_counter()
+            self._log(trainer, trainer.global_step)
+            self.seconds += time.perf_counter() - started
+
+    @torch.no_grad()
+    def _log(self, trainer: pl.Trainer, step: int) -> None:
+        stats, self._update_stats = self._update_stats, {}
+        if not trainer.is_global_zero or trainer.logger is None:
+            return  # every rank holds the same integers and the same averaged update: rank 0 speaks for all
+        metrics: dict[str, torch.Tensor] = {}
+        sizes = {name: layer.weight.numel() for name, layer in self._layers}
+        if stats:
+            counted = sum(sizes[name] for name in stats)
+            metrics["telemetry/update_over_step"] = sum(s for s, _ in stats.values()) / counted
+            metrics["telemetry/update_below_half_step"] = sum(b for _, b in stats.values()) / counted
+        experiment = getattr(trainer.logger, "experiment", None)
+        write_histograms = self.histograms and self.per_layer and hasattr(experiment, "add_histogram_raw")
+        zeros = saturated = torch.zeros((), dtype=torch.int64)
+        for name, layer in self._layers:
+            grid = layer.grid
+            levels = layer.weight.reshape(-1).to(torch.int32) - grid.qmin
+            counts = torch.bincount(levels, minlength=grid.qmax - grid.qmin + 1)
+            zeros = zeros + counts[-grid.qmin]
+            saturated = saturated + counts[0] + counts[-1]
+            if self.per_layer:
+                if name in stats:
+                    ratio_sum, below = stats[name]
+                    metrics[f"telemetry_layers/{name}.update_over_step"] = ratio_sum / sizes[name]
+                    metrics[f"telemetry_layers/{name}.update_below_half_step"] = below / sizes[name]
+                metrics[f"telemetry_scale/{name}"] = layer.scale.mean()
+            if write_histograms:
+                _level_histogram(experiment, f"telemetry_levels/{name}", counts.cpu(), grid.qmin, step)
+                if layer.scale.dim():
+                    experiment.add_histogram(f"telemetry_scale_rows/{name}", layer.scale.reshape(-1).cpu(), step)
+        total = sum(sizes.values())
+        metrics["telemetry/share_zero"] = zeros / total
+        metrics["telemetry/share_saturated"] = saturated / total
+        # Straight to the logger: self.log would drop values on steps that are not multiples of log_every_n_steps.
+        trainer.logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"every_n_steps": self.every_n_steps}
+
+
+def _level_histogram(experiment: Any, tag: str, counts: torch.Tensor, qmin: int, step: int) -> None:
+    """One TensorBoard histogram bucket per grid level (bucket edges halfway between levels)."""
+    levels = torch.arange(qmin, qmin + counts.numel(), dtype=torch.float64)
+    weights = counts.to(torch.float64)
+    num = float(weights.sum())
+    occupied = counts.nonzero().reshape(-1)
+    experiment.add_histogram_raw(
+        tag,
+        min=float(levels[occupied[0]]) if occupied.numel() else 0.0,
+        max=float(levels[occupied[-1]]) if occupied.numel() else 0.0,
+        num=num,
+        sum=float((levels * weights).sum()),
+        sum_squares=float((levels * levels * weights).sum()),
+        bucket_limits=(levels + 0.5).tolist(),
+        bucket_counts=weights.tolist(),
+        global_step=step,
+    )
+
+
+def _register_first_post_hook(optimizer: torch.optim.Optimizer, hook) -> Any:
+    """Register ``hook`` as a step post-hook of ``optimizer`` that runs before the ones registered earlier.
+
+    ``Optimizer.register_step_post_hook`` has no ``prepend`` (``Module.register_forward_hook`` has, and implements it
+    the same way: moving the handle's entry to the front of the ordered hook dict).
+    """
+    handle = optimizer.register_step_post_hook(hook)
+    hooks = handle.hooks_dict_ref()
+    if hooks is None or not hasattr(hooks, "move_to_end"):
+        handle.remove()
+        raise RuntimeError("WeightTelemetry: this PyTorch keeps optimizer hooks in an unordered container")
+    hooks.move_to_end(handle.id, last=False)
+    return handle
+
+
+def measure_overhead(every_n_steps: tuple[int, ...] = (50, 10, 1), steps: int = 100, repeats: int = 2,
+                     warmup: int = 5) -> dict[str, list[float]]:
+    """Training tokens/s of the tiny 8-bit DQT model without and with telemetry, interleaved in one process.
+
+    Each setting trains ``warmup + steps`` steps on random tokens (batch 16 x 128, as ``configs/dqt-8bit.yaml``)
+    with a TensorBoard logger, so histograms are really written; the settings take turns ``repeats`` times, so a
+    load change on a shared machine hits all of them alike.
+
+    Returns:
+        ``{"off": [tokens/s per repeat], "every 50": [...], "every 50, own share": [the callback's own wall time
+        as a share of the same steps' training time, per repeat], ...}``.
+    """
+    # Imported here: training the benchmark model needs the whole package, the callback itself does not.
+    import tempfile
+    import warnings
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.data import DataLoader
+
+    from dqt_lightning import LanguageModel, QuantizedUpdate, QuantPrecision
+    from dqt_lightning.bench import StepTimer
+    from dqt_lightning.model import Config
+
+    batch, seq_len, vocab = 16, 128, 4096
+    settings: list[int | None] = [None, *every_n_steps]
+    results: dict[str, list[float]] = {"off": []}
+    for n in every_n_steps:
+        results[f"every {n}"], results[f"every {n}, own share"] = [], []
+    config = Config(name="tiny", n_layer=4, n_head=4, n_embd=128, intermediate_size=384, block_size=2048)
+    with tempfile.TemporaryDirectory() as log_dir, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(repeats):
+            for n in settings:
+                torch.manual_seed(0)
+                model = LanguageModel(config, vocab_size=vocab, warmup_steps=0)
+                tokens = torch.randint(0, vocab, ((warmup + steps) * batch, seq_len + 1))
+                timer = StepTimer(warmup)
+                extra = [] if n is None else [WeightTelemetry(every_n_steps=n), _ResetAt(warmup)]
+                trainer = pl.Trainer(
+                    accelerator="cpu", devices=1, max_steps=warmup + steps,
+                    plugins=[QuantPrecision(mode="dqt", bits=8)], callbacks=[QuantizedUpdate(), *extra, timer],
+                    logger=TensorBoardLogger(log_dir, name="overhead"), enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                    log_every_n_steps=10,
+                )
+                trainer.fit(model, train_dataloaders=DataLoader(tokens, batch_size=batch))
+                key = "off" if n is None else f"every {n}"
+                results[key].append(batch * seq_len * timer.steps / timer.seconds)
+                if extra:  # the callback's own time, as a share of the training time: less noisy than tokens/s
+                    results[f"{key}, own share"].append(extra[0].seconds / (timer.seconds + 1e-12))
+    return results
+
+
+class _ResetAt(pl.Callback):
+    """Zeroes the telemetry's own clock when the benchmark's timer starts, so both cover the same steps."""
+
+    def __init__(self, batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx == self.batch_idx:
+            for callback in trainer.callbacks:
+                if isinstance(callback, WeightTelemetry):
+                    callback.seconds = 0.0
+
+
+if __name__ == "__main__":
+    for setting, values in measure_overhead().items():
+        shown = [f"{v:.2%}" if "share" in setting else f"{v:,.0f} tokens/s" for v in values]
+        print(f"{setting}: " + ", ".join(shown))
