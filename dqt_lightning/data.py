@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
-from dqt_lightning.sampling import ResumableSampler, training_position
+from dqt_lightning.sampling import ResumablePosition, ResumableSampler
 from dqt_lightning.tokenizer import EOT
 from dqt_lightning.tokenizer import train_bpe as _train_tokenizer  # the one BPE recipe; tests patch this name
 
@@ -178,7 +178,7 @@ def _require(ok: bool, field: str, rule: str, value: object) -> None:
         raise ConfigError(f"data.{field} must be {rule}, got {value!r}")
 
 
-class EmbeddedDocs(pl.LightningDataModule):
+class EmbeddedDocs(ResumablePosition, pl.LightningDataModule):
     """English prose every Python installation carries (pydoc topics + stdlib docstrings), packed for LM training.
 
     Args:
@@ -261,13 +261,6 @@ class EmbeddedDocs(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Training windows shuffled per epoch (seeded), split across ranks, incomplete last batch dropped."""
         return self._loader(train=True)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The data position, saved in every checkpoint so that a resumed run continues with the next batch."""
-        return training_position(self.trainer)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume = state_dict or None
 
     def val_dataloader(self) -> DataLoader:
         """Validation windows in order, all of them."""

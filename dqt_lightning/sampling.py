@@ -51,3 +51,17 @@ def training_position(trainer: pl.Trainer | None) -> dict[str, Any]:
         return {}
     progress = trainer.fit_loop.epoch_loop.batch_progress.current
     return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+
+
+class ResumablePosition:
+    """Mixin for a ``LightningDataModule``: every checkpoint saves the training position (:func:`training_position`),
+    and a resumed run finds it in ``self._resume`` when it builds its train loader."""
+
+    _resume: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position, saved in every checkpoint so that a resumed run continues with the next batch."""
+        return training_position(self.trainer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = state_dict or None

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.sampling import ResumableSampler, training_position
+from dqt_lightning.sampling import ResumablePosition, ResumableSampler
 from dqt_lightning.shard_files import BPE_SPECS, PREPARE_HINT, Manifest, default_shard_dir, prepare
 from dqt_lightning.text import TextSource
 from dqt_lightning.tokenizer import TextTokenizer, resolve_tokenizer
@@ -95,7 +95,7 @@ def _require(ok: bool, field: str, rule: str, value: object) -> None:
         raise ConfigError(f"data.{field} must be {rule}, got {value!r}")
 
 
-class TokenShards(pl.LightningDataModule):
+class TokenShards(ResumablePosition, pl.LightningDataModule):
     """Training windows sampled from the shards ``python -m dqt_lightning prepare`` wrote.
 
     Args:
@@ -238,13 +238,6 @@ class TokenShards(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """The validation windows."""
         return self._loader(train=False)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The data position, saved in every checkpoint so that a resumed run continues with the next batch."""
-        return training_position(self.trainer)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume = state_dict or None
 
     def unigram_entropy(self, max_tokens: int = 200_000_000) -> float:
         """Entropy (nats/token) of the training tokens' frequencies (of the first ``max_tokens`` of a larger corpus):

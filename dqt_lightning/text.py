@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dqt_lightning.data import PackedWindows, _corpus
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
-from dqt_lightning.sampling import ResumableSampler, training_position
+from dqt_lightning.sampling import ResumablePosition, ResumableSampler
 from dqt_lightning.tokenizer import TextTokenizer, require_hub, resolve_tokenizer, tokenizer_vocab_size
 
 FORMAT_VERSION = 1  # bump whenever document selection, splitting or the cache layout changes
@@ -423,7 +423,7 @@ def _require(ok: bool, field: str, rule: str, value: object) -> None:
         raise ConfigError(f"data.{field} must be {rule}, got {value!r}")
 
 
-class TextCorpus(pl.LightningDataModule):
+class TextCorpus(ResumablePosition, pl.LightningDataModule):
     """Documents from a :class:`TextSource`, tokenized (cached), end-of-text separated and packed into windows.
 
     Args:
@@ -570,13 +570,6 @@ class TextCorpus(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """The validation windows."""
         return self.val_dataloader()
-
-    def state_dict(self) -> dict[str, Any]:
-        """The data position, saved in every checkpoint so that a resumed run continues with the next batch."""
-        return training_position(self.trainer)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume = state_dict or None
 
     # --- reporting ----------------------------------------------------------------------------------------------
 

@@ -59,3 +59,13 @@ def _restore_torch_defaults():
     dtype = torch.get_default_dtype()
     yield
     torch.set_default_dtype(dtype)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread: these tests train tiny matrices, where more threads only add contention on shared cores
+    (seconds on one thread, minutes when OpenMP workers compete with other processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

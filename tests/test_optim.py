@@ -34,14 +34,7 @@ SIGNED_SPACING = 2 ** (SIGNED_RANGE_LOG2 / (SIGNED_TOP - 1)) - 1  # relative gap
 UNSIGNED_SPACING = 2 ** (UNSIGNED_RANGE_LOG2 / (UNSIGNED_TOP - 1)) - 1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The model-training tests here take seconds on one thread but minutes when OpenMP workers compete with other
-    # processes for a few shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:

@@ -25,13 +25,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EIGHT = Grid.from_bits(8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The matrices here are tiny: extra threads only add contention on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(("schedule", "message"), [

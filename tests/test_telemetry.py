@@ -16,13 +16,7 @@ from tests.conftest import TokenWindows, make_model
 LR = 0.01
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The matrices here are tiny: extra threads only add contention on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Experiment:
