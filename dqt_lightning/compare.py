@@ -2,9 +2,9 @@
 
 A run is a ``runs/<name>/version_N`` directory as the CLI writes it: TensorBoard event files plus the resolved
 ``config.yaml``. Naming a directory above runs (``runs/`` or ``runs/ternary``) takes every run under it. The table
-gives, per run, what a paper's results table needs: mode, bits and rounding (from the run's config), the final validation
-loss and perplexity, tokens seen, median training throughput and peak memory; the PNG plots validation loss against
-tokens seen, so runs with different batch sizes or device counts line up at equal data.
+gives, per run, what a paper's results table needs: mode, bits and rounding (from the run's config), the final
+validation loss and perplexity, tokens seen, median training throughput and peak memory; the PNG plots validation
+loss against tokens seen, so runs with different batch sizes or device counts line up at equal data.
 """
 
 from __future__ import annotations

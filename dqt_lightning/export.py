@@ -2,8 +2,9 @@
 
 An export is a directory a Hugging Face user recognises:
 
-- ``model.safetensors``: every quantized weight as its ``int8`` levels (``<name>.weight``) plus its float ``<name>.scale``,
-  or, with ``--pack``, ternary levels four per byte (``<name>.weight_packed``, ``uint8``); everything else in float32.
+- ``model.safetensors``: every quantized weight as its ``int8`` levels (``<name>.weight``) plus its float
+  ``<name>.scale``, or, with ``--pack``, ternary levels four per byte (``<name>.weight_packed``, ``uint8``);
+  everything else in float32.
 - ``config.json``: the model sizes (:class:`~dqt_lightning.model.Config`) and a ``quantization`` entry (mode, bits,
   which weights are integers, packed shapes).
 - ``tokenizer.json`` (or ``tokenizer.model``) when the run directory kept one.
