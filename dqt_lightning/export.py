@@ -34,7 +34,7 @@ from dqt_lightning.files import atomic_write
 from dqt_lightning.layers import BitEmbedding, BitLinear, DQTWeight
 from dqt_lightning.model import LLaMA, Config
 from dqt_lightning.precision import QuantPrecision
-from dqt_lightning.quant import Grid, absmean_quantize, pack_ternary, unpack_ternary
+from dqt_lightning.quant import absmean_quantize, pack_ternary, unpack_ternary
 from dqt_lightning.tokenizer import TextTokenizer, resolve_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -120,11 +120,13 @@ def export(ckpt_path: str | Path, output: str | Path, pack: bool = False) -> Pat
     tensors, integer = integer_state(model)
     packed = {}
     if pack:
-        for name, bits in integer.items():
-            if Grid.from_bits(bits).is_ternary:
-                q = tensors.pop(f"{name}.weight")
+        for name in integer:
+            q = tensors[f"{name}.weight"]
+            # By value, not by the configured bits: a run whose bit-width schedule ended on the ternary grid is
+            # configured as 8-bit but holds only -1, 0 and 1, and packing those loses nothing.
+            if int(q.abs().max()) <= 1:
                 packed[name] = list(q.shape)
-                tensors[f"{name}.weight_packed"] = pack_ternary(q)
+                tensors[f"{name}.weight_packed"] = pack_ternary(tensors.pop(f"{name}.weight"))
     out = Path(output)
     config = {**asdict(model.config), "quantization": {**settings, "integer_weights": integer, "packed": packed}}
     atomic_write(out / "model.safetensors", lambda f: f.write(save(tensors, metadata={"format": "pt"})))
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Export a checkpoint to safetensors with integer weights.")
     parser.add_argument("ckpt", help="a checkpoint written by fit: runs/<name>/version_N/checkpoints/*.ckpt")
     parser.add_argument("--output", help="directory to write (default: <run dir>/export)")
-    parser.add_argument("--pack", action="store_true", help="store ternary weights four per byte")
+    parser.add_argument("--pack", action="store_true", help="store weights that hold only -1, 0 and 1 four per byte")
     args = parser.parse_args(argv)
     output = args.output or Path(args.ckpt).parent.parent / "export"
     try:

@@ -95,3 +95,12 @@ def test_bad_paths_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["export", str(tmp_path / "junk.ckpt")])
     assert done.value.code == 2 and "cannot be read" in capsys.readouterr().err
+
+
+def test_pack_applies_to_weights_that_hold_only_ternary_levels(checkpoints, tmp_path):
+    out = export(checkpoints["bitnet-4bit"], tmp_path / "export", pack=True)  # 4-bit levels: nothing to pack
+    assert json.loads((out / "config.json").read_text())["quantization"]["packed"] == {}
+    loaded, _ = load_exported(out)
+    trained, _ = model_from_checkpoint(checkpoints["bitnet-4bit"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(TOKENS), trained(TOKENS), rtol=1e-5, atol=1e-5)
