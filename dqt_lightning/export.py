@@ -162,11 +162,16 @@ def load_exported(directory: str | Path) -> tuple[LLaMA, TextTokenizer | None]:
         per_row = any(tensors[f"{name}.scale"].dim() > 0 for name in integer)
         _plugin("dqt", bits.pop(), quant.get("quantize_embeddings", False), per_row).convert_module(model)
     model.load_state_dict(tensors)
-    tokenizer_file = next((directory / n for n in TOKENIZER_FILES if (directory / n).is_file()), None)
-    tokenizer = None
-    if tokenizer_file is not None:  # a file spec is loaded, never trained: no documents, no cache
-        tokenizer = resolve_tokenizer(str(tokenizer_file), config["vocab_size"], lambda: [], directory, "")
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer_beside(directory, config["vocab_size"])
+
+
+def tokenizer_beside(directory: Path, vocab_size: int) -> TextTokenizer | None:
+    """The ``tokenizer.json`` or ``tokenizer.model`` kept in a run or export directory, or None when there is none."""
+    found = next((directory / n for n in TOKENIZER_FILES if (directory / n).is_file()), None)
+    if found is None:
+        return None
+    # A file spec is loaded, never trained: no documents and no cache are needed.
+    return resolve_tokenizer(str(found), vocab_size, lambda: [], directory, "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.export import TOKENIZER_FILES, load_exported, model_from_checkpoint
+from dqt_lightning.export import load_exported, model_from_checkpoint, tokenizer_beside
 from dqt_lightning.model import LLaMA
 from dqt_lightning.ternary import TernaryWeights
-from dqt_lightning.tokenizer import TextTokenizer, resolve_tokenizer
+from dqt_lightning.tokenizer import TextTokenizer
 
 
 @torch.no_grad()
@@ -65,10 +65,7 @@ def load(path: str | Path) -> tuple[LLaMA, TextTokenizer]:
         model, tokenizer = load_exported(path)
     else:
         model, _ = model_from_checkpoint(path)
-        run_dir = path.parent.parent
-        found = next((run_dir / n for n in TOKENIZER_FILES if (run_dir / n).is_file()), None)
-        tokenizer = None if found is None else resolve_tokenizer(str(found), model.config.vocab_size, lambda: [],
-                                                                  run_dir, "")
+        tokenizer = tokenizer_beside(path.parent.parent, model.config.vocab_size)
     if tokenizer is None:
         raise ConfigError(f"{path} has no tokenizer beside it (tokenizer.json or tokenizer.model in the run or export "
                           "directory); runs trained by this version of fit keep one")

@@ -69,3 +69,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def rounding_calls(monkeypatch) -> list[int]:
+    """Sizes of the tensors every call of ``quant.round_to_grid`` rounds, in call order, for invariant 3."""
+    from dqt_lightning import quant
+
+    calls: list[int] = []
+    original = quant.round_to_grid
+
+    def counting(y, *args, **kwargs):
+        calls.append(y.numel())
+        return original(y, *args, **kwargs)
+
+    monkeypatch.setattr(quant, "round_to_grid", counting)
+    return calls

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import dqt_lightning.layers as layers_module
-import dqt_lightning.quant as quant
 from dqt_lightning import QuantizedUpdate, QuantPrecision
 from dqt_lightning.bench import state_bytes
 from dqt_lightning.errors import ConfigError
@@ -201,15 +200,8 @@ def _initial_integers(**plugin):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_quantized_embeddings_keep_the_invariants_in_training(monkeypatch):
-    calls = []
-    original = quant.round_to_grid
-
-    def counting(y, *args, **kwargs):
-        calls.append(y.numel())
-        return original(y, *args, **kwargs)
-
-    monkeypatch.setattr(quant, "round_to_grid", counting)
+def test_quantized_embeddings_keep_the_invariants_in_training(rounding_calls):
+    calls = rounding_calls
     model = make_model()
     trainer = fit(model, steps=3, accumulate=2, batch_size=4, quantize_embeddings=True)
     layers = list(dqt_layers(model))

@@ -4,7 +4,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-import dqt_lightning.quant as quant
 from dqt_lightning import QuantizedUpdate, QuantPrecision
 from dqt_lightning.errors import TrainingStopped
 from dqt_lightning.layers import DQTLinear, dqt_layers
@@ -39,15 +38,8 @@ def test_invariant_1_weights_persist_only_as_integers():
         assert _float_tensors_like(layer, model) == []
 
 
-def test_invariant_3_one_rounding_per_weight_per_step(monkeypatch):
-    calls = []
-    original = quant.round_to_grid
-
-    def counting(y, *args, **kwargs):
-        calls.append(y.numel())
-        return original(y, *args, **kwargs)
-
-    monkeypatch.setattr(quant, "round_to_grid", counting)
+def test_invariant_3_one_rounding_per_weight_per_step(rounding_calls):
+    calls = rounding_calls
     model = make_model()
     trainer = fit(model, steps=3, accumulate=2, batch_size=4)
     update = next(c for c in trainer.callbacks if type(c).__name__ == "QuantizedUpdate")
