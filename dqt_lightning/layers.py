@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dqt_lightning.fp8 import fp8_linear, fp8_matmul
 from dqt_lightning.quant import (Grid, absmean_quantize, fake_quantize_activations, quantize_activations, round_to_grid,
                                  ste_quantize)
 
@@ -47,6 +48,10 @@ class DQTWeight(nn.Module):
             the optimizer step.
     """
 
+    # fixed: the scale set at initialisation stays (the paper's default); absmax: re-derived from the stepped weight
+    # at every update (quant.rescaled_step). Read by quantize_from and the update callback.
+    scale_policy = "fixed"
+
     def __init__(self, shape: tuple[int, int], grid: Grid, rounding: str = "stochastic", per_row_scale: bool = False,
                  grad_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -57,8 +62,11 @@ class DQTWeight(nn.Module):
         object.__setattr__(self, "update_param", nn.Parameter(self._placeholder(torch.device("cpu"))))
 
     def quantize_from(self, weight: torch.Tensor) -> None:
-        """Set the levels and scale from a float weight: absmean, round to nearest (SPEC §2, Initialisation)."""
-        q, alpha = absmean_quantize(weight, self.grid, per_row=self.scale.dim() > 0)
+        """Set the levels and scale from a float weight, round to nearest (SPEC §2, Initialisation): absmean, or the
+        absolute maximum under the ``absmax`` scale policy, so its first step does not jump from one rule to the
+        other."""
+        statistic = "absmax" if self.scale_policy == "absmax" else "absmean"
+        q, alpha = absmean_quantize(weight, self.grid, per_row=self.scale.dim() > 0, statistic=statistic)
         self.weight.copy_(q)
         self.scale.copy_(alpha)
 
@@ -131,6 +139,7 @@ class DQTWeight(nn.Module):
 
     def _describe(self) -> str:
         scale = "per-row" if self.scale.dim() else "per-tensor"
+        scale += ", rescaled by absmax" if self.scale_policy == "absmax" else ""
         grad = "" if self.grad_dtype == torch.float32 else f", grad_dtype={str(self.grad_dtype).removeprefix('torch.')}"
         return f"levels=[{self.grid.qmin}, {self.grid.qmax}], rounding={self.rounding}, scale={scale}{grad}"
 
@@ -174,17 +183,19 @@ class _DQTLinearFn(torch.autograd.Function):
     there), and the straight-through gradient of the activation quantizer, ``grad_x = g @ (alpha * q)``.
 
     ``x_q`` is ``x`` quantized to 8 bits per token, already in the compute dtype; ``x`` only receives the gradient.
+    With ``fp8`` the forward matmul runs on FP8 tensor cores (:func:`~dqt_lightning.fp8.fp8_matmul`); the backward
+    is the same either way.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, x_q: torch.Tensor, update_param: torch.Tensor, q: torch.Tensor,
-                scale: torch.Tensor):
+                scale: torch.Tensor, fp8: bool = False):
         # Autocast does not reach inside a custom Function's forward; cast by hand, and dequantize only transiently.
         ctx.save_for_backward(x_q, q, scale)
         ctx.grad_dtype = update_param.dtype
         ctx.input_dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x_q, q.to(x_q.dtype) * scale.to(x_q.dtype))
+            return (fp8_matmul if fp8 else F.linear)(x_q, q.to(x_q.dtype) * scale.to(x_q.dtype))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -195,7 +206,7 @@ class _DQTLinearFn(torch.autograd.Function):
             grad_x = (g @ (q.to(g.dtype) * scale.to(g.dtype))).to(ctx.input_dtype)
         if ctx.needs_input_grad[2]:
             grad_w = (g.reshape(-1, g.shape[-1]).t() @ x_q.reshape(-1, x_q.shape[-1])).to(ctx.grad_dtype)
-        return grad_x, None, grad_w, None, None
+        return grad_x, None, grad_w, None, None, None
 
 
 class DQTLinear(DQTWeight):
@@ -211,6 +222,8 @@ class DQTLinear(DQTWeight):
         grad_dtype: Dtype of the gradient buffer (see :class:`DQTWeight`).
     """
 
+    fp8 = False  # set by the fp8 precision on a GPU that has FP8 matmuls
+
     def __init__(self, in_features: int, out_features: int, grid: Grid, rounding: str = "stochastic",
                  per_row_scale: bool = False, grad_dtype: torch.dtype = torch.float32) -> None:
         super().__init__((out_features, in_features), grid, rounding, per_row_scale, grad_dtype)
@@ -218,8 +231,9 @@ class DQTLinear(DQTWeight):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, grid: Grid, rounding: str, per_row_scale: bool = False,
-                    grad_dtype: torch.dtype = torch.float32) -> DQTLinear:
+                    grad_dtype: torch.dtype = torch.float32, scale_policy: str = "fixed") -> DQTLinear:
         layer = cls(linear.in_features, linear.out_features, grid, rounding, per_row_scale, grad_dtype)
+        layer.scale_policy = scale_policy
         layer.quantize_from(linear.weight)
         return layer.to(linear.weight.device)
 
@@ -227,7 +241,7 @@ class DQTLinear(DQTWeight):
         # The input quantized as BitNet b1.58 does (per-token absmax, 8 bits): the same values as
         # quantize_activations(x).to(compute dtype), shared with the sibling projections that read the same x.
         x_q = _quantize_input(x, _compute_dtype(x))
-        return _DQTLinearFn.apply(x, x_q, self.update_param, self.weight, self.scale)
+        return _DQTLinearFn.apply(x, x_q, self.update_param, self.weight, self.scale, self.fp8)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self._describe()}"
@@ -279,9 +293,10 @@ class DQTEmbedding(DQTWeight):
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, grid: Grid, rounding: str, per_row_scale: bool = False,
-                       grad_dtype: torch.dtype = torch.float32) -> DQTEmbedding:
+                       grad_dtype: torch.dtype = torch.float32, scale_policy: str = "fixed") -> DQTEmbedding:
         _refuse_embedding_options(embedding)
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, grid, rounding, per_row_scale, grad_dtype)
+        layer.scale_policy = scale_policy
         layer.quantize_from(embedding.weight)
         return layer.to(embedding.weight.device)
 
@@ -302,6 +317,8 @@ class BitLinear(nn.Linear):
     """BitNet b1.58: a float master weight, fake-quantized (absmean, ``grid``) in every forward through an STE, and
     8-bit per-token activations."""
 
+    fp8 = False  # set by the fp8 precision on a GPU that has FP8 matmuls
+
     def __init__(self, in_features: int, out_features: int, grid: Grid) -> None:
         super().__init__(in_features, out_features, bias=False)
         self.grid = grid
@@ -313,7 +330,7 @@ class BitLinear(nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(quantize_activations(x), ste_quantize(self.weight, self.grid))
+        return (fp8_linear if self.fp8 else F.linear)(quantize_activations(x), ste_quantize(self.weight, self.grid))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, levels=[{self.grid.qmin}, {self.grid.qmax}]"

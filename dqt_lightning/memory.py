@@ -157,7 +157,7 @@ def fit_on_tokens(model: LanguageModel, tokens: torch.Tensor, batch_size: int, p
     return trainer
 
 
-def measure(mode: str, bits: float = 1.58, steps: int = 2, state_dtype: str = "float32") -> StateBytes:
+def measure(mode: str, bits: float = 1.58, steps: int = 2, state_dtype: str = "float32", **plugin) -> StateBytes:
     """Train the tiny model ``steps`` optimizer steps on CPU in ``mode`` and measure its state between steps.
 
     Random tokens are enough: the byte counts do not depend on what the model learns.
@@ -168,6 +168,8 @@ def measure(mode: str, bits: float = 1.58, steps: int = 2, state_dtype: str = "f
         steps: Optimizer steps to run first, so that gradients and optimizer states exist.
         state_dtype: AdamW's moments: ``float32`` (``torch.optim.AdamW``), or ``bfloat16`` / ``int8``
             (:class:`dqt_lightning.optim.AdamW`), with the same hyper-parameters.
+        **plugin: Further :class:`~dqt_lightning.precision.QuantPrecision` options (``grad_dtype``,
+            ``update_in_backward``, ...).
 
     Returns:
         The state of the quantized projections after ``trainer.fit`` returns. Lightning frees gradients
@@ -184,19 +186,21 @@ def measure(mode: str, bits: float = 1.58, steps: int = 2, state_dtype: str = "f
             optimizer = None if state_dtype == "float32" else functools.partial(
                 AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01, state_dtype=state_dtype)
             model = LanguageModel(Config(), vocab_size=VOCAB, optimizer=optimizer, warmup_steps=0)
-            trainer = fit_on_tokens(model, tokens, BATCH, plugins=[QuantPrecision(mode=mode, bits=bits)])
+            trainer = fit_on_tokens(model, tokens, BATCH, plugins=[QuantPrecision(mode=mode, bits=bits, **plugin)])
     finally:
         torch.set_num_threads(threads)
     return quantized_state_bytes(model, trainer.optimizers[0])
 
 
-ROWS = (  # label, mode, bits, AdamW state dtype
-    ("fp (FP32 AdamW)", "fp", 32.0, "float32"),
-    ("BitNet b1.58 STE (FP32 master, AdamW)", "ste", 1.58, "float32"),
-    ("DQT ternary", "dqt", 1.58, "float32"),
-    ("DQT 8-bit", "dqt", 8.0, "float32"),
-    ("DQT ternary, AdamW bf16 states", "dqt", 1.58, "bfloat16"),
-    ("DQT ternary, AdamW 8-bit states", "dqt", 1.58, "int8"),
+ROWS = (  # label, mode, bits, AdamW state dtype, further plugin options
+    ("fp (FP32 AdamW)", "fp", 32.0, "float32", {}),
+    ("BitNet b1.58 STE (FP32 master, AdamW)", "ste", 1.58, "float32", {}),
+    ("DQT ternary", "dqt", 1.58, "float32", {}),
+    ("DQT 8-bit", "dqt", 8.0, "float32", {}),
+    ("DQT ternary, AdamW bf16 states", "dqt", 1.58, "bfloat16", {}),
+    ("DQT ternary, AdamW 8-bit states", "dqt", 1.58, "int8", {}),
+    ("DQT ternary, bf16 grads, AdamW 8-bit states", "dqt", 1.58, "int8", {"grad_dtype": "bfloat16"}),
+    ("DQT ternary, update in backward, AdamW 8-bit states", "dqt", 1.58, "int8", {"update_in_backward": True}),
 )
 
 
@@ -215,7 +219,7 @@ def main() -> None:
     # Lightning's "GPU available / TPU available" banners are noise in a table meant for pasting.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     started = time.perf_counter()
-    results = {label: measure(mode, bits, state_dtype=dtype) for label, mode, bits, dtype in ROWS}
+    results = {label: measure(mode, bits, state_dtype=dtype, **plugin) for label, mode, bits, dtype, plugin in ROWS}
     elapsed = time.perf_counter() - started
     print(f"Bytes per quantized parameter (the 7 projections of every block) between optimizer steps, tiny model "
           f"({Config().n_layer} layers, d={Config().n_embd}), AdamW.\n")

@@ -18,6 +18,7 @@ and every DDP rank draw the same noise without carrying generator state.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Iterable
@@ -265,6 +266,39 @@ class AdamW(torch.optim.Optimizer):
                     state["step"] = step
                     _write_moments(state, kind, block_size, exp_avg, exp_avg_sq,
                                    self._noise(group, step, index, exp_avg.device))
+
+
+def parameter_stepper(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> Callable[[], None]:
+    """A function that steps ``param`` alone, with ``optimizer``'s rule, its group's current hyper-parameters (the
+    scheduled learning rate included) and its state in ``optimizer.state``.
+
+    This is what applying a DQT update inside backward needs: one layer stepped as soon as its gradient is complete,
+    while the LR scheduler, checkpoints and every other parameter keep seeing the one configured optimizer. The
+    group and the state dict are looked up at every call, because ``load_state_dict`` replaces both.
+
+    Raises:
+        ConfigError: if ``param`` is not one of ``optimizer``'s parameters.
+    """
+    position = [(g, i) for g, group in enumerate(optimizer.param_groups) for i, p in enumerate(group["params"])
+                if p is param]
+    if not position:
+        raise ConfigError("the optimizer does not hold this parameter; pass dqt_lightning.quantized_parameters(model) "
+                          "to it in configure_optimizers")
+    group_index, _ = position[0]
+    if isinstance(optimizer, AdamW):
+        index = sum(len(g["params"]) for g in optimizer.param_groups[:group_index]) + position[0][1]
+        # The same seed index as a full step, so the stochastic rounding of lean states draws the same noise.
+        return lambda: optimizer._step_param(param, optimizer.param_groups[group_index], index)
+    # Any other torch optimizer: a one-parameter instance of the same class that borrows the group and the state.
+    accepted = inspect.signature(type(optimizer)).parameters
+    single = type(optimizer)([param], **{k: v for k, v in optimizer.defaults.items() if k in accepted})
+
+    def step() -> None:
+        single.state = optimizer.state
+        single.param_groups[0].update((k, v) for k, v in optimizer.param_groups[group_index].items() if k != "params")
+        single.step()
+
+    return step
 
 
 def _init_state(state: dict[str, Any], shape: torch.Size, device: torch.device, kind: str, block_size: int) -> None:

@@ -12,13 +12,15 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError
+from dqt_lightning.fp8 import convert_fp_linears, fp8_unsupported_reason
 from dqt_lightning.layers import GRAD_DTYPES, BitEmbedding, BitLinear, DQTEmbedding, DQTLinear, DQTWeight
 from dqt_lightning.quant import ROUNDINGS, Grid
 
 log = logging.getLogger(__name__)
 
 MODES = ("fp", "ste", "dqt")
-PRECISIONS = ("32-true", "bf16-mixed")
+PRECISIONS = ("32-true", "bf16-mixed", "fp8")
+SCALE_POLICIES = ("fixed", "absmax")
 # The seven projections of a LLaMA block; embeddings, lm_head and norm gains stay float by default (as BitNet and
 # torchao).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -48,7 +50,9 @@ class QuantPrecision(Precision):
         rounding: ``stochastic`` (DQT) or ``nearest`` (the ablation that loses sub-step updates).
         symmetric: Use the symmetric grid [-(2^(n-1)-1), 2^(n-1)-1] instead of the official asymmetric one.
         per_row_scale: One DQT scale per output row instead of one per tensor.
-        precision: ``32-true`` or ``bf16-mixed`` (autocast in forward; weights, grads and states stay float32).
+        precision: ``32-true``, ``bf16-mixed`` (autocast in forward; weights, grads and states stay float32) or
+            ``fp8``: ``bf16-mixed`` plus FP8 matmuls in the projections (see :mod:`dqt_lightning.fp8`), on NVIDIA
+            GPUs of compute capability 8.9+ only; never yet run on a GPU in this project.
         pack_ternary: Store ternary DQT weights in checkpoints 4 per byte instead of one int8 each.
         quantize_embeddings: Also quantize the token embedding and the output head (``embed_tokens``, ``lm_head``),
             as the official DQT code does; off by default, as in BitNet and torchao. ``dqt``: a
@@ -56,15 +60,24 @@ class QuantPrecision(Precision):
             activations); ``ste``: their BitNet counterparts (float masters behind an STE).
         grad_dtype: ``float32`` or ``bfloat16``: the gradient buffer of DQT weights. The optimizer step itself stays
             float32 (the gradient is widened inside the step), so bf16 costs gradient precision, not update precision.
+        scale_policy: ``fixed``: the absmean scale of initialisation stays for the whole run (the paper's default);
+            ``absmax``: every update re-derives the scale from the stepped weight, ``max|W'| / Qp`` per row with
+            ``per_row_scale`` or per tensor (torchao's int8 quantized training), and rounds onto that grid.
+        update_in_backward: Apply each DQT layer's update inside backward, as soon as its gradient is complete, and
+            free that gradient at once: no gradient buffer of a DQT weight outlives backward (SPEC §4 stretch). Same
+            optimizer, learning rate and rounding as the usual path, with the same results, but gradient
+            accumulation and clipping cannot work (both need every gradient before any update) and are refused.
 
     Raises:
         ConfigError: for an unknown mode, rounding, precision or grad_dtype, bits outside 1.58 / 2..8, or
-            quantize_embeddings / a bf16 grad_dtype with nothing quantized to apply them to.
+            quantize_embeddings / a bf16 grad_dtype / absmax scales / update in backward with nothing quantized to
+            apply them to.
     """
 
     def __init__(self, mode: str = "dqt", bits: float = 1.58, rounding: str = "stochastic", symmetric: bool = False,
                  per_row_scale: bool = False, precision: str = "32-true", pack_ternary: bool = False,
-                 quantize_embeddings: bool = False, grad_dtype: str = "float32") -> None:
+                 quantize_embeddings: bool = False, grad_dtype: str = "float32", scale_policy: str = "fixed",
+                 update_in_backward: bool = False) -> None:
         super().__init__()
         self.mode = _choice("mode", mode, MODES)
         self.rounding = _choice("rounding", rounding, ROUNDINGS)
@@ -76,6 +89,11 @@ class QuantPrecision(Precision):
         if self.grad_dtype != torch.float32 and mode != "dqt":
             raise ConfigError(f"trainer.plugins.grad_dtype: {grad_dtype} applies to DQT weights only (mode: dqt); "
                               f"mode {mode} keeps float32 gradients")
+        self.scale_policy = _choice("scale_policy", scale_policy, SCALE_POLICIES)
+        for field, value in (("scale_policy", scale_policy != "fixed"), ("update_in_backward", update_in_backward)):
+            if value and mode != "dqt":
+                raise ConfigError(f"trainer.plugins.{field} applies to DQT weights only (mode: dqt); got mode {mode}")
+        self.update_in_backward = update_in_backward
         self.per_row_scale = per_row_scale
         self.pack_ternary = pack_ternary
         self.quantize_embeddings = quantize_embeddings
@@ -105,7 +123,8 @@ class QuantPrecision(Precision):
         if type(child) is nn.Embedding and self.quantize_embeddings and own_name == EMBEDDING:
             if self.mode == "ste":
                 return BitEmbedding.from_embedding(child, self.grid)
-            return DQTEmbedding.from_embedding(child, self.grid, self.rounding, self.per_row_scale, self.grad_dtype)
+            return DQTEmbedding.from_embedding(child, self.grid, self.rounding, self.per_row_scale, self.grad_dtype,
+                                               self.scale_policy)
         is_head = self.quantize_embeddings and own_name == HEAD
         if type(child) is not nn.Linear or not (is_projection(qualified_name) or is_head):
             return None
@@ -113,18 +132,36 @@ class QuantPrecision(Precision):
             raise TypeError("quantized projections are bias-free, as in LLaMA; got a Linear with a bias")
         if self.mode == "ste":
             return BitLinear.from_linear(child, self.grid)
-        return DQTLinear.from_linear(child, self.grid, self.rounding, self.per_row_scale, self.grad_dtype)
+        return DQTLinear.from_linear(child, self.grid, self.rounding, self.per_row_scale, self.grad_dtype,
+                                     self.scale_policy)
 
     @override
     def connect(self, model: nn.Module, optimizers: list, lr_schedulers: list) -> tuple[nn.Module, list, list]:
         # Autocast needs the device type; connect() is the first hook that sees the model on its device.
         first = next(model.parameters(), None)
-        self._device_type = first.device.type if first is not None else "cpu"
+        device = first.device if first is not None else torch.device("cpu")
+        self._device_type = device.type
+        if self.precision == "fp8":
+            self._use_fp8_matmuls(model, device)
         return super().connect(model, optimizers, lr_schedulers)
+
+    def _use_fp8_matmuls(self, model: nn.Module, device: torch.device) -> None:
+        reason = fp8_unsupported_reason(device)
+        if reason is not None:
+            raise ConfigError(f"trainer.plugins.precision: fp8 needs an NVIDIA GPU of compute capability 8.9+ and "
+                              f"torchao; {reason}; use bf16-mixed")
+        if self.mode == "fp":
+            # Here rather than in convert_module: checkpoints load into plain nn.Linear, and only a supported
+            # device gets the swap. Float8Linear keeps each weight parameter, so the optimizer built already holds it.
+            convert_fp_linears(model, is_projection)
+            return
+        for name, layer in model.named_modules():
+            if isinstance(layer, (DQTLinear, BitLinear)) and is_projection(name):
+                layer.fp8 = True
 
     @override
     def forward_context(self):
-        if self.precision == "bf16-mixed":
+        if self.precision in ("bf16-mixed", "fp8"):
             return torch.autocast(self._device_type, dtype=torch.bfloat16)
         return nullcontext()
 

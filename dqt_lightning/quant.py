@@ -60,15 +60,19 @@ TernaryGrid = Grid(1.58, -1, 1)
 
 
 @torch.no_grad()
-def absmean_quantize(w: torch.Tensor, grid: Grid, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def absmean_quantize(w: torch.Tensor, grid: Grid, per_row: bool = False,
+                     statistic: str = "absmean") -> tuple[torch.Tensor, torch.Tensor]:
     """BitNet b1.58's absmean quantizer, generalised to n bits as the official DQT code does.
 
     ``alpha = mean(|w|) / Qp`` (per tensor, or per output row), ``q = clip(round(w / alpha), qmin, qmax)``.
+    ``statistic="absmax"`` uses ``max(|w|)`` instead (the start of the ``absmax`` scale policy).
     Computed in float32. Returns ``(q as int8, alpha as float32)``; ``alpha`` is a scalar or shaped ``[rows, 1]``.
     """
     w32 = w.float()
-    mean_abs = w32.abs().mean(dim=1, keepdim=True) if per_row else w32.abs().mean()
-    alpha = mean_abs.clamp(min=1e-8) / grid.positive_levels
+    reduce = torch.amax if statistic == "absmax" else torch.mean
+    magnitude = w32.abs()
+    stat = reduce(magnitude, dim=1, keepdim=True) if per_row else reduce(magnitude)
+    alpha = stat.clamp(min=1e-8) / grid.positive_levels
     q = torch.round(w32 / alpha).clamp_(grid.qmin, grid.qmax)
     return q.to(torch.int8), alpha
 
@@ -156,6 +160,23 @@ def quantized_step(
     y = levels * alpha
     y.neg_().add_(stepped.float()).div_(alpha).add_(levels)
     return round_to_grid(y, grid, rounding, generator)
+
+
+@torch.no_grad()
+def rescaled_step(stepped: torch.Tensor, grid: Grid, per_row: bool, rounding: str,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``absmax`` scale policy (torchao's int8 quantized training): the scale follows the weight instead of staying
+    fixed. From the optimizer's stepped weight ``W'``, ``alpha' = max|W'| / Qp`` (per row, or per tensor), then
+    ``q' = round(W' / alpha')`` with one rounding as in :func:`quantized_step`. Nothing is clipped except the
+    asymmetric grid's unused lowest level, and SR keeps ``E[alpha' q'] = W'``.
+
+    Returns:
+        ``(q' as int8, alpha' as float32)``, ``alpha'`` shaped ``[rows, 1]`` or a scalar.
+    """
+    w = stepped.float()
+    amax = w.abs().amax(dim=1, keepdim=True) if per_row else w.abs().amax()
+    alpha = amax.clamp_(min=1e-8) / grid.positive_levels
+    return round_to_grid(w / alpha, grid, rounding, generator), alpha
 
 
 def step_seed(run_seed: int, step: int, layer: int) -> int:

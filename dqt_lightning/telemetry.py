@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.layers import DQTWeight
+from dqt_lightning.update import QuantizedUpdate
 
 
 class WeightTelemetry(Callback):
@@ -63,8 +64,17 @@ class WeightTelemetry(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
         self._layers = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, DQTWeight)]
-        if self._layers:
-            self._handles = [_register_first_post_hook(opt, self._after_optimizer_step) for opt in trainer.optimizers]
+        if not self._layers:
+            return
+        if getattr(trainer.precision_plugin, "update_in_backward", False):
+            # No optimizer post-hook ever sees these layers' float step: the update callback hands each one over
+            # between its step and its rounding, inside backward.
+            update = next((cb for cb in trainer.callbacks if isinstance(cb, QuantizedUpdate)), None)
+            if update is not None:
+                update.observers.append(self._observe_in_backward)
+                self._handles = [_ObserverHandle(update.observers, self._observe_in_backward)]
+            return
+        self._handles = [_register_first_post_hook(opt, self._after_optimizer_step) for opt in trainer.optimizers]
 
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -77,14 +87,25 @@ class WeightTelemetry(Callback):
         self._measured_step = step
         started = time.perf_counter()
         for name, layer in self._layers:
-            stepped = layer.update_param.data
-            if stepped.dim() == 0 or 0 in stepped.stride():
-                continue  # not materialized: the update skipped this step (a non-finite gradient)
-            start = layer.weight.float() * layer.scale
-            # The same grid coordinates quantized_step rounds: y - q = (stepped - alpha*q) / alpha.
-            ratio = (stepped - start).div_(layer.scale).abs_()
-            self._update_stats[name] = (ratio.sum(), (ratio < 0.5).sum())
+            self._measure(name, layer, step)
         self.seconds += time.perf_counter() - started
+
+    @torch.no_grad()
+    def _observe_in_backward(self, name: str, layer: DQTWeight, step: int) -> None:
+        if self._trainer.is_global_zero and self._measuring(step):
+            started = time.perf_counter()
+            self._measure(name, layer, step)
+            self.seconds += time.perf_counter() - started
+
+    def _measure(self, name: str, layer: DQTWeight, step: int) -> None:
+        stepped = layer.update_param.data
+        if stepped.dim() == 0 or 0 in stepped.stride():
+            return  # not materialized: the update skipped this step (a non-finite gradient)
+        self._measured_step = step  # set here too for the path in backward, which has no per-step hook
+        start = layer.weight.float() * layer.scale
+        # The same grid coordinates quantized_step rounds: y - q = (stepped - alpha*q) / alpha.
+        ratio = (stepped - start).div_(layer.scale).abs_()
+        self._update_stats[name] = (ratio.sum(), (ratio < 0.5).sum())
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
@@ -160,6 +181,17 @@ def _level_histogram(experiment: Any, tag: str, counts: torch.Tensor, qmin: int,
         bucket_counts=weights.tolist(),
         global_step=step,
     )
+
+
+class _ObserverHandle:
+    """Removes an observer from QuantizedUpdate's list, as a hook handle removes its hook."""
+
+    def __init__(self, observers: list, observer) -> None:
+        self.observers, self.observer = observers, observer
+
+    def remove(self) -> None:
+        if self.observer in self.observers:
+            self.observers.remove(self.observer)
 
 
 def _register_first_post_hook(optimizer: torch.optim.Optimizer, hook) -> Any:

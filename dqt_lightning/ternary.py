@@ -72,7 +72,8 @@ def _ternary_stand_in(layer: nn.Module, qualified_name: str) -> nn.Module | None
         ternary = _copy_structure(layer)
         ternary.grid = TernaryGrid  # the same float master, shared, quantized on the ternary grid
         return ternary
-    if type(layer) is nn.Linear and is_projection(qualified_name):
+    # Any other Linear subclass too: an fp run in fp8 holds torchao's Float8Linear, whose weight is a plain float.
+    if isinstance(layer, nn.Linear) and is_projection(qualified_name):
         ternary = BitLinear(layer.in_features, layer.out_features, TernaryGrid)
         ternary.weight = layer.weight  # shared, not copied: the fp model's own weight
         return ternary

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
@@ -13,7 +14,8 @@ from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError, TrainingStopped
 from dqt_lightning.layers import DQTWeight
-from dqt_lightning.quant import quantized_step, step_seed
+from dqt_lightning.optim import parameter_stepper
+from dqt_lightning.quant import quantized_step, rescaled_step, step_seed
 
 
 class QuantizedUpdate(Callback):
@@ -30,6 +32,16 @@ class QuantizedUpdate(Callback):
     Under DDP the quantized gradients are averaged in one collective per step and every rank draws the same noise,
     so the integer replicas stay bit-identical; every ``check_replicas_every_n_steps`` steps a checksum comparison
     proves it, and stops the run if it ever fails.
+
+    With ``QuantPrecision(update_in_backward=True)`` the same update runs per layer inside backward instead, from a
+    hook that fires as soon as the layer's gradient is complete: average it across ranks (one collective per layer,
+    on a process group of its own), step the one parameter with the configured optimizer, round, free the gradient.
+    Same seeds, same arithmetic, same weights as the usual path; no gradient buffer of a DQT weight outlives
+    backward. A non-finite gradient then skips (or stops at) that layer only: the layers before it in backward have
+    already moved.
+
+    Under the ``absmax`` scale policy the rounding also re-derives each layer's scale from the stepped weight
+    (:func:`~dqt_lightning.quant.rescaled_step`).
 
     Args:
         seed: Seed of the rounding noise; ``None`` takes the run's ``seed_everything`` value (``PL_GLOBAL_SEED``).
@@ -66,6 +78,13 @@ class QuantizedUpdate(Callback):
         self._flips: dict[str, torch.Tensor] = {}
         self._sizes: dict[str, int] = {}
         self._trainer: pl.Trainer | None = None
+        self._in_backward = False
+        self._steppers: list[Callable[[], None]] = []
+        self._group = None  # the process group of the per-layer averages in backward
+        self._updated_in_backward = False
+        # Called with (layer name, layer, global step) between the optimizer's step and the rounding, in backward
+        # only: how WeightTelemetry sees the float step when no optimizer post-hook would.
+        self.observers: list[Callable[[str, DQTWeight, int], None]] = []
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -86,10 +105,39 @@ class QuantizedUpdate(Callback):
                 f"(first: {missing[0]}); "
                 "pass dqt_lightning.quantized_parameters(model) to it in configure_optimizers"
             )
-        self._handles = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
+        self._in_backward = bool(getattr(trainer.precision_plugin, "update_in_backward", False))
+        if self._in_backward:
+            self._hook_into_backward(trainer)
+        else:
+            self._handles = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
+
+    def _hook_into_backward(self, trainer: pl.Trainer) -> None:
+        field = "trainer.plugins.update_in_backward"
+        if (accumulate := trainer.accumulate_grad_batches) != 1:
+            raise ConfigError(f"{field} needs trainer.accumulate_grad_batches: 1 (got {accumulate}): an update in "
+                              "backward cannot wait for the gradients of later micro-batches")
+        if trainer.gradient_clip_val:
+            raise ConfigError(f"{field} cannot clip gradients (trainer.gradient_clip_val: {trainer.gradient_clip_val})"
+                              ": the global norm needs every gradient before the first update; set it to null")
+        if len(trainer.optimizers) != 1:
+            raise ConfigError(f"{field} needs exactly one optimizer; got {len(trainer.optimizers)}")
+        if trainer.world_size > 1:
+            # Separate from the group DDP's own bucketed all-reduces run on, so the two streams of collectives,
+            # both launched from backward hooks, can never be matched against each other.
+            self._group = torch.distributed.new_group()
+        self._steppers = [parameter_stepper(trainer.optimizers[0], m.update_param) for _, m in self._layers]
+        self._handles = [m.update_param.register_post_accumulate_grad_hook(
+            functools.partial(self._update_in_backward, i)) for i, (_, m) in enumerate(self._layers)]
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if self._in_backward:
+            # Every DQT layer has been updated already and its gradient freed: what remains are the float parameters.
+            self._gradients_are_finite(trainer, optimizer)
+            if self._updated_in_backward:
+                self._updated_in_backward = False
+                self._finish_step(trainer.global_step)
+            return
         if trainer.world_size > 1 and self._layers:
             self._average_gradients_across_ranks()
         if not self._gradients_are_finite(trainer, optimizer):
@@ -141,18 +189,58 @@ class QuantizedUpdate(Callback):
         if not self._pending:
             return
         step = self._trainer.global_step  # still the index of this step: Lightning counts it after the step
-        seed = self.seed if self.shared_noise else self.seed + 7919 * self._trainer.global_rank
-        flips = self._flips
-        for index, (name, layer) in enumerate(self._layers):
-            q = layer.weight
-            generator = self._generator(q.device)
-            generator.manual_seed(step_seed(seed, step, index))
-            q_new = quantized_step(q, layer.scale, layer.update_param.data, layer.grid, layer.rounding, generator)
-            flips[name] = torch.count_nonzero(q_new != q)  # stays a tensor: no host sync in the hot path
-            q.copy_(q_new)
-            layer.release()
-        self.n_updates += 1
+        for index in range(len(self._layers)):
+            self._round(index, step)
         self._pending = False
+        self._finish_step(step)
+
+    @torch.no_grad()
+    def _update_in_backward(self, index: int, param: torch.Tensor) -> None:
+        trainer = self._trainer
+        if trainer is None or not trainer.training or param.grad is None:
+            return
+        name, layer = self._layers[index]
+        if self._group is not None:
+            average = param.grad.float()  # summed in float32, as the one-bucket average of the usual path
+            torch.distributed.all_reduce(average, group=self._group)
+            param.grad.copy_(average.div_(torch.distributed.get_world_size()))
+        step = trainer.global_step
+        extremes = param.grad.aminmax()
+        if not bool(torch.isfinite(torch.stack(extremes)).all()):
+            if self.on_nonfinite == "stop":
+                raise TrainingStopped(f"non-finite gradient at step {step} in {name}; lower the learning rate, "
+                                      "or set on_nonfinite: skip")
+            param.grad = None
+            self.skipped_steps += 1
+            rank_zero_warn(f"skipped the update of {name} at step {step}: non-finite gradient")
+            return
+        layer.materialize()
+        self._steppers[index]()
+        for observe in self.observers:
+            observe(name, layer, step)
+        self._round(index, step)
+        param.grad = None
+        self._updated_in_backward = True
+
+    def _round(self, index: int, step: int) -> None:
+        """Round layer ``index``'s stepped weight onto its grid with this step's noise, then free the float values."""
+        name, layer = self._layers[index]
+        seed = self.seed if self.shared_noise else self.seed + 7919 * self._trainer.global_rank
+        q = layer.weight
+        generator = self._generator(q.device)
+        generator.manual_seed(step_seed(seed, step, index))
+        stepped = layer.update_param.data
+        if layer.scale_policy == "absmax":
+            q_new, alpha = rescaled_step(stepped, layer.grid, layer.scale.dim() > 0, layer.rounding, generator)
+            layer.scale.copy_(alpha.reshape(layer.scale.shape))
+        else:
+            q_new = quantized_step(q, layer.scale, stepped, layer.grid, layer.rounding, generator)
+        self._flips[name] = torch.count_nonzero(q_new != q)  # stays a tensor: no host sync in the hot path
+        q.copy_(q_new)
+        layer.release()
+
+    def _finish_step(self, step: int) -> None:
+        self.n_updates += 1
         if self._trainer.world_size > 1 and self.check_every and (step + 1) % self.check_every == 0:
             self._check_replicas(step)
 

@@ -15,10 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 30
 
 
-def _config(tmp_path: Path, base: str, rounding: str | None, update_args: dict) -> Path:
+def _config(tmp_path: Path, base: str, plugin: dict | None, update_args: dict) -> Path:
     config = yaml.safe_load((REPO / "configs" / base).read_text())
-    if rounding:
-        config["trainer"]["plugins"]["init_args"]["rounding"] = rounding
+    config["trainer"]["plugins"]["init_args"].update(plugin or {})
+    if "update_in_backward" in (plugin or {}):  # either way, so that both arms of a comparison run unclipped
+        config["trainer"]["gradient_clip_val"] = None
     config["trainer"]["callbacks"] = [
         {"class_path": "dqt_lightning.QuantizedUpdate", "init_args": update_args},
         {"class_path": "tests.helpers.SaveReplica", "init_args": {"directory": str(tmp_path)}},
@@ -38,11 +39,11 @@ def _fit_ddp(tmp_path: Path, config: Path, data_cache: str) -> subprocess.Comple
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("base,rounding", [("ternary.yaml", None), ("dqt-8bit.yaml", None),
-                                           ("dqt-8bit.yaml", "nearest"), ("bitnet.yaml", None)],
-                         ids=["ternary", "8bit", "8bit-nearest", "bitnet"])
-def test_every_rank_holds_identical_weights(base, rounding, tmp_path, data_cache):
-    config = _config(tmp_path, base, rounding, {"check_replicas_every_n_steps": 1})
+@pytest.mark.parametrize("base,plugin", [
+    ("ternary.yaml", None), ("dqt-8bit.yaml", None), ("dqt-8bit.yaml", {"rounding": "nearest"}), ("bitnet.yaml", None),
+], ids=["ternary", "8bit", "8bit-nearest", "bitnet"])
+def test_every_rank_holds_identical_weights(base, plugin, tmp_path, data_cache):
+    config = _config(tmp_path, base, plugin, {"check_replicas_every_n_steps": 1})
     result = _fit_ddp(tmp_path, config, data_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
@@ -55,6 +56,23 @@ def test_every_rank_holds_identical_weights(base, rounding, tmp_path, data_cache
     # Only rank 0 logs: one run directory, with its TensorBoard events.
     runs = list((tmp_path / "runs").glob("*/version_*"))
     assert len(runs) == 1 and list(runs[0].glob("events.out.tfevents.*"))
+
+
+def test_the_update_in_backward_under_ddp_matches_the_usual_path(tmp_path, data_cache):
+    # bf16 gradient buffers on both sides: the per-layer average in backward must round like the one-bucket one.
+    weights = {}
+    for arm in ("usual", "in-backward"):
+        directory = tmp_path / arm
+        directory.mkdir()
+        plugin = {"grad_dtype": "bfloat16", "update_in_backward": arm == "in-backward"}
+        config = _config(directory, "ternary.yaml", plugin, {"check_replicas_every_n_steps": 1})
+        result = _fit_ddp(directory, config, data_cache)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rank0, rank1 = (torch.load(directory / f"rank{r}.pt") for r in (0, 1))
+        assert all(torch.equal(w, rank1["weights"][name]) for name, w in rank0["weights"].items())
+        weights[arm] = rank0["weights"]
+    for name, w in weights["usual"].items():
+        assert torch.equal(w, weights["in-backward"][name]), name
 
 
 def test_the_replica_check_catches_ranks_that_draw_different_noise(tmp_path, data_cache):

@@ -1,7 +1,8 @@
 """Every training config and every overlay under configs/ trains a few steps, shrunk to a tiny model on CPU.
 
 Data overlays are the exception: they need a user's files, a network or a `prepare` run first, and have their own
-end-to-end tests in test_text.py and test_shards.py.
+end-to-end tests in test_text.py and test_shards.py. The fp8 overlay trains only on a GPU with FP8 tensor cores;
+anywhere else (CPU included) the test asserts that it stops with its one-line ConfigError instead.
 """
 
 from __future__ import annotations
@@ -10,13 +11,19 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 
 from dqt_lightning.cli import DQTLightningCLI
+from dqt_lightning.errors import ConfigError
+from dqt_lightning.fp8 import fp8_unsupported_reason
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 OVERLAYS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "data")
+FP8_OVERLAY = "precision/fp8.yaml"
+# Checked on the device the Trainer's "auto" accelerator picks for these runs.
+FP8_REFUSED_BECAUSE = fp8_unsupported_reason(torch.device("cuda:0" if torch.cuda.is_available() else "cpu"))
 SHRINK = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
           "--trainer.accumulate_grad_batches", "1", "--trainer.enable_progress_bar", "false",
           "--trainer.enable_model_summary", "false",
@@ -39,6 +46,12 @@ def _fit(configs: list[str], data_cache: str) -> DQTLightningCLI:
                          ids=lambda c: "+".join(c))
 def test_config_trains_a_few_steps(configs, data_cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    if FP8_OVERLAY in configs and FP8_REFUSED_BECAUSE is not None:
+        with pytest.raises(ConfigError) as error:
+            _fit(configs, data_cache)
+        assert str(error.value) == (f"trainer.plugins.precision: fp8 needs an NVIDIA GPU of compute capability 8.9+ "
+                                    f"and torchao; {FP8_REFUSED_BECAUSE}; use bf16-mixed")
+        return
     cli = _fit(configs, data_cache)
     assert cli.trainer.global_step == 3
     assert math.isfinite(float(cli.trainer.callback_metrics["val/loss"]))

@@ -46,6 +46,18 @@ def test_float_modes_keep_float32_weights(per_param: dict[str, dict[str, float]]
     assert state["optimizer_states"] == pytest.approx(8.0, rel=REL)
 
 
+def test_lean_dqt_state_by_component() -> None:
+    # bf16 gradient buffers hold 2 bytes; the update in backward frees them before the step, so none persists.
+    bf16_grads = measure("dqt", state_dtype="int8", grad_dtype="bfloat16").per_param()
+    in_backward = measure("dqt", state_dtype="int8", update_in_backward=True).per_param()
+    assert bf16_grads["grads"] == 2.0
+    assert in_backward["grads"] == 0.0
+    for state in (bf16_grads, in_backward):
+        assert 1.0 < state["weights"] < 1.01
+        assert 2.0 < state["optimizer_states"] < 2.1  # int8 codes + one float32 scale per 256-element block
+    assert in_backward["total"] < 3.1
+
+
 def test_dqt_needs_less_than_bitnet(per_param: dict[str, dict[str, float]]) -> None:
     assert per_param["dqt"]["total"] < per_param["ste"]["total"]
 

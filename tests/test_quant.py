@@ -11,6 +11,7 @@ from dqt_lightning.quant import (
     pack_ternary,
     quantize_activations,
     quantized_step,
+    rescaled_step,
     round_to_grid,
     step_seed,
     stochastic_round,
@@ -104,6 +105,29 @@ def test_quantized_step_moves_by_delta_over_alpha_in_expectation():
     nearest = quantized_step(q, alpha, stepped, grid, "nearest", None)
     assert abs(sr.float().mean().item() + 0.23) < 0.005
     assert torch.count_nonzero(nearest) == 0  # round-to-nearest loses the update entirely
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["per-tensor", "per-row"])
+def test_absmax_rescale_spans_the_stepped_weight_and_is_unbiased(per_row):
+    grid = Grid.from_bits(4)
+    stepped = torch.randn(6, 50_000, generator=torch.Generator().manual_seed(1)) * torch.arange(1, 7).unsqueeze(1)
+    q, alpha = rescaled_step(stepped, grid, per_row, "stochastic", torch.Generator().manual_seed(2))
+    amax = stepped.abs().amax(dim=1, keepdim=True) if per_row else stepped.abs().amax()
+    assert torch.allclose(alpha, amax / 7)
+    assert alpha.shape == ((6, 1) if per_row else ())
+    assert q.dtype == torch.int8 and int(q.max()) <= 7 and int(q.min()) >= -7  # nothing clipped: the grid spans W'
+    # E[alpha * q] = W': the row means of the rounding error shrink like 1/sqrt(n), far below one grid step.
+    error = (q.float() * alpha - stepped) / alpha
+    assert error.mean(dim=1).abs().max() < 0.01
+    nearest, _ = rescaled_step(stepped, grid, per_row, "nearest", None)
+    assert torch.equal(nearest, torch.round(stepped / alpha).to(torch.int8))
+
+
+def test_absmax_initialisation_uses_the_largest_magnitude():
+    w = torch.tensor([[0.5, -2.0, 1.0], [0.1, 0.2, -0.4]])
+    q, alpha = absmean_quantize(w, Grid.from_bits(8), per_row=True, statistic="absmax")
+    assert torch.allclose(alpha, torch.tensor([[2.0 / 127], [0.4 / 127]]))
+    assert q[0, 1] == -127 and q[1, 2] == -127
 
 
 @pytest.mark.parametrize("shape", [(4, 4), (3, 5), (1,), (7, 3, 2)])

@@ -76,10 +76,11 @@ class _ExpectedRatio(pl.Callback):
         self.below_half[trainer.global_step] = sum(int((r < 0.5).sum()) for r in ratios.values()) / total
 
 
-def _fit(callbacks: list[pl.Callback], steps: int = 5, bits: float = 8) -> tuple[pl.Trainer, _RecordingLogger]:
+def _fit(callbacks: list[pl.Callback], steps: int = 5, bits: float = 8,
+         **plugin) -> tuple[pl.Trainer, _RecordingLogger]:
     logger = _RecordingLogger()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, plugins=[QuantPrecision(mode="dqt", bits=bits)],
+        accelerator="cpu", devices=1, max_steps=steps, plugins=[QuantPrecision(mode="dqt", bits=bits, **plugin)],
         callbacks=callbacks, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, log_every_n_steps=1,
     )
@@ -113,6 +114,17 @@ def test_update_ratio_is_the_optimizers_step_in_grid_units(telemetry_first):
         assert metrics["telemetry/update_over_step"] == pytest.approx(expected.overall[step], rel=2e-3)
         assert metrics["telemetry/update_below_half_step"] == pytest.approx(expected.below_half[step], abs=1e-3)
     assert update.n_updates == 5  # telemetry did not disturb the update
+
+
+def test_the_update_in_backward_reports_the_same_telemetry():
+    _, usual = _fit([QuantizedUpdate(seed=3), WeightTelemetry(every_n_steps=2)])
+    _, in_backward = _fit([QuantizedUpdate(seed=3), WeightTelemetry(every_n_steps=2)], update_in_backward=True)
+    measured = {step: m for step, m in usual.metrics.items() if "telemetry/update_over_step" in m}
+    assert sorted(measured) == [1, 3, 5]
+    for step, metrics in measured.items():
+        other = in_backward.metrics[step]
+        telemetry = {k: v for k, v in metrics.items() if k.startswith("telemetry")}
+        assert {k: other[k] for k in telemetry} == pytest.approx(telemetry, rel=1e-6)
 
 
 def test_level_occupancy_and_scales_match_the_weights():

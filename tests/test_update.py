@@ -202,3 +202,31 @@ def test_flip_rates_reach_the_logger_overall_every_step_and_per_layer_when_it_wr
         per_layer = sum(float(row[key]) * size for key, size in layers.items()) / sum(layers.values())
         assert per_layer == pytest.approx(float(row["dqt/flip_rate"]), rel=1e-5)
         assert float(row["dqt/flip_rate"]) > 0
+
+
+def test_absmax_scale_policy_follows_the_weights_every_step(one_thread):
+    class Scales(pl.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            layer = next(dqt_layers(pl_module))
+            self.seen.append(layer.scale.clone())
+            stepped_range = layer.weight.abs().amax(dim=1)
+            assert int(stepped_range.min()) == 127  # every row's largest weight sits on the grid's edge
+
+    scales = Scales()
+    model = make_model()
+    fit(model, bits=8, steps=4, per_row_scale=True, scale_policy="absmax", callbacks=[scales])
+    assert len(scales.seen) == 4
+    assert all(not torch.equal(a, b) for a, b in zip(scales.seen, scales.seen[1:]))
+    assert all(layer.weight.dtype == torch.int8 for layer in dqt_layers(model))
+
+
+def test_scale_policy_is_checked():
+    from dqt_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.plugins.scale_policy must be one of fixed, absmax"):
+        QuantPrecision(scale_policy="rescale")
+    with pytest.raises(ConfigError, match="scale_policy applies to DQT weights only"):
+        QuantPrecision(mode="ste", scale_policy="absmax")

@@ -1,0 +1,101 @@
+"""The update applied inside backward (``QuantPrecision(update_in_backward=True)``): the same weights as the usual
+path, with no DQT gradient buffer ever reaching the optimizer step; and the configurations it must refuse."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from dqt_lightning import optim
+from dqt_lightning.errors import ConfigError
+from dqt_lightning.layers import dqt_layers
+from tests.conftest import fit, make_model
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+class _GradientsAtTheStep(pl.Callback):
+    """Records, at every optimizer step, whether any DQT layer still holds a gradient."""
+
+    def __init__(self) -> None:
+        self.held: list[bool] = []
+        self.initial: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.initial = _state(pl_module)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.held.append(any(layer.update_param.grad is not None for layer in dqt_layers(pl_module)))
+
+
+@pytest.mark.parametrize("bits,optimizer,plugin", [
+    (1.58, None, {}),
+    (8, partial(optim.AdamW, lr=2e-3, state_dtype="int8"), {}),
+    (4, partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.1), {"grad_dtype": "bfloat16", "per_row_scale": True}),
+    (8, None, {"scale_policy": "absmax", "quantize_embeddings": True}),
+], ids=["ternary", "8bit-int8-states", "4bit-bf16-grads-per-row", "8bit-absmax-embeddings"])
+def test_update_in_backward_gives_the_same_weights_as_the_usual_path(bits, optimizer, plugin, one_thread):
+    usual = make_model(optimizer=optimizer, warmup_steps=2)
+    fit(usual, bits=bits, steps=5, **plugin)
+    in_backward = make_model(optimizer=optimizer, warmup_steps=2)
+    probe = _GradientsAtTheStep()
+    trainer = fit(in_backward, bits=bits, steps=5, update_in_backward=True, callbacks=[probe], **plugin)
+    expected, got = _state(usual), _state(in_backward)
+    assert expected.keys() == got.keys()
+    moved = [k for k in expected if not torch.equal(expected[k], probe.initial[k])]
+    assert any(k.endswith("_proj.weight") for k in moved)  # the comparison is not between two untrained models
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert probe.held == [False] * 5  # no DQT gradient is left when the optimizer steps
+    assert all(layer.update_param.grad is None for layer in dqt_layers(in_backward))
+    # Their optimizer states live in the one configured optimizer, so checkpoints carry them.
+    state = trainer.optimizers[0].state
+    assert all(len(state[layer.update_param]) > 0 for layer in dqt_layers(in_backward))
+
+
+def test_update_in_backward_counts_steps_and_flips(one_thread):
+    model = make_model()
+    trainer = fit(model, steps=3, update_in_backward=True)
+    update = next(cb for cb in trainer.callbacks if type(cb).__name__ == "QuantizedUpdate")
+    assert update.n_updates == 3
+
+
+@pytest.mark.parametrize("fit_args,message", [
+    ({"accumulate": 2}, "accumulate_grad_batches: 1"),
+    ({"clip": 1.0}, "gradient_clip_val"),
+])
+def test_update_in_backward_refuses_what_needs_every_gradient_first(fit_args, message, one_thread):
+    with pytest.raises(ConfigError, match=message) as caught:
+        fit(make_model(), steps=1, update_in_backward=True, **fit_args)
+    assert "trainer.plugins.update_in_backward" in str(caught.value)
+
+
+def test_update_in_backward_is_for_dqt_only():
+    from dqt_lightning import QuantPrecision
+
+    with pytest.raises(ConfigError, match="update_in_backward.*mode: dqt"):
+        QuantPrecision(mode="ste", update_in_backward=True)
+
+
+def test_a_nonfinite_gradient_in_backward_skips_that_layer_only(one_thread):
+    from dqt_lightning import QuantPrecision
+
+    model = make_model()
+    QuantPrecision(mode="dqt").convert_module(model)  # fit converts again: a no-op
+    layers = list(dqt_layers(model))
+    first = layers[0]
+
+    def poison(grad):
+        return torch.full_like(grad, float("nan"))
+
+    first.update_param.register_hook(poison)
+    before = {id(m): m.weight.clone() for m in layers}
+    with pytest.warns(UserWarning, match="skipped the update"):
+        fit(model, steps=1, update_in_backward=True)
+    assert torch.equal(first.weight, before[id(first)])
+    assert any(not torch.equal(m.weight, before[id(m)]) for m in layers[1:])
