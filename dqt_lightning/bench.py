@@ -2,16 +2,19 @@
 
 For one model size, batch and sequence length, each recipe (fp, BitNet STE, DQT at several bit widths, and
 torchao's quantized training when it is installed) trains a few steps on random tokens; the table reports tokens/s,
-the ratio to the fp recipe, and the memory of weights, gradients and optimizer states of all parameters.
+the ratio to the fp recipe, and the memory of weights, gradients and optimizer states of all parameters;
+``--plot`` draws both as a PNG.
 
-Run ``python -m dqt_lightning.bench --help`` for the options.
+Run ``python -m dqt_lightning bench --help`` (or ``python -m dqt_lightning.bench --help``) for the options.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
+import importlib.metadata
 import importlib.util
 import logging
 import platform
@@ -19,7 +22,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -28,6 +31,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from dqt_lightning.files import atomic_write
 from dqt_lightning.layers import dqt_layers
 from dqt_lightning.memory import fit_on_tokens, unique_storage_bytes
 from dqt_lightning.model import SIZES, Config
@@ -37,6 +41,10 @@ from dqt_lightning.precision import QuantPrecision, is_projection
 RECIPES = ("fp", "ste", "dqt-1.58", "dqt-2", "dqt-3", "dqt-4", "dqt-8")
 TORCHAO = {"torchao-int8": "torchao int8 QT", "torchao-bitnet": "torchao BitNet"}
 MIB, GIB = 2**20, 2**30
+PROG = "python -m dqt_lightning bench"
+# torchao's import logs a warning per CUDA kernel library it cannot load (always, on a CPU-only torch) and torch logs
+# a deprecation of how torchao registers an enum; neither says anything about the benchmark.
+TORCHAO_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 @dataclass
@@ -129,13 +137,47 @@ def state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[in
     return weights, grads, states
 
 
+@contextlib.contextmanager
+def _quiet_loggers(names: Sequence[str]) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def _torchao(recipe: str, model: LanguageModel) -> None:
-    from torchao import quantize_
-    from torchao.prototype.quantized_training import bitnet_training, int8_weight_only_quantized_training
+    # Only the seven projections of every block become torchao weights: embeddings, lm_head and norm gains stay float,
+    # exactly what QuantPrecision converts for the ste and dqt recipes.
+    with _quiet_loggers(TORCHAO_IMPORT_LOGGERS):
+        from torchao import quantize_
+        from torchao.prototype.quantized_training import bitnet_training, int8_weight_only_quantized_training
 
     config = int8_weight_only_quantized_training() if recipe == "torchao-int8" else bitnet_training()
-    quantize_(model.model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear)
-              and is_projection(fqn))
+    quantize_(model.model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and is_projection(fqn))
+
+
+def optimizer_for(recipe: str) -> Callable[..., torch.optim.Optimizer] | None:
+    """The optimizer factory a recipe trains with; ``None`` means :class:`LanguageModel`'s default AdamW.
+
+    Every recipe runs that AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.01 on matrices) except ``torchao-int8``,
+    which runs it without weight decay: torchao 0.18's int8 weight subclass implements no ``aten.mul_``, the op
+    AdamW's decoupled decay applies to the weight, and the step fails with ``NotImplementedError``.
+    ``torchao-bitnet`` keeps a float master weight and takes the decay.
+
+    Args:
+        recipe: A recipe name (see :func:`run_recipe`).
+
+    Returns:
+        A factory taking parameter groups, or ``None``.
+    """
+    if recipe == "torchao-int8":
+        return partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    return None
 
 
 def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len: int, steps: int, warmup: int,
@@ -162,18 +204,18 @@ def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    # torchao's int8 weight subclass crashes on weight decay, so its recipes run AdamW without it.
-    optimizer = partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0) if torchao else None
     with torch.random.fork_rng(devices=[]):  # every recipe starts from the same weights and data
         torch.manual_seed(0)
-        model = LanguageModel(Config.from_name(size), vocab_size=vocab_size, optimizer=optimizer, warmup_steps=0)
+        model = LanguageModel(Config.from_name(size), vocab_size=vocab_size, optimizer=optimizer_for(recipe),
+                              warmup_steps=0)
         tokens = torch.randint(0, vocab_size, ((warmup + steps) * batch_size, seq_len + 1))
     if torchao:
         _torchao(recipe, model)
     if compile:
         model.model.compile()  # lazy: compiles on the first forward, after QuantPrecision has swapped the layers
     timer = StepTimer(warmup)
-    plugin = QuantPrecision(mode=mode, bits=float(bits or 1.58), precision=precision)
+    # A torchao recipe's suffix names torchao's method, not a bit width; its model trains under the fp plugin.
+    plugin = QuantPrecision(mode=mode, bits=float(bits) if bits and not torchao else 1.58, precision=precision)
     trainer = fit_on_tokens(model, tokens, batch_size, plugins=[plugin], callbacks=[timer], accelerator="auto")
     peak = torch.cuda.max_memory_allocated() if cuda else None
     # Measured after fit, between steps: gradients are still allocated (Lightning frees them at the next step's
@@ -257,10 +299,91 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> str:
-    """Parse the command line, run the benchmark, print (and optionally write) the table; returns the report."""
+# Memory columns of a row, bottom to top in the stacked bars, with their legend labels and colours (none of them
+# the throughput panel's, so that a colour means one thing in the figure).
+MEMORY_PARTS = (("weights_mib", "weights", "#1b9e77"), ("grads_mib", "gradients", "#e7298a"),
+                ("states_mib", "optimizer states", "#7570b3"),
+                ("activations_mib", "activations / other (peak - the rest)", "#bbbbbb"))
+RECIPE_COLORS = {"fp": "#888888", "torchao": "#e6ab02", "ours": "#4c72b0"}
+
+
+def plot(rows: Sequence[Row], output: Path, title: str) -> None:
+    """Write a PNG of two panels: tokens/s per recipe, each bar labelled with its ratio to fp (whiskers: the range
+    over repeated rounds), and memory by component per recipe, stacked, with the total on top. A skipped recipe keeps
+    its place, marked.
+
+    Activations (peak minus weights, gradients and optimizer states) exist only where the allocator reports a peak
+    (CUDA); on CPU the stack holds the three measured components and the panel says so.
+
+    Args:
+        rows: Rows from :func:`run_benchmark`.
+        output: Where to write the PNG (atomically: a reader never sees half a file).
+        title: The figure's title (model, batch, precision, device).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a training machine
+    import matplotlib.pyplot as plt
+
+    x = list(range(len(rows)))
+    fig, (speed_ax, memory_ax) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=120)
+    speeds = [r.tokens_per_s or 0.0 for r in rows]
+    low = [s - r.tokens_per_s_range[0] if r.tokens_per_s_range else 0.0 for s, r in zip(speeds, rows)]
+    high = [r.tokens_per_s_range[1] - s if r.tokens_per_s_range else 0.0 for s, r in zip(speeds, rows)]
+    colors = [RECIPE_COLORS["fp" if r.recipe == "fp" else "torchao" if r.recipe in TORCHAO.values() else "ours"]
+              for r in rows]
+    whiskers = any(low + high)
+    speed_ax.bar(x, speeds, color=colors, yerr=[low, high] if whiskers else None, capsize=3)
+    for i, row in enumerate(rows):
+        # Above the whisker, so that the two never overlap.
+        text = "skipped" if row.skipped else "" if row.ratio is None else f"{row.ratio:.2f}×"
+        speed_ax.annotate(text, (i, speeds[i] + high[i]), xytext=(0, 3), textcoords="offset points", ha="center",
+                          va="bottom", fontsize=9, fontweight="bold")
+    speed_ax.set_ylabel("training tokens/s")
+    # With rounds, the label is the median of the per-round ratios (as in the table), not the ratio of the medians.
+    speed_ax.set_title("Throughput; label: tokens/s relative to fp" if not whiskers else
+                       "Throughput, median of rounds (whiskers: range); label: median per-round ratio to fp",
+                       fontsize=10)
+    speed_ax.set_ylim(0, max([s + h for s, h in zip(speeds, high)] + [1.0]) * 1.12)
+
+    bottom = [0.0] * len(rows)
+    for field, label, color in MEMORY_PARTS:
+        values = [max(getattr(r, field) or 0.0, 0.0) for r in rows]
+        if any(values):
+            memory_ax.bar(x, values, bottom=bottom, label=label, color=color)
+            bottom = [b + v for b, v in zip(bottom, values)]
+    for i, row in enumerate(rows):
+        text = "skipped" if row.skipped else f"{bottom[i]:.1f}"
+        memory_ax.annotate(text, (i, bottom[i]), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
+                           fontsize=9)
+    memory_ax.set_ylabel("MiB")
+    no_peak = all(r.activations_mib is None for r in rows)
+    memory_ax.set_title("Memory by component, between steps" + (" (no allocator peak on CPU: activations n/a)"
+                                                                if no_peak else "; whole stack: allocator peak"),
+                        fontsize=10)
+    memory_ax.set_ylim(0, max(bottom + [1.0]) * 1.3)  # headroom for the legend above the bars
+    if any(bottom):
+        memory_ax.legend(fontsize=8, loc="upper center", ncol=2)
+    for ax in (speed_ax, memory_ax):
+        ax.set_xticks(x, [r.recipe for r in rows], rotation=30, ha="right")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    try:
+        atomic_write(output, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, run the benchmark, print the report (and write it and the chart when asked).
+
+    Returns:
+        The exit code: 0, or 2 when an output file cannot be written (the report is printed first).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m dqt_lightning.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny", choices=list(SIZES))
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -277,9 +400,13 @@ def main(argv: Sequence[str] | None = None) -> str:
                         "median per-round ratio to fp")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--out", type=Path, help="also write the report to this Markdown file")
+    parser.add_argument("--plot", type=Path, metavar="PATH.png",
+                        help="also draw tokens/s and memory by component per recipe into this PNG")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--steps, --repeats and --threads must be >= 1 and --warmup >= 0")
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        parser.error(f"--plot writes a PNG, so its path must end in .png; got {args.plot}")
     if args.threads:
         torch.set_num_threads(args.threads)
     has_torchao = importlib.util.find_spec("torchao") is not None
@@ -295,22 +422,34 @@ def main(argv: Sequence[str] | None = None) -> str:
                          seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, precision=precision,
                          compile=args.compile, repeats=args.repeats)
     device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})"
+    versions = f"torch {torch.__version__}"
+    if has_torchao:
+        versions += f", torchao {importlib.metadata.version('torchao')}"
     report = "\n".join([
         f"Model {args.size}, vocab {args.vocab_size}, batch {args.batch_size} x {args.seq_len} tokens, {precision}, "
         f"{args.steps} measured steps after {args.warmup} warm-up, AdamW{', torch.compile' if args.compile else ''}"
         f"{f', median of {args.repeats} interleaved rounds (range)' if args.repeats > 1 else ''}, "
         f"CPU threads: {torch.get_num_threads()}."
         " Weights, grads and optimizer states cover all parameters, between steps.", "", table(rows), "",
-        f"Device: {device}; torch {torch.__version__}; {datetime.date.today().isoformat()}."
+        f"Device: {device}; {versions}; {datetime.date.today().isoformat()}."
         + ("" if cuda else " No allocator peak on CPU, so peak and activations are n/a.")
         + ("" if has_torchao else " torchao not installed: its recipes are omitted."),
-        f"Command: `{shlex.join(['python', '-m', 'dqt_lightning.bench', *argv])}`",
+        f"Command: `{shlex.join([*PROG.split(), *argv])}`",
     ])
     print(report)
-    if args.out:
-        args.out.write_text(report + "\n")
-    return report
+    try:
+        if args.out:
+            args.out.write_text(report + "\n")
+        if args.plot:
+            title = (f"Model {args.size}, batch {args.batch_size} x {args.seq_len} tokens, {precision}, "
+                     f"{device}, {versions}")
+            plot(rows, args.plot, title)
+            print(f"\nchart: {args.plot}")
+    except OSError as error:
+        sys.stderr.write(f"error: cannot write {error.filename or args.plot}: {error.strerror or error}\n")
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -32,13 +32,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def pack_ternary_weights(module: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, list[int]]:
-    """Replace each ternary DQT weight in ``state_dict`` by its 2-bit packing; returns {key: shape} to undo it."""
+    """Replace each ternary DQT weight in ``state_dict`` by its 2-bit packing (layers stored packed already stay as
+    they are); returns {key: shape} to undo it."""
     shapes = {}
     for name, layer in module.named_modules():
         key = f"{name}.weight"
         if isinstance(layer, DQTWeight) and layer.grid.is_ternary and key in state_dict:
-            shapes[key] = list(state_dict[key].shape)
-            state_dict[key] = pack_ternary(state_dict[key])
+            shapes[key] = list(layer.shape)
+            if not layer.packed:
+                state_dict[key] = pack_ternary(state_dict[key])
     return shapes
 
 

@@ -28,7 +28,8 @@ from dqt_lightning.errors import ConfigError, TrainingStopped
 
 RUNS_DIR = "runs"
 # Commands beside LightningCLI's, each a module with a main(argv) -> exit code; imported only when used.
-TOOLS = {"compare": "dqt_lightning.compare", "export": "dqt_lightning.export", "generate": "dqt_lightning.generate"}
+TOOLS = {"compare": "dqt_lightning.compare", "export": "dqt_lightning.export", "generate": "dqt_lightning.generate",
+         "bench": "dqt_lightning.bench"}
 
 
 def _user_facing_error_in(error: BaseException | None) -> Exception | None:

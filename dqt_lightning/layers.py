@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dqt_lightning.fp8 import fp8_linear, fp8_matmul
-from dqt_lightning.quant import (Grid, absmean_quantize, fake_quantize_activations, quantize_activations, round_to_grid,
-                                 ste_quantize)
+from dqt_lightning.quant import (Grid, absmean_quantize, fake_quantize_activations, pack_ternary, quantize_activations,
+                                 round_to_grid, ste_quantize, unpack_ternary)
 
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -56,6 +56,8 @@ class DQTWeight(nn.Module):
                  grad_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.grid, self.rounding, self.grad_dtype = grid, rounding, grad_dtype
+        self.shape = torch.Size(shape)  # of the levels, whichever way ``weight`` stores them
+        self.packed = False  # see pack_storage
         self.register_buffer("weight", torch.zeros(shape, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(shape[0], 1) if per_row_scale else torch.ones(()))
         # Not registered as a parameter on purpose: DDP, state_dict and .parameters() must see integer storage only.
@@ -67,11 +69,39 @@ class DQTWeight(nn.Module):
         other."""
         statistic = "absmax" if self.scale_policy == "absmax" else "absmean"
         q, alpha = absmean_quantize(weight, self.grid, per_row=self.scale.dim() > 0, statistic=statistic)
-        self.weight.copy_(q)
+        self.set_levels(q)
         self.scale.copy_(alpha)
 
+    def pack_storage(self) -> None:
+        """Keep the levels packed four per byte from now on (ternary grids only): ``weight`` becomes a flat uint8
+        buffer of ``numel / 4`` bytes, and every use unpacks it transiently (:meth:`levels`). Idempotent."""
+        if self.packed:
+            return
+        if not self.grid.is_ternary:
+            raise ValueError(f"only ternary weights can be packed; this layer's grid is [{self.grid.qmin}, "
+                             f"{self.grid.qmax}]")
+        self.weight = pack_ternary(self.weight)
+        self.packed = True
+
+    def levels(self) -> torch.Tensor:
+        """The int8 levels, shaped as the weight: the buffer itself, or a transient unpacked copy when packed."""
+        return unpack_ternary(self.weight, self.shape) if self.packed else self.weight
+
+    def set_levels(self, q: torch.Tensor) -> None:
+        """Store new int8 levels (on this layer's grid) into ``weight``, packing them when the storage is packed."""
+        self.weight.copy_(pack_ternary(q, check=False) if self.packed else q)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A checkpoint stores the levels as this layer does, or the other way (an int8 run resumed with packed
+        # storage, or the reverse): convert to this layer's form before torch copies it in.
+        key = prefix + "weight"
+        saved = state_dict.get(key)
+        if saved is not None and saved.dtype != self.weight.dtype:
+            state_dict[key] = pack_ternary(saved) if self.packed else unpack_ternary(saved, self.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _placeholder(self, device: torch.device) -> torch.Tensor:
-        return torch.zeros((), device=device, dtype=self.grad_dtype).expand(self.weight.shape)
+        return torch.zeros((), device=device, dtype=self.grad_dtype).expand(self.shape)
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
@@ -80,7 +110,7 @@ class DQTWeight(nn.Module):
         return self
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.weight.to(dtype) * self.scale.to(dtype)
+        return self.levels().to(dtype) * self.scale.to(dtype)
 
     def materialize(self) -> None:
         """Give the optimizer a float32 ``alpha * q`` (and float32 gradient) to step from; freed by :meth:`release`.
@@ -130,9 +160,11 @@ class DQTWeight(nn.Module):
             alpha = mean_abs.clamp(min=1e-8) / grid.positive_levels
         else:
             raise ValueError(f"scale_rule must be absmean or range; got '{scale_rule}'")
+        if self.packed and not grid.is_ternary:
+            raise ValueError("a layer with packed ternary storage cannot move onto a wider grid")
         y = w.div_(alpha)
         clipped = ((y < grid.qmin) | (y > grid.qmax)).float().mean().item()
-        self.weight.copy_(round_to_grid(y, grid, rounding, generator))
+        self.set_levels(round_to_grid(y, grid, rounding, generator))
         self.scale.copy_(alpha.reshape(self.scale.shape))
         self.grid = grid
         return clipped
@@ -141,7 +173,8 @@ class DQTWeight(nn.Module):
         scale = "per-row" if self.scale.dim() else "per-tensor"
         scale += ", rescaled by absmax" if self.scale_policy == "absmax" else ""
         grad = "" if self.grad_dtype == torch.float32 else f", grad_dtype={str(self.grad_dtype).removeprefix('torch.')}"
-        return f"levels=[{self.grid.qmin}, {self.grid.qmax}], rounding={self.rounding}, scale={scale}{grad}"
+        packed = ", packed 2-bit" if self.packed else ""
+        return f"levels=[{self.grid.qmin}, {self.grid.qmax}]{packed}, rounding={self.rounding}, scale={scale}{grad}"
 
 
 class _SharedInputQuantizer:
@@ -189,24 +222,29 @@ class _DQTLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, x_q: torch.Tensor, update_param: torch.Tensor, q: torch.Tensor,
-                scale: torch.Tensor, fp8: bool = False):
+                scale: torch.Tensor, fp8: bool = False, packed_shape: torch.Size | None = None):
         # Autocast does not reach inside a custom Function's forward; cast by hand, and dequantize only transiently.
+        # Packed levels are saved packed and unpacked again in backward: the unpacked copy never waits for it.
         ctx.save_for_backward(x_q, q, scale)
         ctx.grad_dtype = update_param.dtype
         ctx.input_dtype = x.dtype
+        ctx.packed_shape = packed_shape
+        levels = q if packed_shape is None else unpack_ternary(q, packed_shape)
         with torch.autocast(x.device.type, enabled=False):
-            return (fp8_matmul if fp8 else F.linear)(x_q, q.to(x_q.dtype) * scale.to(x_q.dtype))
+            return (fp8_matmul if fp8 else F.linear)(x_q, levels.to(x_q.dtype) * scale.to(x_q.dtype))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x_q, q, scale = ctx.saved_tensors
+        if ctx.packed_shape is not None:
+            q = unpack_ternary(q, ctx.packed_shape)
         g = g.to(x_q.dtype)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = (g @ (q.to(g.dtype) * scale.to(g.dtype))).to(ctx.input_dtype)
         if ctx.needs_input_grad[2]:
             grad_w = (g.reshape(-1, g.shape[-1]).t() @ x_q.reshape(-1, x_q.shape[-1])).to(ctx.grad_dtype)
-        return grad_x, None, grad_w, None, None, None
+        return grad_x, None, grad_w, None, None, None, None
 
 
 class DQTLinear(DQTWeight):
@@ -241,7 +279,8 @@ class DQTLinear(DQTWeight):
         # The input quantized as BitNet b1.58 does (per-token absmax, 8 bits): the same values as
         # quantize_activations(x).to(compute dtype), shared with the sibling projections that read the same x.
         x_q = _quantize_input(x, _compute_dtype(x))
-        return _DQTLinearFn.apply(x, x_q, self.update_param, self.weight, self.scale, self.fp8)
+        return _DQTLinearFn.apply(x, x_q, self.update_param, self.weight, self.scale, self.fp8,
+                                  self.shape if self.packed else None)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self._describe()}"
@@ -301,7 +340,7 @@ class DQTEmbedding(DQTWeight):
         return layer.to(embedding.weight.device)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return _DQTEmbeddingFn.apply(idx, self.update_param, self.weight, self.scale)
+        return _DQTEmbeddingFn.apply(idx, self.update_param, self.levels(), self.scale)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self._describe()}"

@@ -119,7 +119,7 @@ def quantized_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -
     held: list[torch.Tensor] = []  # the parameters the optimizer steps for these weights
     n_params = 0
     for layer in projection_layers(module):
-        n_params += layer.weight.numel()
+        n_params += layer.shape.numel() if isinstance(layer, DQTWeight) else layer.weight.numel()
         if isinstance(layer, DQTWeight):
             # The update parameter's data is part of what DQT keeps: ~4 bytes between steps, a full float32 copy
             # only inside the step. Measuring it here catches a placeholder that was never released.
@@ -201,6 +201,10 @@ ROWS = (  # label, mode, bits, AdamW state dtype, further plugin options
     ("DQT ternary, AdamW 8-bit states", "dqt", 1.58, "int8", {}),
     ("DQT ternary, bf16 grads, AdamW 8-bit states", "dqt", 1.58, "int8", {"grad_dtype": "bfloat16"}),
     ("DQT ternary, update in backward, AdamW 8-bit states", "dqt", 1.58, "int8", {"update_in_backward": True}),
+    ("DQT ternary packed, bf16 grads, AdamW 8-bit states", "dqt", 1.58, "int8",
+     {"grad_dtype": "bfloat16", "pack_in_memory": True}),
+    ("DQT ternary packed, update in backward, AdamW 8-bit states", "dqt", 1.58, "int8",
+     {"update_in_backward": True, "pack_in_memory": True}),
 )
 
 

@@ -93,7 +93,8 @@ class LanguageModel(pl.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
-        if getattr(self.trainer.precision_plugin, "pack_ternary", False):
+        plugin = self.trainer.precision_plugin
+        if getattr(plugin, "pack_ternary", False) or getattr(plugin, "pack_in_memory", False):
             checkpoint[PACKED_KEY] = pack_ternary_weights(self, checkpoint["state_dict"])
 
     @override

@@ -54,6 +54,9 @@ class QuantPrecision(Precision):
             ``fp8``: ``bf16-mixed`` plus FP8 matmuls in the projections (see :mod:`dqt_lightning.fp8`), on NVIDIA
             GPUs of compute capability 8.9+ only; never yet run on a GPU in this project.
         pack_ternary: Store ternary DQT weights in checkpoints 4 per byte instead of one int8 each.
+        pack_in_memory: Keep ternary DQT weights packed 4 per byte in memory too (0.25 bytes per weight instead of
+            1); every forward and backward unpacks a layer's levels transiently, so it costs time where nothing fuses
+            the unpacking into the matmul. Checkpoints are then packed as well.
         quantize_embeddings: Also quantize the token embedding and the output head (``embed_tokens``, ``lm_head``),
             as the official DQT code does; off by default, as in BitNet and torchao. ``dqt``: a
             :class:`~dqt_lightning.layers.DQTEmbedding` and a :class:`~dqt_lightning.layers.DQTLinear` head (8-bit
@@ -77,7 +80,7 @@ class QuantPrecision(Precision):
     def __init__(self, mode: str = "dqt", bits: float = 1.58, rounding: str = "stochastic", symmetric: bool = False,
                  per_row_scale: bool = False, precision: str = "32-true", pack_ternary: bool = False,
                  quantize_embeddings: bool = False, grad_dtype: str = "float32", scale_policy: str = "fixed",
-                 update_in_backward: bool = False) -> None:
+                 update_in_backward: bool = False, pack_in_memory: bool = False) -> None:
         super().__init__()
         self.mode = _choice("mode", mode, MODES)
         self.rounding = _choice("rounding", rounding, ROUNDINGS)
@@ -94,6 +97,10 @@ class QuantPrecision(Precision):
             if value and mode != "dqt":
                 raise ConfigError(f"trainer.plugins.{field} applies to DQT weights only (mode: dqt); got mode {mode}")
         self.update_in_backward = update_in_backward
+        if pack_in_memory and not (mode == "dqt" and self.grid.is_ternary):
+            raise ConfigError(f"trainer.plugins.pack_in_memory packs ternary DQT weights (mode: dqt, bits: 1.58); got "
+                              f"mode {mode}" + (f", bits {bits}" if mode != "fp" else ""))
+        self.pack_in_memory = pack_in_memory
         self.per_row_scale = per_row_scale
         self.pack_ternary = pack_ternary
         self.quantize_embeddings = quantize_embeddings
@@ -114,6 +121,10 @@ class QuantPrecision(Precision):
         already = sum(isinstance(m, (DQTWeight, BitLinear)) for m in module.modules())
         if already == 0:
             raise TypeError(f"mode {self.mode} found no projection ({', '.join(PROJECTIONS)}) to quantize in the model")
+        if self.pack_in_memory:
+            for layer in module.modules():
+                if isinstance(layer, DQTWeight):
+                    layer.pack_storage()
         _keep_integers_out_of_ddp_sync(module)
         return module
 

@@ -186,10 +186,13 @@ def step_seed(run_seed: int, step: int, layer: int) -> int:
     return mixed % (2**63 - 1)
 
 
-def pack_ternary(q: torch.Tensor) -> torch.Tensor:
-    """Pack ternary levels {-1, 0, 1} four per byte (2 bits each, stored as level + 1) into a flat uint8 tensor."""
+def pack_ternary(q: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """Pack ternary levels {-1, 0, 1} four per byte (2 bits each, stored as level + 1) into a flat uint8 tensor.
+
+    ``check=False`` skips the range check (and its host sync) for levels that come straight off the ternary grid.
+    """
     flat = (q.reshape(-1).to(torch.int16) + 1).to(torch.uint8)
-    if flat.numel() and (flat.max() > 2):
+    if check and flat.numel() and (flat.max() > 2):
         raise ValueError("pack_ternary takes only the levels -1, 0 and 1")
     pad = (-flat.numel()) % 4
     flat = torch.cat([flat, flat.new_zeros(pad)]).view(-1, 4)

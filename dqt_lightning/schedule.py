@@ -151,7 +151,7 @@ class BitWidthSchedule(Callback):
             if device not in generator:
                 generator[device] = torch.Generator(device=device)
             generator[device].manual_seed(step_seed(self.seed + _SWITCH_SEED_OFFSET, step, index))
-            n = layer.weight.numel()
+            n = layer.shape.numel()
             clipped += layer.regrid(grid, self.rounding, generator[device], self.scale_rule) * n
             total += n
         self.current = target

@@ -102,7 +102,7 @@ class WeightTelemetry(Callback):
         if stepped.dim() == 0 or 0 in stepped.stride():
             return  # not materialized: the update skipped this step (a non-finite gradient)
         self._measured_step = step  # set here too for the path in backward, which has no per-step hook
-        start = layer.weight.float() * layer.scale
+        start = layer.levels().float() * layer.scale
         # The same grid coordinates quantized_step rounds: y - q = (stepped - alpha*q) / alpha.
         ratio = (stepped - start).div_(layer.scale).abs_()
         self._update_stats[name] = (ratio.sum(), (ratio < 0.5).sum())
@@ -123,7 +123,7 @@ class WeightTelemetry(Callback):
         if not trainer.is_global_zero or trainer.logger is None:
             return  # every rank holds the same integers and the same averaged update: rank 0 speaks for all
         metrics: dict[str, torch.Tensor] = {}
-        sizes = {name: layer.weight.numel() for name, layer in self._layers}
+        sizes = {name: layer.shape.numel() for name, layer in self._layers}
         if stats:
             counted = sum(sizes[name] for name in stats)
             metrics["telemetry/update_over_step"] = sum(s for s, _ in stats.values()) / counted
@@ -133,7 +133,7 @@ class WeightTelemetry(Callback):
         zeros = saturated = torch.zeros((), dtype=torch.int64)
         for name, layer in self._layers:
             grid = layer.grid
-            levels = layer.weight.reshape(-1).to(torch.int32) - grid.qmin
+            levels = layer.levels().reshape(-1).to(torch.int32) - grid.qmin
             counts = torch.bincount(levels, minlength=grid.qmax - grid.qmin + 1)
             zeros = zeros + counts[-grid.qmin]
             saturated = saturated + counts[0] + counts[-1]

@@ -65,8 +65,7 @@ def _ternary_stand_in(layer: nn.Module, qualified_name: str) -> nn.Module | None
     if isinstance(layer, DQTWeight):
         ternary = _copy_structure(layer)
         q, alpha = absmean_quantize(layer.dequantize(), TernaryGrid)  # per tensor, whatever the layer's scale was
-        ternary.weight = q
-        ternary.scale = alpha
+        ternary.weight, ternary.scale, ternary.packed = q, alpha, False
         return ternary
     if isinstance(layer, (BitLinear, BitEmbedding)):
         ternary = _copy_structure(layer)

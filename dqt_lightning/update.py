@@ -94,7 +94,7 @@ class QuantizedUpdate(Callback):
         self._names.update({id(m.update_param): f"{name}.weight" for name, m in self._layers})
         if not self._layers:
             return
-        self._sizes = {name: m.weight.numel() for name, m in self._layers}
+        self._sizes = {name: m.shape.numel() for name, m in self._layers}
         if self.seed is None:
             self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
@@ -226,7 +226,7 @@ class QuantizedUpdate(Callback):
         """Round layer ``index``'s stepped weight onto its grid with this step's noise, then free the float values."""
         name, layer = self._layers[index]
         seed = self.seed if self.shared_noise else self.seed + 7919 * self._trainer.global_rank
-        q = layer.weight
+        q = layer.levels()
         generator = self._generator(q.device)
         generator.manual_seed(step_seed(seed, step, index))
         stepped = layer.update_param.data
@@ -236,7 +236,7 @@ class QuantizedUpdate(Callback):
         else:
             q_new = quantized_step(q, layer.scale, stepped, layer.grid, layer.rounding, generator)
         self._flips[name] = torch.count_nonzero(q_new != q)  # stays a tensor: no host sync in the hot path
-        q.copy_(q_new)
+        layer.set_levels(q_new)
         layer.release()
 
     def _finish_step(self, step: int) -> None:
@@ -246,7 +246,8 @@ class QuantizedUpdate(Callback):
 
     def _check_replicas(self, step: int) -> None:
         # Two int64 sums per layer (plain and position-weighted) catch any flipped level; MAX and MIN across ranks
-        # agree only if every rank holds the same integers.
+        # agree only if every rank holds the same integers. Summed over the stored bytes, packed or not: the same
+        # levels are the same bytes.
         sums = []
         for _, layer in self._layers:
             q = layer.weight.reshape(-1).to(torch.int64)

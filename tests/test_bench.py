@@ -2,23 +2,47 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
 import pytest
 import torch
+from torch import nn
 
-from dqt_lightning.bench import Row, main, run_benchmark, table
+from dqt_lightning import cli
+from dqt_lightning.bench import TORCHAO, Row, _torchao, main, optimizer_for, plot, run_benchmark, table
+from dqt_lightning.model import Config
+from dqt_lightning.module import LanguageModel, _default_optimizer
+from dqt_lightning.precision import is_projection
 
-RECIPES = ("fp", "ste", "dqt-1.58", "dqt-8")
+RECIPES = ("fp", "ste", "dqt-1.58", "dqt-8", "torchao-int8", "torchao-bitnet")
 SMALL = dict(size="tiny", vocab_size=512, batch_size=2, seq_len=16, steps=2, warmup=1, precision="32-true")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On a busy machine torch's spinning OpenMP workers can stretch these few steps from seconds to minutes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def rows() -> dict[str, Row]:
-    # One short real Lightning run per recipe, shared by the tests below.
-    return {row.recipe: row for row in run_benchmark(RECIPES, **SMALL)}
+    # One short real Lightning run per recipe, shared by the tests below; keyed by recipe name, not table label.
+    return dict(zip(RECIPES, run_benchmark(RECIPES, **SMALL)))
+
+
+def _projections(model: LanguageModel) -> dict[str, nn.Linear]:
+    return {name: m for name, m in model.model.named_modules() if isinstance(m, nn.Linear) and is_projection(name)}
 
 
 def test_every_recipe_runs_and_fp_is_the_baseline(rows: dict[str, Row]) -> None:
-    assert list(rows) == list(RECIPES)
+    assert [row.recipe for row in rows.values()] == [TORCHAO.get(name, name) for name in RECIPES]
     assert all(row.tokens_per_s > 0 and row.skipped is None for row in rows.values())
     assert all(row.measured_steps == SMALL["steps"] for row in rows.values())  # the warm-up step is not timed
     assert rows["fp"].ratio == 1.0
@@ -54,25 +78,100 @@ def test_cpu_peak_and_activations_are_not_invented(rows: dict[str, Row]) -> None
         assert cells[3] == "n/a" and cells[7] == "n/a"
 
 
+def test_torchao_rows_count_their_real_weight_storage(rows: dict[str, Row]) -> None:
+    # torchao is a dependency: its rows must run, not be skipped. int8 QT stores each projection as int8 data plus one
+    # float32 scale per output row; BitNet keeps a float32 master. Gradients and AdamW moments are float32 in both.
+    model = LanguageModel(Config.from_name("tiny"), vocab_size=SMALL["vocab_size"])
+    projections = _projections(model).values()
+    n_proj = sum(m.weight.numel() for m in projections)
+    n_rows = sum(m.weight.shape[0] for m in projections)
+    n_all = sum(p.numel() for p in model.parameters())
+    int8, bitnet, fp = rows["torchao-int8"], rows["torchao-bitnet"], rows["fp"]
+    assert int8.weights_mib * 2**20 == (n_all - n_proj) * 4 + n_proj + 4 * n_rows
+    assert bitnet.weights_mib == fp.weights_mib
+    for row in (int8, bitnet):
+        assert row.tokens_per_s > 0 and row.measured_steps == SMALL["steps"]
+        assert row.grads_mib == fp.grads_mib and row.states_mib == fp.states_mib
+
+
+@pytest.mark.parametrize("recipe", list(TORCHAO))
+def test_torchao_converts_exactly_the_projections(recipe: str) -> None:
+    # The same layers QuantPrecision converts for ste and dqt: embeddings, lm_head and norm gains stay float.
+    model = LanguageModel(Config.from_name("tiny"), vocab_size=64)
+    projections = set(_projections(model))
+    _torchao(recipe, model)
+    converted = {name for name, m in model.model.named_modules()
+                 if isinstance(getattr(m, "weight", None), torch.Tensor) and type(m.weight) not in (nn.Parameter,
+                                                                                                   torch.Tensor)}
+    assert converted == projections and len(projections) == 7 * Config.from_name("tiny").n_layer
+
+
+def test_torchao_recipes_use_our_adamw_and_int8_only_drops_weight_decay() -> None:
+    params = [nn.Parameter(torch.zeros(2, 2))]
+    ours = _default_optimizer(params).defaults
+    assert optimizer_for("torchao-bitnet") is None and optimizer_for("dqt-1.58") is None  # LanguageModel's default
+    int8 = optimizer_for("torchao-int8")(params)
+    assert type(int8) is torch.optim.AdamW
+    assert int8.defaults == {**ours, "weight_decay": 0.0}
+
+
+def test_torchao_import_prints_nothing() -> None:
+    # A fresh process, since torchao logs its unloadable CUDA kernels only on its first import.
+    code = ("from dqt_lightning.bench import _torchao; from dqt_lightning.module import LanguageModel; "
+            "from dqt_lightning.model import Config; "
+            "_torchao('torchao-int8', LanguageModel(Config.from_name('tiny'), vocab_size=64))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Failed to load" not in result.stderr and "register_constant" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_plot_writes_a_png_that_reads_back(rows: dict[str, Row], tmp_path: Path) -> None:
+    out = tmp_path / "charts" / "bench.png"
+    plot([*rows.values(), Row("torchao BitNet", skipped="ImportError: none")], out, "tiny")
+    data = out.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 10_000
+    image = matplotlib.image.imread(out)
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 600
+    assert not list(out.parent.glob(".*.tmp"))  # written atomically: no temp file left
+
+
 def test_skipped_recipe_prints_a_reason() -> None:
     lines = table([Row("torchao BitNet", skipped="ImportError: no torchao")]).splitlines()
     assert "skipped: ImportError: no torchao" in lines[2]
 
 
-def test_cli_prints_and_writes_the_table(tmp_path, capsys) -> None:
-    out = tmp_path / "bench.md"
+def test_cli_prints_and_writes_the_table_and_chart(tmp_path, capsys) -> None:
+    out, chart = tmp_path / "bench.md", tmp_path / "bench.png"
     argv = ["--recipes", "fp", "dqt-1.58", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--seq-len", "8",
-            "--vocab-size", "256", "--out", str(out)]
-    report = main(argv)
+            "--vocab-size", "256", "--out", str(out), "--plot", str(chart)]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert report in printed and out.read_text() == report + "\n"
+    report = out.read_text().removesuffix("\n")
+    assert report in printed and f"chart: {chart}" in printed
+    assert chart.read_bytes()[:8] == PNG_SIGNATURE
     table_lines = [line for line in report.splitlines() if line.startswith("|")]
     assert len(table_lines) == 4 and table_lines[2].startswith("| fp |")
     assert "× fp (same precision)" in table_lines[0]
-    assert f"torch {torch.__version__}" in report
-    assert "python -m dqt_lightning.bench --recipes fp dqt-1.58 --steps 1" in report
+    assert f"torch {torch.__version__}, torchao " in report
+    assert "python -m dqt_lightning bench --recipes fp dqt-1.58 --steps 1" in report
     if not torch.cuda.is_available():
         assert "n/a" in table_lines[2]
+
+
+def test_bench_is_a_tool_of_the_main_cli(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "python -m dqt_lightning bench" in help_text and "--plot PATH.png" in help_text
+
+
+def test_plot_must_be_a_png_path(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--recipes", "fp", "--plot", "chart.svg"])
+    assert exit_info.value.code == 2
+    assert "--plot writes a PNG" in capsys.readouterr().err
 
 
 def test_cli_rejects_unknown_recipes() -> None:
