@@ -36,9 +36,14 @@ from dqt_lightning.layers import dqt_layers
 from dqt_lightning.memory import fit_on_tokens, unique_storage_bytes
 from dqt_lightning.model import SIZES, Config
 from dqt_lightning.module import LanguageModel
+from dqt_lightning.optim import AdamW
 from dqt_lightning.precision import QuantPrecision, is_projection
 
-RECIPES = ("fp", "ste", "dqt-1.58", "dqt-2", "dqt-3", "dqt-4", "dqt-8")
+RECIPES = ("fp", "ste", "dqt-1.58", "dqt-2", "dqt-3", "dqt-4", "dqt-8", "dqt-1.58-lean", "dqt-8-lean")
+# Lean-state options a DQT recipe can add as suffixes, e.g. `dqt-1.58-packed-inbwd` (SPEC §4): weights packed four per
+# byte in memory (ternary only), the update inside backward (no gradient buffer), AdamW with 8-bit moments; `lean`
+# is all three.
+OPTIONS = ("packed", "inbwd", "adam8", "lean")
 TORCHAO = {"torchao-int8": "torchao int8 QT", "torchao-bitnet": "torchao BitNet"}
 MIB, GIB = 2**20, 2**30
 PROG = "python -m dqt_lightning bench"
@@ -177,6 +182,8 @@ def optimizer_for(recipe: str) -> Callable[..., torch.optim.Optimizer] | None:
     """
     if recipe == "torchao-int8":
         return partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    if {"adam8", "lean"} & set(recipe.split("-")[2:]):
+        return partial(AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01, state_dtype="int8")
     return None
 
 
@@ -185,7 +192,8 @@ def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len
     """Train ``warmup + steps`` steps of one recipe and measure its throughput and memory.
 
     Args:
-        recipe: ``fp``, ``ste``, ``ste-<bits>``, ``dqt-<bits>``, ``torchao-int8`` or ``torchao-bitnet``.
+        recipe: ``fp``, ``ste``, ``ste-<bits>``, ``dqt-<bits>`` with optional ``-<option>`` suffixes from
+            ``OPTIONS``, ``torchao-int8`` or ``torchao-bitnet``.
         size: Model size preset (``tiny``, ``130m``, ...).
         vocab_size: Vocabulary size.
         batch_size: Windows per step.
@@ -198,7 +206,9 @@ def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len
     Returns:
         The row, with ``ratio`` unset.
     """
-    name, _, bits = recipe.partition("-")
+    name, _, rest = recipe.partition("-")
+    bits, *suffixes = rest.split("-")
+    options = set(OPTIONS) if "lean" in suffixes else set(suffixes)
     torchao = name == "torchao"
     mode = "fp" if torchao else name
     cuda = torch.cuda.is_available()
@@ -215,7 +225,9 @@ def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len
         model.model.compile()  # lazy: compiles on the first forward, after QuantPrecision has swapped the layers
     timer = StepTimer(warmup)
     # A torchao recipe's suffix names torchao's method, not a bit width; its model trains under the fp plugin.
-    plugin = QuantPrecision(mode=mode, bits=float(bits) if bits and not torchao else 1.58, precision=precision)
+    grid_bits = float(bits) if bits and not torchao else 1.58
+    plugin = QuantPrecision(mode=mode, bits=grid_bits, precision=precision, update_in_backward="inbwd" in options,
+                            pack_in_memory="packed" in options and grid_bits == 1.58)
     trainer = fit_on_tokens(model, tokens, batch_size, plugins=[plugin], callbacks=[timer], accelerator="auto")
     peak = torch.cuda.max_memory_allocated() if cuda else None
     # Measured after fit, between steps: gradients are still allocated (Lightning frees them at the next step's
@@ -411,9 +423,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     has_torchao = importlib.util.find_spec("torchao") is not None
     recipes = args.recipes or [*RECIPES, *(TORCHAO if has_torchao else ())]
-    unknown = [r for r in recipes if r.partition("-")[0] not in ("fp", "ste", "dqt") and r not in TORCHAO]
+    unknown = [r for r in recipes if r not in TORCHAO and (r.partition("-")[0] not in ("fp", "ste", "dqt")
+                                                          or r.count("-") > 1 and not r.startswith("dqt-")
+                                                          or not set(r.split("-")[2:]) <= set(OPTIONS))]
     if unknown:
-        parser.error(f"unknown recipe {unknown[0]}; use fp, ste[-BITS], dqt-BITS, {' or '.join(TORCHAO)}")
+        parser.error(f"unknown recipe {unknown[0]}; use fp, ste[-BITS], dqt-BITS[-{'|'.join(OPTIONS)}...], "
+                     f"{' or '.join(TORCHAO)}")
     cuda = torch.cuda.is_available()
     precision = args.precision or ("bf16-mixed" if cuda else "32-true")
     # Lightning's "GPU available / TPU available" banners are noise in a table meant for pasting.

@@ -17,7 +17,7 @@ from dqt_lightning.model import Config
 from dqt_lightning.module import LanguageModel, _default_optimizer
 from dqt_lightning.precision import is_projection
 
-RECIPES = ("fp", "ste", "dqt-1.58", "dqt-8", "torchao-int8", "torchao-bitnet")
+RECIPES = ("fp", "ste", "dqt-1.58", "dqt-8", "dqt-1.58-lean", "torchao-int8", "torchao-bitnet")
 SMALL = dict(size="tiny", vocab_size=512, batch_size=2, seq_len=16, steps=2, warmup=1, precision="32-true")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -66,6 +66,14 @@ def test_dqt_weight_savings_are_the_projections(rows: dict[str, Row]) -> None:
     n_proj = 4 * (4 * 128 * 128 + 3 * 128 * 384)
     saved = (rows["fp"].weights_mib - rows["dqt-1.58"].weights_mib) * 2**20
     assert saved == pytest.approx(3 * n_proj, rel=1e-3)
+
+
+def test_the_lean_recipe_packs_weights_frees_dqt_gradients_and_keeps_8bit_states(rows: dict[str, Row]) -> None:
+    n_proj = 4 * (4 * 128 * 128 + 3 * 128 * 384)
+    dqt, lean, fp = rows["dqt-1.58"], rows["dqt-1.58-lean"], rows["fp"]
+    assert (dqt.weights_mib - lean.weights_mib) * 2**20 == pytest.approx(0.75 * n_proj, rel=1e-3)  # 1 -> 1/4 byte
+    assert (fp.grads_mib - lean.grads_mib) * 2**20 == pytest.approx(4 * n_proj, rel=1e-3)  # no DQT gradient left
+    assert lean.states_mib / fp.states_mib == pytest.approx(2.03 / 8, rel=0.02)  # 8-bit moments + block scales
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU reporting: no allocator peak there")
