@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
-from dqt_lightning.sampling import ResumablePosition, ResumableSampler
+from dqt_lightning.sampling import ResumablePosition, TrainEvalLoaders
 from dqt_lightning.tokenizer import EOT
 from dqt_lightning.tokenizer import train_bpe as _train_tokenizer  # the one BPE recipe; tests patch this name
 
@@ -178,7 +178,7 @@ def _require(ok: bool, field: str, rule: str, value: object) -> None:
         raise ConfigError(f"data.{field} must be {rule}, got {value!r}")
 
 
-class EmbeddedDocs(ResumablePosition, pl.LightningDataModule):
+class EmbeddedDocs(ResumablePosition, TrainEvalLoaders, pl.LightningDataModule):
     """English prose every Python installation carries (pydoc topics + stdlib docstrings), packed for LM training.
 
     Args:
@@ -246,29 +246,11 @@ class EmbeddedDocs(ResumablePosition, pl.LightningDataModule):
             # Training the tokenizer used its thread pool; without this every forked worker warns about it.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         windows = PackedWindows(stream, self.seq_len)
-        sampler = None
-        if train:
-            trainer = self.trainer
-            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-            sampler = ResumableSampler(windows, world, rank, self.seed, self.batch_size)
-            if self._resume:
-                sampler.resume_at(self._resume["epoch"], self._resume["batches_done"])
+        sampler = self._train_sampler(windows, self.seed) if train else None
         return DataLoader(
             windows, batch_size=self.batch_size, sampler=sampler, drop_last=train, num_workers=workers,
             persistent_workers=workers > 0,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        """Training windows shuffled per epoch (seeded), split across ranks, incomplete last batch dropped."""
-        return self._loader(train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation windows in order, all of them."""
-        return self._loader(train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """The validation windows: the corpus is too small to hold out a third split."""
-        return self._loader(train=False)
 
     def unigram_entropy(self) -> float:
         """Entropy (nats/token) of train-split token frequencies: the loss of a model that ignores context."""

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.sampling import ResumablePosition, ResumableSampler
+from dqt_lightning.sampling import ResumablePosition, TrainEvalLoaders
 from dqt_lightning.shard_files import BPE_SPECS, PREPARE_HINT, Manifest, default_shard_dir, prepare
 from dqt_lightning.text import TextSource
 from dqt_lightning.tokenizer import TextTokenizer, resolve_tokenizer
@@ -95,7 +95,7 @@ def _require(ok: bool, field: str, rule: str, value: object) -> None:
         raise ConfigError(f"data.{field} must be {rule}, got {value!r}")
 
 
-class TokenShards(ResumablePosition, pl.LightningDataModule):
+class TokenShards(ResumablePosition, TrainEvalLoaders, pl.LightningDataModule):
     """Training windows sampled from the shards ``python -m dqt_lightning prepare`` wrote.
 
     Args:
@@ -215,29 +215,11 @@ class TokenShards(ResumablePosition, pl.LightningDataModule):
         workers = self.hparams.num_workers
         if workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers never tokenize
-        sampler = None
-        if train:
-            trainer = self.trainer
-            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-            sampler = ResumableSampler(windows, world, rank, self.seed, self.batch_size)
-            if self._resume:
-                sampler.resume_at(self._resume["epoch"], self._resume["batches_done"])
+        sampler = self._train_sampler(windows, self.seed) if train else None
         return DataLoader(
             windows, batch_size=self.batch_size, sampler=sampler, drop_last=train, num_workers=workers,
             persistent_workers=workers > 0, collate_fn=whole_batch,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        """Training windows shuffled per epoch (seeded), split across ranks, incomplete last batch dropped."""
-        return self._loader(train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation windows in order, all of them."""
-        return self._loader(train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """The validation windows."""
-        return self._loader(train=False)
 
     def unigram_entropy(self, max_tokens: int = 200_000_000) -> float:
         """Entropy (nats/token) of the training tokens' frequencies (of the first ``max_tokens`` of a larger corpus):

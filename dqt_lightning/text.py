@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dqt_lightning.data import PackedWindows, _corpus
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
-from dqt_lightning.sampling import ResumablePosition, ResumableSampler
+from dqt_lightning.sampling import ResumablePosition, streamed_start
 from dqt_lightning.tokenizer import TextTokenizer, require_hub, resolve_tokenizer, tokenizer_vocab_size
 
 FORMAT_VERSION = 1  # bump whenever document selection, splitting or the cache layout changes
@@ -550,16 +550,13 @@ class TextCorpus(ResumablePosition, pl.LightningDataModule):
             windows = StreamedWindows(self.source, self.tokenizer, self.seq_len, world, rank, seed,
                                       self.hparams.shuffle_buffer)
             if self._resume:  # the same epoch's windows again, minus those already trained on
-                windows.epoch = self._resume["epoch"]
-                windows.skip_windows = self._resume["batches_done"] * self.batch_size // max(workers, 1)
+                windows.epoch, batches_done = streamed_start(self._resume, self.trainer)
+                windows.skip_windows = batches_done * self.batch_size // max(workers, 1)
             return DataLoader(windows, batch_size=self.batch_size, drop_last=True, num_workers=workers,
                               persistent_workers=workers > 0)
         windows = PackedWindows(self.train_stream, self.seq_len)
-        sampler = ResumableSampler(windows, world, rank, seed, self.batch_size)
-        if self._resume:
-            sampler.resume_at(self._resume["epoch"], self._resume["batches_done"])
-        return DataLoader(windows, batch_size=self.batch_size, sampler=sampler, drop_last=True, num_workers=workers,
-                          persistent_workers=workers > 0)
+        return DataLoader(windows, batch_size=self.batch_size, sampler=self._train_sampler(windows, seed),
+                          drop_last=True, num_workers=workers, persistent_workers=workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         """Validation windows in order, all of them."""
