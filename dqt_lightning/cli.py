@@ -1,5 +1,6 @@
-"""``python -m dqt_lightning {fit,validate,test,prepare} --config ...`` and ``{compare,export,generate} ...``:
-LightningCLI with the project's defaults, and the tools that work on its runs.
+"""``python -m dqt_lightning {fit,validate,test,prepare} --config ...`` and the tools
+``{compare,export,generate,bench,reproduce} ...``: LightningCLI with the project's defaults, and the tools that work on
+its runs.
 
 - The data module's vocabulary size reaches the model through a link, never by hand.
 - With no logger configured, runs log to TensorBoard under ``runs/<config names>/version_N``: a new directory for
@@ -7,7 +8,8 @@ LightningCLI with the project's defaults, and the tools that work on its runs.
 - A user mistake ends with one line on stderr naming the field or file, not a traceback.
 - ``prepare`` parses the same configs as ``fit`` and writes the token shards its ``data`` section describes.
 - ``compare`` prints a table of finished runs and plots their validation loss against tokens; ``export`` writes a
-  checkpoint as safetensors with integer weights; ``generate`` samples text from a checkpoint or an export.
+  checkpoint as safetensors with integer weights; ``generate`` samples text from a checkpoint or an export;
+  ``bench`` measures every recipe's throughput and memory; ``reproduce`` trains the comparison of the paper's claims.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dqt_lightning.errors import ConfigError, TrainingStopped
 RUNS_DIR = "runs"
 # Commands beside LightningCLI's, each a module with a main(argv) -> exit code; imported only when used.
 TOOLS = {"compare": "dqt_lightning.compare", "export": "dqt_lightning.export", "generate": "dqt_lightning.generate",
-         "bench": "dqt_lightning.bench"}
+         "bench": "dqt_lightning.bench", "reproduce": "dqt_lightning.reproduce"}
 
 
 def _user_facing_error_in(error: BaseException | None) -> Exception | None:

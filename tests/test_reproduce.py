@@ -1,0 +1,76 @@
+"""``reproduce``: arms trained as ordinary fits on the same data, skipped once done, and the claims of SPEC §6 judged
+by the stated rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dqt_lightning.compare import Run
+from dqt_lightning.reproduce import judge, main
+
+TINY = ["--", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--model.init_args.config.n_layer", "1",
+        "--model.init_args.config.n_embd", "32", "--model.init_args.config.n_head", "2",
+        "--model.init_args.config.intermediate_size", "64", "--model.init_args.warmup_steps", "1",
+        "--data.init_args.vocab_size", "512", "--data.init_args.seq_len", "16", "--data.init_args.batch_size", "2"]
+
+
+def _run(loss: float, ternary: float | None = None, first: float = 8.0) -> Run:
+    return Run(path=Path("x"), mode="dqt", bits="8", rounding="stochastic", val_curve=[(0.0, first), (1.0, loss)],
+               tokens_seen=1.0, tokens_per_sec=None, peak_memory_mb=None, val_loss_ternary=ternary)
+
+
+def test_claims_follow_the_stated_rules():
+    runs = {"bitnet": _run(4.00), "dqt-8bit": _run(4.10, ternary=4.30), "dqt-ternary": _run(4.3),
+            "dqt-8bit-bf16": _run(4.15)}
+    claims = judge(runs, {"dqt-8bit": "32-true", "dqt-8bit-bf16": "bf16-mixed"})
+    verdicts = [c.verdict for c in claims]
+    # converged (4.3 < 0.9 * 8); 8-bit within 5% of BitNet (+2.5%); bf16 within 2% (+1.2%); ternary-run 8-bit +7.5%.
+    assert verdicts == ["supported", "supported", "supported", "not supported"]
+    assert "+2.5%" in claims[1].evidence and "+7.5%" in claims[3].evidence
+    runs["dqt-8bit-bf16"] = _run(4.25)
+    runs["dqt-ternary"] = _run(7.9)
+    claims = judge(runs, {"dqt-8bit": "32-true"})
+    assert [c.verdict for c in claims][:3] == ["not supported", "supported", "not supported"]
+    # Both at bf16: the precision claim cannot be judged from them.
+    assert judge(runs, {"dqt-8bit": "bf16-mixed"})[2].verdict == "not tested"
+    assert [c.verdict for c in judge({"fp": _run(5.0)}, {})] == ["not tested"] * 4
+
+
+def test_arms_train_once_and_the_report_judges_them(tmp_path, monkeypatch, data_cache, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "repro"
+    extra = [*TINY, "--data.init_args.cache_dir", data_cache]
+    assert main(["--out", str(out), "--arms", "bitnet", "dqt-8bit", *extra]) == 0
+    report = (out / "results.md").read_text()
+    assert "| bitnet/version_0 | ste | 1.58 |" in report and "| dqt-8bit/version_0 | dqt | 8 |" in report
+    assert "| 8-bit DQT is on par with BitNet b1.58. | " in report
+    assert "not tested | needs arms dqt-8bit (at precision 32-true) and dqt-8bit-bf16" in report
+    assert (out / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "dqt-8bit" / "DONE").read_text().strip() == "dqt-8bit/version_0"
+    log = out / "logs" / "dqt-8bit.log"
+    stamp = log.stat().st_mtime_ns
+    # Again: finished arms are not trained twice; the report is rebuilt from them.
+    assert main(["--out", str(out), "--arms", "bitnet", "dqt-8bit", *extra]) == 0
+    assert log.stat().st_mtime_ns == stamp and not (out / "bitnet" / "version_1").exists()
+    assert main(["--out", str(out), "--report"]) == 0
+    assert len((out / "commands.txt").read_text().splitlines()) == 2
+
+
+def test_a_failing_arm_is_one_line_naming_it_and_its_log(tmp_path, capsys):
+    out = tmp_path / "repro"
+    assert main(["--out", str(out), "--arms", "fp", "--", "--trainer.max_steps", "not-a-number"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: reproduce: arm fp failed") and "logs/fp.log" in err[0]
+    assert not (out / "fp" / "DONE").exists()
+
+
+@pytest.mark.parametrize("args,message", [(["--arms", "gpt"], "unknown arm gpt"),
+                                          (["--config", "nope.yaml"], "--config nope.yaml: no such file"),
+                                          (["--max-steps", "0"], "--max-steps must be >= 1")])
+def test_bad_arguments_are_one_line(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path), *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
