@@ -7,8 +7,9 @@ table, each claim with the numbers behind it and the rule that judged it, the co
 ``val_loss.png`` into the output directory.
 
 Every arm is a separate process whose output goes to ``<out>/logs/<arm>.log``; a finished arm leaves
-``<out>/<arm>/DONE`` and is skipped when the command runs again, so a reproduction can be spread over several
-sessions or device calls (``--arms`` picks some). ``--report`` rewrites the report from the finished arms alone.
+``<out>/<arm>/DONE`` and is skipped when the command runs again, and an interrupted one continues from its newest
+checkpoint (``last.ckpt``, exact resume), so a reproduction can be spread over several sessions or time-limited
+device calls (``--arms`` picks some). ``--report`` rewrites the report from the finished arms alone.
 
     python -m dqt_lightning reproduce --out runs/reproduce --max-steps 2000 \\
         --config configs/model/130m.yaml --config configs/data/shards.yaml
@@ -59,7 +60,8 @@ def arm_command(arm: str, stack: list[str], max_steps: int, out: Path, extra: li
     base, overlays = {**ARMS, **OPTIONAL_ARMS}[arm]
     configs = [str(CONFIGS / base), *stack, *(str(CONFIGS / o) for o in overlays)]
     logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-              "init_args": {"save_dir": str(out), "name": arm, "default_hp_metric": False}}
+              # One version per arm: an interrupted arm continues in the same directory, so its curve stays whole.
+              "init_args": {"save_dir": str(out), "name": arm, "version": 0, "default_hp_metric": False}}
     return [sys.executable, "-m", "dqt_lightning", "fit", *(a for c in configs for a in ("--config", c)),
             "--trainer.max_steps", str(max_steps), "--model.init_args.ternary_eval", "true",
             "--trainer.logger", json.dumps(logger), *extra]
@@ -72,8 +74,18 @@ def run_arm(arm: str, command: list[str], out: Path) -> Path:
         return out / done.read_text().strip()
     log = out / "logs" / f"{arm}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    last = out / arm / "version_0" / "checkpoints" / "last.ckpt"
+    if last.exists():  # interrupted (a device call's time limit, a kill): continue from its newest checkpoint
+        command = [*command, "--ckpt_path", str(last)]
+        # LightningCLI refuses to overwrite the run's config.yaml; keep the earlier attempt's beside it.
+        config = last.parent.parent / "config.yaml"
+        if config.exists():
+            attempt = next(k for k in range(1, 10_000) if not config.with_name(f"config.attempt-{k}.yaml").exists())
+            config.rename(config.with_name(f"config.attempt-{attempt}.yaml"))
     print(f"[reproduce] {arm}: {shlex.join(command[1:])}", flush=True)
-    with open(log, "w") as f:
+    with open(log, "a") as f:
+        f.write(f"$ {shlex.join(command)}\n")
+        f.flush()
         result = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
     text = log.read_text()
     marker = "[fit] run directory: "

@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from dqt_lightning.compare import Run
 from dqt_lightning.reproduce import judge, main
 
-TINY = ["--", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+TINY = ["--", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
         "--trainer.enable_progress_bar", "false", "--model.init_args.config.n_layer", "1",
         "--model.init_args.config.n_embd", "32", "--model.init_args.config.n_head", "2",
         "--model.init_args.config.intermediate_size", "64", "--model.init_args.warmup_steps", "1",
@@ -43,7 +44,7 @@ def test_arms_train_once_and_the_report_judges_them(tmp_path, monkeypatch, data_
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "repro"
     extra = [*TINY, "--data.init_args.cache_dir", data_cache]
-    assert main(["--out", str(out), "--arms", "bitnet", "dqt-8bit", *extra]) == 0
+    assert main(["--out", str(out), "--max-steps", "4", "--arms", "bitnet", "dqt-8bit", *extra]) == 0
     report = (out / "results.md").read_text()
     assert "| bitnet/version_0 | ste | 1.58 |" in report and "| dqt-8bit/version_0 | dqt | 8 |" in report
     assert "| 8-bit DQT is on par with BitNet b1.58. | " in report
@@ -53,10 +54,17 @@ def test_arms_train_once_and_the_report_judges_them(tmp_path, monkeypatch, data_
     log = out / "logs" / "dqt-8bit.log"
     stamp = log.stat().st_mtime_ns
     # Again: finished arms are not trained twice; the report is rebuilt from them.
-    assert main(["--out", str(out), "--arms", "bitnet", "dqt-8bit", *extra]) == 0
+    assert main(["--out", str(out), "--max-steps", "4", "--arms", "bitnet", "dqt-8bit", *extra]) == 0
     assert log.stat().st_mtime_ns == stamp and not (out / "bitnet" / "version_1").exists()
     assert main(["--out", str(out), "--report"]) == 0
     assert len((out / "commands.txt").read_text().splitlines()) == 2
+    # An arm that did not finish (here: its DONE removed, and more steps asked for) continues from its last
+    # checkpoint, in the same run directory.
+    (out / "dqt-8bit" / "DONE").unlink()
+    assert main(["--out", str(out), "--max-steps", "6", "--arms", "dqt-8bit", *extra]) == 0
+    assert "--ckpt_path" in log.read_text()
+    last = torch.load(out / "dqt-8bit" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 6 and not (out / "dqt-8bit" / "version_1").exists()
 
 
 def test_a_failing_arm_is_one_line_naming_it_and_its_log(tmp_path, capsys):
