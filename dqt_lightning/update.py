@@ -82,6 +82,7 @@ class QuantizedUpdate(Callback):
         self._steppers: list[Callable[[], None]] = []
         self._group = None  # the process group of the per-layer averages in backward
         self._updated_in_backward = False
+        self._skipped_in_backward = False
         # Called with (layer name, layer, global step) between the optimizer's step and the rounding, in backward
         # only: how WeightTelemetry sees the float step when no optimizer post-hook would.
         self.observers: list[Callable[[str, DQTWeight, int], None]] = []
@@ -134,6 +135,9 @@ class QuantizedUpdate(Callback):
         if self._in_backward:
             # Every DQT layer has been updated already and its gradient freed: what remains are the float parameters.
             self._gradients_are_finite(trainer, optimizer)
+            if self._skipped_in_backward:  # one step counted, however many layers it skipped
+                self._skipped_in_backward = False
+                self.skipped_steps += 1
             if self._updated_in_backward:
                 self._updated_in_backward = False
                 self._finish_step(trainer.global_step)
@@ -211,7 +215,7 @@ class QuantizedUpdate(Callback):
                 raise TrainingStopped(f"non-finite gradient at step {step} in {name}; lower the learning rate, "
                                       "or set on_nonfinite: skip")
             param.grad = None
-            self.skipped_steps += 1
+            self._skipped_in_backward = True
             rank_zero_warn(f"skipped the update of {name} at step {step}: non-finite gradient")
             return
         layer.materialize()

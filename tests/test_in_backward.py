@@ -96,6 +96,8 @@ def test_a_nonfinite_gradient_in_backward_skips_that_layer_only(one_thread):
     first.update_param.register_hook(poison)
     before = {id(m): m.weight.clone() for m in layers}
     with pytest.warns(UserWarning, match="skipped the update"):
-        fit(model, steps=1, update_in_backward=True)
+        trainer = fit(model, steps=1, update_in_backward=True)
     assert torch.equal(first.weight, before[id(first)])
+    update = next(cb for cb in trainer.callbacks if type(cb).__name__ == "QuantizedUpdate")
+    assert update.skipped_steps == 1
     assert any(not torch.equal(m.weight, before[id(m)]) for m in layers[1:])

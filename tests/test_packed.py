@@ -87,6 +87,21 @@ def test_a_packed_layer_computes_what_its_int8_twin_computes():
     assert "packed 2-bit" in repr(packed)
 
 
+def test_ternary_evaluation_of_packed_weights_is_that_of_their_int8_twin(tmp_path):
+    from dqt_lightning.ternary import TernaryWeights
+
+    _, plain = _fit(tmp_path / "plain", 3, pack=False)
+    _, packed = _fit(tmp_path / "packed", 3, pack=False, pack_in_memory=True)
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for model in (plain, packed):
+        with torch.no_grad(), TernaryWeights(model.model):
+            logits = model.model(tokens[:, :-1])
+        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()))
+    assert torch.equal(losses[0], losses[1])
+    assert all(layer.packed for layer in dqt_layers(packed))  # back to packed storage after the evaluation
+
+
 @pytest.mark.parametrize("plugin", [{"bits": 8}, {"mode": "ste"}, {"mode": "fp"}])
 def test_only_ternary_dqt_weights_pack(plugin):
     with pytest.raises(ConfigError, match="trainer.plugins.pack_in_memory"):
