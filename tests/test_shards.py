@@ -170,9 +170,12 @@ def test_damaged_shard_is_written_again_with_the_ones_after_it(
 
 
 PREPARE_SLOWLY = """
-import sys, time
+import signal, sys, time
 from dqt_lightning import shard_files
 from dqt_lightning.cli import main
+
+# Ctrl-C as in a terminal, even when the test runs in a background job, which starts children with SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 real_write = shard_files.atomic_write
 
