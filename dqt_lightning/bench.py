@@ -42,8 +42,9 @@ from dqt_lightning.precision import QuantPrecision, is_projection
 RECIPES = ("fp", "ste", "dqt-1.58", "dqt-2", "dqt-3", "dqt-4", "dqt-8", "dqt-1.58-lean", "dqt-8-lean")
 # Lean-state options a DQT recipe can add as suffixes, e.g. `dqt-1.58-packed-inbwd` (SPEC §4): weights packed four per
 # byte in memory (ternary only), the update inside backward (no gradient buffer), AdamW with 8-bit moments; `lean`
-# is all three.
-OPTIONS = ("packed", "inbwd", "adam8", "lean")
+# is all three. `qemb` also puts the token embedding and the output head on the grid (as the official DQT code).
+OPTIONS = ("packed", "inbwd", "adam8", "lean", "qemb")
+LEAN = ("packed", "inbwd", "adam8")
 TORCHAO = {"torchao-int8": "torchao int8 QT", "torchao-bitnet": "torchao BitNet"}
 MIB, GIB = 2**20, 2**30
 PROG = "python -m dqt_lightning bench"
@@ -208,7 +209,7 @@ def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len
     """
     name, _, rest = recipe.partition("-")
     bits, *suffixes = rest.split("-")
-    options = set(OPTIONS) if "lean" in suffixes else set(suffixes)
+    options = set(suffixes) | (set(LEAN) if "lean" in suffixes else set())
     torchao = name == "torchao"
     mode = "fp" if torchao else name
     cuda = torch.cuda.is_available()
@@ -227,7 +228,8 @@ def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len
     # A torchao recipe's suffix names torchao's method, not a bit width; its model trains under the fp plugin.
     grid_bits = float(bits) if bits and not torchao else 1.58
     plugin = QuantPrecision(mode=mode, bits=grid_bits, precision=precision, update_in_backward="inbwd" in options,
-                            pack_in_memory="packed" in options and grid_bits == 1.58)
+                            pack_in_memory="packed" in options and grid_bits == 1.58,
+                            quantize_embeddings="qemb" in options)
     trainer = fit_on_tokens(model, tokens, batch_size, plugins=[plugin], callbacks=[timer], accelerator="auto")
     peak = torch.cuda.max_memory_allocated() if cuda else None
     # Measured after fit, between steps: gradients are still allocated (Lightning frees them at the next step's

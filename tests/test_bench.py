@@ -17,7 +17,7 @@ from dqt_lightning.model import Config
 from dqt_lightning.module import LanguageModel, _default_optimizer
 from dqt_lightning.precision import is_projection
 
-RECIPES = ("fp", "ste", "dqt-1.58", "dqt-8", "dqt-1.58-lean", "torchao-int8", "torchao-bitnet")
+RECIPES = ("fp", "ste", "dqt-1.58", "dqt-8", "dqt-1.58-lean", "dqt-1.58-lean-qemb", "torchao-int8", "torchao-bitnet")
 SMALL = dict(size="tiny", vocab_size=512, batch_size=2, seq_len=16, steps=2, warmup=1, precision="32-true")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -74,6 +74,15 @@ def test_the_lean_recipe_packs_weights_frees_dqt_gradients_and_keeps_8bit_states
     assert (dqt.weights_mib - lean.weights_mib) * 2**20 == pytest.approx(0.75 * n_proj, rel=1e-3)  # 1 -> 1/4 byte
     assert (fp.grads_mib - lean.grads_mib) * 2**20 == pytest.approx(4 * n_proj, rel=1e-3)  # no DQT gradient left
     assert lean.states_mib / fp.states_mib == pytest.approx(2.03 / 8, rel=0.02)  # 8-bit moments + block scales
+
+
+def test_quantized_embeddings_take_the_embedding_and_head_off_float32_too(rows: dict[str, Row]) -> None:
+    lean, qemb = rows["dqt-1.58-lean"], rows["dqt-1.58-lean-qemb"]
+    table_bytes = 2 * SMALL["vocab_size"] * 128  # elements of the tiny model's embedding and head
+    # 4 bytes each as float32, a quarter byte each as packed ternary levels
+    assert (lean.weights_mib - qemb.weights_mib) * 2**20 == pytest.approx(3.75 * table_bytes, rel=1e-2)
+    # their float32 gradients go too (freed in backward, as every DQT gradient): what is left is the norm gains'
+    assert (lean.grads_mib - qemb.grads_mib) * 2**20 == pytest.approx(4 * table_bytes, rel=1e-3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU reporting: no allocator peak there")
