@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dqt_lightning.fp8 import fp8_linear, fp8_matmul
-from dqt_lightning.quant import (Grid, absmean_quantize, fake_quantize_activations, pack_ternary, quantize_activations,
-                                 round_to_grid, ste_quantize, unpack_ternary)
+from dqt_lightning.quant import (Grid, absmean_quantize, activation_levels, fake_quantize_activations, pack_ternary,
+                                 quantize_activations, round_to_grid, ste_quantize, unpack_ternary)
 
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -192,16 +192,22 @@ class _SharedInputQuantizer:
         self._key: tuple[int, torch.dtype] | None = None
         self._quantized: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype):
+        """``x_q`` in ``dtype``; or, for ``dtype=torch.int8``, the int8 levels and their scale
+        (:func:`~dqt_lightning.quant.activation_levels`)."""
         if torch.compiler.is_compiling() or x.is_inference():
             # The compiler dedupes on its own; inference tensors carry no version counter to key on.
-            return fake_quantize_activations(x).to(dtype)
+            return self._quantize(x, dtype)
         key = (x._version, dtype)
         if self._input is not None and self._input() is x and self._key == key:
             return self._quantized
-        quantized = fake_quantize_activations(x).to(dtype)
+        quantized = self._quantize(x, dtype)
         self._input, self._key, self._quantized = weakref.ref(x, self._forget), key, quantized
         return quantized
+
+    @staticmethod
+    def _quantize(x: torch.Tensor, dtype: torch.dtype):
+        return activation_levels(x) if dtype == torch.int8 else fake_quantize_activations(x).to(dtype)
 
     def _forget(self, ref: weakref.ref) -> None:
         if ref is self._input:
@@ -247,6 +253,47 @@ class _DQTLinearFn(torch.autograd.Function):
         return grad_x, None, grad_w, None, None, None, None
 
 
+class _DQTLinearInt8Fn(torch.autograd.Function):
+    """:class:`_DQTLinearFn` with its forward matmul on integers: ``y = (levels_x @ q^T) * alpha / s``, the int8
+    activation levels times the int8 weight levels summed exactly in int32 (``torch._int_mm``: INT8 tensor cores on
+    a GPU, VNNI/AMX on a CPU), then one scaling per output. The same function as the float path up to float32
+    rounding, which the float path adds at every product and this one only once. The backward is the float path's;
+    it recomputes ``x_q = levels_x / s`` from the saved int8 levels, a quarter of the float copy's memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, levels: torch.Tensor, s: torch.Tensor, update_param: torch.Tensor,
+                q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, packed_shape: torch.Size | None = None):
+        ctx.save_for_backward(levels, s, q, scale)
+        ctx.grad_dtype, ctx.input_dtype, ctx.dtype, ctx.packed_shape = update_param.dtype, x.dtype, dtype, packed_shape
+        weight = q if packed_shape is None else unpack_ternary(q, packed_shape)
+        rows = levels.reshape(-1, levels.shape[-1])
+        out = torch._int_mm(rows, weight.t()).float()  # weight.t(): the column-major second operand it wants
+        alpha = scale.reshape(1, -1) if scale.dim() else scale
+        out = out.mul_(alpha).div_(s.reshape(-1, 1))
+        return out.to(dtype).reshape(*levels.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        levels, s, q, scale = ctx.saved_tensors
+        if ctx.packed_shape is not None:
+            q = unpack_ternary(q, ctx.packed_shape)
+        # x_q exactly as the float path has it: levels / s in float32, then in the compute dtype
+        x_q = (levels.float() / s).to(ctx.dtype)
+        g = g.to(ctx.dtype)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ (q.to(g.dtype) * scale.to(g.dtype))).to(ctx.input_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_w = (g.reshape(-1, g.shape[-1]).t() @ x_q.reshape(-1, x_q.shape[-1])).to(ctx.grad_dtype)
+        return grad_x, None, None, grad_w, None, None, None, None
+
+
+def _int_mm_fits(tokens: int, in_features: int, out_features: int, device: torch.device) -> bool:
+    # cuBLASLt's int8 kernels want more than 16 rows and widths in multiples of 8; the CPU kernels take any shape.
+    return device.type != "cuda" or (tokens > 16 and in_features % 8 == 0 and out_features % 8 == 0)
+
+
 class DQTLinear(DQTWeight):
     """A bias-free linear layer whose weight persists only as integers on ``grid`` times a float scale; its input is
     quantized to 8 bits per token, as in BitNet b1.58.
@@ -261,6 +308,7 @@ class DQTLinear(DQTWeight):
     """
 
     fp8 = False  # set by the fp8 precision on a GPU that has FP8 matmuls
+    int8_matmul = False  # set by QuantPrecision(int8_matmul=True): the forward matmul on integers
 
     def __init__(self, in_features: int, out_features: int, grid: Grid, rounding: str = "stochastic",
                  per_row_scale: bool = False, grad_dtype: torch.dtype = torch.float32) -> None:
@@ -278,9 +326,15 @@ class DQTLinear(DQTWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The input quantized as BitNet b1.58 does (per-token absmax, 8 bits): the same values as
         # quantize_activations(x).to(compute dtype), shared with the sibling projections that read the same x.
-        x_q = _quantize_input(x, _compute_dtype(x))
-        return _DQTLinearFn.apply(x, x_q, self.update_param, self.weight, self.scale, self.fp8,
-                                  self.shape if self.packed else None)
+        dtype = _compute_dtype(x)
+        packed_shape = self.shape if self.packed else None
+        tokens = x.numel() // self.in_features
+        if self.int8_matmul and _int_mm_fits(tokens, self.in_features, self.out_features, x.device):
+            levels, s = _quantize_input(x, torch.int8)
+            return _DQTLinearInt8Fn.apply(x, levels, s, self.update_param, self.weight, self.scale, dtype,
+                                          packed_shape)
+        x_q = _quantize_input(x, dtype)
+        return _DQTLinearFn.apply(x, x_q, self.update_param, self.weight, self.scale, self.fp8, packed_shape)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self._describe()}"

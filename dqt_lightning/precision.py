@@ -57,6 +57,10 @@ class QuantPrecision(Precision):
         pack_in_memory: Keep ternary DQT weights packed 4 per byte in memory too (0.25 bytes per weight instead of
             1); every forward and backward unpacks a layer's levels transiently, so it costs time where nothing fuses
             the unpacking into the matmul. Checkpoints are then packed as well.
+        int8_matmul: Run the forward matmul of every DQT linear layer on integers (``torch._int_mm``): the int8
+            activation levels times the int8 weight levels, summed exactly, scaled once. INT8 tensor cores on a GPU,
+            VNNI/AMX on a CPU. Not bit-identical to the float forward (it rounds once instead of at every product);
+            the backward is the same.
         quantize_embeddings: Also quantize the token embedding and the output head (``embed_tokens``, ``lm_head``),
             as the official DQT code does; off by default, as in BitNet and torchao. ``dqt``: a
             :class:`~dqt_lightning.layers.DQTEmbedding` and a :class:`~dqt_lightning.layers.DQTLinear` head (8-bit
@@ -80,7 +84,7 @@ class QuantPrecision(Precision):
     def __init__(self, mode: str = "dqt", bits: float = 1.58, rounding: str = "stochastic", symmetric: bool = False,
                  per_row_scale: bool = False, precision: str = "32-true", pack_ternary: bool = False,
                  quantize_embeddings: bool = False, grad_dtype: str = "float32", scale_policy: str = "fixed",
-                 update_in_backward: bool = False, pack_in_memory: bool = False) -> None:
+                 update_in_backward: bool = False, pack_in_memory: bool = False, int8_matmul: bool = False) -> None:
         super().__init__()
         self.mode = _choice("mode", mode, MODES)
         self.rounding = _choice("rounding", rounding, ROUNDINGS)
@@ -101,6 +105,11 @@ class QuantPrecision(Precision):
             raise ConfigError(f"trainer.plugins.pack_in_memory packs ternary DQT weights (mode: dqt, bits: 1.58); got "
                               f"mode {mode}" + (f", bits {bits}" if mode != "fp" else ""))
         self.pack_in_memory = pack_in_memory
+        if int8_matmul and mode != "dqt":
+            raise ConfigError(f"trainer.plugins.int8_matmul applies to DQT weights only (mode: dqt); got mode {mode}")
+        if int8_matmul and precision == "fp8":
+            raise ConfigError("trainer.plugins.int8_matmul and precision: fp8 both pick the forward matmul; choose one")
+        self.int8_matmul = int8_matmul
         self.per_row_scale = per_row_scale
         self.pack_ternary = pack_ternary
         self.quantize_embeddings = quantize_embeddings
@@ -121,10 +130,11 @@ class QuantPrecision(Precision):
         already = sum(isinstance(m, (DQTWeight, BitLinear)) for m in module.modules())
         if already == 0:
             raise TypeError(f"mode {self.mode} found no projection ({', '.join(PROJECTIONS)}) to quantize in the model")
-        if self.pack_in_memory:
-            for layer in module.modules():
-                if isinstance(layer, DQTWeight):
-                    layer.pack_storage()
+        for layer in module.modules():
+            if isinstance(layer, DQTWeight) and self.pack_in_memory:
+                layer.pack_storage()
+            if isinstance(layer, DQTLinear) and self.int8_matmul:
+                layer.int8_matmul = True
         _keep_integers_out_of_ddp_sync(module)
         return module
 

@@ -98,6 +98,17 @@ def fake_quantize_activations(x: torch.Tensor) -> torch.Tensor:
     return levels.round_().clamp_(-128, 127).div_(s).to(x.dtype)
 
 
+@torch.no_grad()
+def activation_levels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer side of :func:`fake_quantize_activations`: per-token int8 levels and their float32 scale ``s``,
+    ``levels = clip(round(x * s), -128, 127)`` with ``s = 127 / max|x|``, so that ``levels / s`` is ``x_q``. For
+    integer matmuls (``torch._int_mm``), where the products of levels are summed exactly."""
+    x32 = x.float()
+    s = 127.0 / x32.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-5)
+    levels = x32.mul_(s) if x32 is not x else x32 * s
+    return levels.round_().clamp_(-128, 127).to(torch.int8), s
+
+
 class _ActivationQuantizer(torch.autograd.Function):
     """:func:`fake_quantize_activations` with a straight-through gradient, as one autograd node."""
 
