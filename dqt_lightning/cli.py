@@ -23,7 +23,7 @@ from pathlib import Path
 from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from dqt_lightning.checkpoint import AtomicCheckpointIO
 from dqt_lightning.errors import ConfigError, TrainingStopped
@@ -63,7 +63,27 @@ def _first_reason(message: str) -> str:
     return f"{head} {detail}".strip()
 
 
+class _SaveConfig(SaveConfigCallback):
+    """Lightning's config saving, with its refusal to overwrite an earlier run's config.yaml (which happens when runs
+    without a logger share a directory) turned into a one-line error instead of a traceback."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        try:
+            super().setup(trainer, pl_module, stage)
+        except RuntimeError as error:
+            if "to NOT exist" not in str(error):
+                raise
+            path = Path(trainer.log_dir or ".") / self.config_filename
+            raise ConfigError(f"{path} exists already, from an earlier run in the same directory; set "
+                              "trainer.default_root_dir to a new directory (or keep the default logger, which gives "
+                              "every run its own)") from error
+
+
 class DQTLightningCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_callback", _SaveConfig)
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 

@@ -242,15 +242,20 @@ class _DQTLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x_q, q, scale = ctx.saved_tensors
-        if ctx.packed_shape is not None:
-            q = unpack_ternary(q, ctx.packed_shape)
-        g = g.to(x_q.dtype)
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ (q.to(g.dtype) * scale.to(g.dtype))).to(ctx.input_dtype)
-        if ctx.needs_input_grad[2]:
-            grad_w = (g.reshape(-1, g.shape[-1]).t() @ x_q.reshape(-1, x_q.shape[-1])).to(ctx.grad_dtype)
+        grad_x, grad_w = _linear_grads(ctx, g, x_q, q, scale, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
         return grad_x, None, grad_w, None, None, None, None
+
+
+def _linear_grads(ctx, g: torch.Tensor, x_q: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, need_x: bool,
+                  need_w: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backward both DQT linear functions share: ``grad_x = g @ (alpha * q)`` (straight through the activation
+    quantizer) and ``grad_W = g^T @ x_q`` (the true gradient w.r.t. the stored weight), in ``x_q``'s dtype."""
+    if ctx.packed_shape is not None:
+        q = unpack_ternary(q, ctx.packed_shape)
+    g = g.to(x_q.dtype)
+    grad_x = (g @ (q.to(g.dtype) * scale.to(g.dtype))).to(ctx.input_dtype) if need_x else None
+    grad_w = (g.reshape(-1, g.shape[-1]).t() @ x_q.reshape(-1, x_q.shape[-1])).to(ctx.grad_dtype) if need_w else None
+    return grad_x, grad_w
 
 
 class _DQTLinearInt8Fn(torch.autograd.Function):
@@ -276,16 +281,9 @@ class _DQTLinearInt8Fn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         levels, s, q, scale = ctx.saved_tensors
-        if ctx.packed_shape is not None:
-            q = unpack_ternary(q, ctx.packed_shape)
         # x_q exactly as the float path has it: levels / s in float32, then in the compute dtype
         x_q = (levels.float() / s).to(ctx.dtype)
-        g = g.to(ctx.dtype)
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ (q.to(g.dtype) * scale.to(g.dtype))).to(ctx.input_dtype)
-        if ctx.needs_input_grad[3]:
-            grad_w = (g.reshape(-1, g.shape[-1]).t() @ x_q.reshape(-1, x_q.shape[-1])).to(ctx.grad_dtype)
+        grad_x, grad_w = _linear_grads(ctx, g, x_q, q, scale, ctx.needs_input_grad[0], ctx.needs_input_grad[3])
         return grad_x, None, None, grad_w, None, None, None, None
 
 

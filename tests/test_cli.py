@@ -106,6 +106,18 @@ def test_a_repeated_command_starts_a_new_run_directory(tmp_path, data_cache):
     assert "unigram entropy" in result.stdout and "final validation loss" in result.stdout
 
 
+def test_without_a_logger_a_second_run_in_the_same_directory_is_one_line_and_keeps_the_first(tmp_path, data_cache):
+    args = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "2", "--data.init_args.vocab_size", "512",
+            "--data.init_args.cache_dir", data_cache, "--trainer.logger", "false"]
+    assert _run(tmp_path, *args).returncode == 0
+    first = (tmp_path / "config.yaml").read_bytes()
+    result = _run(tmp_path, *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "config.yaml exists already" in errors[0] and "default_root_dir" in errors[0]
+    assert (tmp_path / "config.yaml").read_bytes() == first
+
+
 def test_fsdp_is_refused_up_front_with_the_reason(tmp_path, data_cache):
     result = _run(tmp_path, "--trainer.strategy", "fsdp", "--data.init_args.cache_dir", data_cache)
     assert result.returncode == 2 and "Traceback" not in result.stderr
