@@ -21,15 +21,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.layers import DQTWeight
-from dqt_lightning.update import QuantizedUpdate
+from dqt_lightning.update import HookOwner, QuantizedUpdate
 
 
-class WeightTelemetry(Callback):
+class WeightTelemetry(HookOwner):
     """Logs update size against grid step, level occupancy and scales of every DQT layer every ``every_n_steps``.
 
     The update ratio needs the optimizer's float step, which exists only between the optimizer step and the
@@ -152,12 +151,6 @@ class WeightTelemetry(Callback):
         metrics["telemetry/share_saturated"] = saturated / total
         # Straight to the logger: self.log would drop values on steps that are not multiples of log_every_n_steps.
         trainer.logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
     @override
     def state_dict(self) -> dict[str, Any]:

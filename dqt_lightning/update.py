@@ -18,7 +18,20 @@ from dqt_lightning.optim import parameter_stepper
 from dqt_lightning.quant import quantized_step, rescaled_step, step_seed
 
 
-class QuantizedUpdate(Callback):
+class HookOwner(Callback):
+    """A callback that registers hooks (on optimizers, parameters or another callback) into ``_handles`` and removes
+    them all at teardown, so a trainer that fits again starts without them."""
+
+    _handles: list[Any]
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class QuantizedUpdate(HookOwner):
     """Runs the configured optimizer on ``alpha * q`` of every DQT layer and rounds the result back onto the grid.
 
     Every :class:`~dqt_lightning.layers.DQTWeight` takes part: the projections, and the embedding and output head
@@ -285,12 +298,6 @@ class QuantizedUpdate(Callback):
             metrics.update({f"dqt_layers/{n}": f.float() / self._sizes[n] for n, f in self._flips.items()})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         self._flips = {}
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
     @override
     def state_dict(self) -> dict[str, Any]:
