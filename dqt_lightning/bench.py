@@ -24,7 +24,6 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -36,7 +35,7 @@ from dqt_lightning.layers import dqt_layers
 from dqt_lightning.memory import fit_on_tokens, unique_storage_bytes
 from dqt_lightning.model import SIZES, Config
 from dqt_lightning.module import LanguageModel
-from dqt_lightning.optim import AdamW
+from dqt_lightning.optim import default_adamw
 from dqt_lightning.precision import QuantPrecision, is_projection
 
 RECIPES = ("fp", "ste", "dqt-1.58", "dqt-2", "dqt-3", "dqt-4", "dqt-8", "dqt-1.58-lean", "dqt-8-lean")
@@ -183,9 +182,9 @@ def optimizer_for(recipe: str) -> Callable[..., torch.optim.Optimizer] | None:
         A factory taking parameter groups, or ``None``.
     """
     if recipe == "torchao-int8":
-        return partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+        return default_adamw(weight_decay=0.0)
     if {"adam8", "lean"} & set(recipe.split("-")[2:]):
-        return partial(AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01, state_dtype="int8")
+        return default_adamw("int8")
     return None
 
 

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from dqt_lightning.files import atomic_write
 from dqt_lightning.layers import DQTWeight
+from dqt_lightning.optim import default_adamw
 from dqt_lightning.quant import pack_ternary, unpack_ternary
 
 PACKED_KEY = "dqt_packed_ternary"
@@ -66,16 +67,6 @@ FORMATS: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
-def _adamw(state_dtype: str):
-    # The project's default AdamW hyper-parameters (module.py); only where the moments are kept differs.
-    from dqt_lightning.optim import AdamW
-
-    hyper = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
-    if state_dtype == "float32":
-        return lambda params: torch.optim.AdamW(params, **hyper)
-    return lambda params: AdamW(params, **hyper, state_dtype=state_dtype)
-
-
 def measure_checkpoint_sizes(size: str, vocab_size: int, directory: Path) -> dict[str, tuple[int, int]]:
     """Train ``size`` one step on random tokens in each storage format of :data:`FORMATS` and save it as Lightning does.
 
@@ -92,7 +83,7 @@ def measure_checkpoint_sizes(size: str, vocab_size: int, directory: Path) -> dic
     sizes = {}
     for label, (plugin_args, state_dtype) in FORMATS.items():
         torch.manual_seed(0)
-        model = LanguageModel(Config.from_name(size), vocab_size=vocab_size, optimizer=_adamw(state_dtype),
+        model = LanguageModel(Config.from_name(size), vocab_size=vocab_size, optimizer=default_adamw(state_dtype),
                               warmup_steps=0)
         plugins = [QuantPrecision(**plugin_args), AtomicCheckpointIO()]
         trainer = fit_on_tokens(model, tokens, batch_size=2, plugins=plugins)

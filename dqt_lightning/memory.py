@@ -11,7 +11,6 @@ DQT ternary with bf16 or 8-bit AdamW states.
 from __future__ import annotations
 
 import datetime
-import functools
 import logging
 import platform
 import time
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader
 from dqt_lightning.layers import DQTWeight
 from dqt_lightning.model import Config
 from dqt_lightning.module import LanguageModel
-from dqt_lightning.optim import AdamW
+from dqt_lightning.optim import default_adamw
 from dqt_lightning.precision import PROJECTIONS, QuantPrecision, is_projection
 from dqt_lightning.update import QuantizedUpdate
 
@@ -183,9 +182,7 @@ def measure(mode: str, bits: float = 1.58, steps: int = 2, state_dtype: str = "f
         with torch.random.fork_rng(devices=[]):  # deterministic, without disturbing the caller's global RNG
             torch.manual_seed(0)
             tokens = torch.randint(0, VOCAB, (BATCH * steps, SEQ_LEN + 1))
-            optimizer = None if state_dtype == "float32" else functools.partial(
-                AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01, state_dtype=state_dtype)
-            model = LanguageModel(Config(), vocab_size=VOCAB, optimizer=optimizer, warmup_steps=0)
+            model = LanguageModel(Config(), vocab_size=VOCAB, optimizer=default_adamw(state_dtype), warmup_steps=0)
             trainer = fit_on_tokens(model, tokens, BATCH, plugins=[QuantPrecision(mode=mode, bits=bits, **plugin)])
     finally:
         torch.set_num_threads(threads)

@@ -18,6 +18,7 @@ from dqt_lightning.checkpoint import PACKED_KEY, pack_ternary_weights, unpack_te
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.layers import quantized_parameters
 from dqt_lightning.model import LLaMA, Config
+from dqt_lightning.optim import default_adamw
 from dqt_lightning.ternary import TernaryWeights
 from dqt_lightning.tokenizer import TextTokenizer
 
@@ -33,10 +34,6 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource  # POSIX only, and only needed on CPU
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _default_optimizer(params) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
 
 
 class LanguageModel(pl.LightningModule):
@@ -71,7 +68,7 @@ class LanguageModel(pl.LightningModule):
             raise ConfigError("; ".join(problems))
         self.config = config
         self.model = LLaMA(config)
-        self.optimizer_factory = optimizer or _default_optimizer
+        self.optimizer_factory = optimizer or default_adamw()
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.ternary_eval = ternary_eval
         self._ternary: TernaryWeights | None = None

@@ -268,6 +268,16 @@ class AdamW(torch.optim.Optimizer):
                                    self._noise(group, step, index, exp_avg.device))
 
 
+def default_adamw(state_dtype: str = "float32", **overrides: Any) -> Callable[[Iterable[Any]], torch.optim.Optimizer]:
+    """The project's default optimizer as a factory of parameter groups: AdamW with lr 1e-3, betas (0.9, 0.95) and
+    weight decay 0.01 (each overridable). ``float32`` moments are ``torch.optim.AdamW`` itself; ``bfloat16`` and
+    ``int8`` ones are :class:`AdamW` with the same hyper-parameters."""
+    hyper = {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.01, **overrides}
+    if state_dtype == "float32":
+        return lambda params: torch.optim.AdamW(params, **hyper)
+    return lambda params: AdamW(params, **hyper, state_dtype=state_dtype)
+
+
 def parameter_stepper(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> Callable[[], None]:
     """A function that steps ``param`` alone, with ``optimizer``'s rule, its group's current hyper-parameters (the
     scheduled learning rate included) and its state in ``optimizer.state``.

@@ -14,7 +14,8 @@ from torch import nn
 from dqt_lightning import cli
 from dqt_lightning.bench import TORCHAO, Row, _torchao, main, optimizer_for, plot, run_benchmark, table
 from dqt_lightning.model import Config
-from dqt_lightning.module import LanguageModel, _default_optimizer
+from dqt_lightning.module import LanguageModel
+from dqt_lightning.optim import default_adamw
 from dqt_lightning.precision import is_projection
 
 RECIPES = ("fp", "ste", "dqt-1.58", "dqt-8", "dqt-1.58-lean", "dqt-1.58-lean-qemb", "torchao-int8", "torchao-bitnet")
@@ -125,7 +126,7 @@ def test_torchao_converts_exactly_the_projections(recipe: str) -> None:
 
 def test_torchao_recipes_use_our_adamw_and_int8_only_drops_weight_decay() -> None:
     params = [nn.Parameter(torch.zeros(2, 2))]
-    ours = _default_optimizer(params).defaults
+    ours = default_adamw()(params).defaults  # LanguageModel's default optimizer
     assert optimizer_for("torchao-bitnet") is None and optimizer_for("dqt-1.58") is None  # LanguageModel's default
     int8 = optimizer_for("torchao-int8")(params)
     assert type(int8) is torch.optim.AdamW
