@@ -97,7 +97,8 @@ class QuantPrecision(Precision):
             raise ConfigError(f"trainer.plugins.grad_dtype: {grad_dtype} applies to DQT weights only (mode: dqt); "
                               f"mode {mode} keeps float32 gradients")
         self.scale_policy = _choice("scale_policy", scale_policy, SCALE_POLICIES)
-        for field, value in (("scale_policy", scale_policy != "fixed"), ("update_in_backward", update_in_backward)):
+        for field, value in (("scale_policy", scale_policy != "fixed"), ("update_in_backward", update_in_backward),
+                             ("int8_matmul", int8_matmul)):
             if value and mode != "dqt":
                 raise ConfigError(f"trainer.plugins.{field} applies to DQT weights only (mode: dqt); got mode {mode}")
         self.update_in_backward = update_in_backward
@@ -105,8 +106,6 @@ class QuantPrecision(Precision):
             raise ConfigError(f"trainer.plugins.pack_in_memory packs ternary DQT weights (mode: dqt, bits: 1.58); got "
                               f"mode {mode}" + (f", bits {bits}" if mode != "fp" else ""))
         self.pack_in_memory = pack_in_memory
-        if int8_matmul and mode != "dqt":
-            raise ConfigError(f"trainer.plugins.int8_matmul applies to DQT weights only (mode: dqt); got mode {mode}")
         if int8_matmul and precision == "fp8":
             raise ConfigError("trainer.plugins.int8_matmul and precision: fp8 both pick the forward matmul; choose one")
         self.int8_matmul = int8_matmul
