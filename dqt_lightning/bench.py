@@ -42,8 +42,9 @@ RECIPES = ("fp", "ste", "dqt-1.58", "dqt-2", "dqt-3", "dqt-4", "dqt-8", "dqt-1.5
 # Lean-state options a DQT recipe can add as suffixes, e.g. `dqt-1.58-packed-inbwd` (SPEC §4): weights packed four per
 # byte in memory (ternary only), the update inside backward (no gradient buffer), AdamW with 8-bit moments; `lean`
 # is all three. `qemb` also puts the token embedding and the output head on the grid (as the official DQT code);
-# `int8mm` runs the forward matmuls on integers (torch._int_mm).
-OPTIONS = ("packed", "inbwd", "adam8", "lean", "qemb", "int8mm")
+# `int8mm` runs the forward matmuls on integers (torch._int_mm); `fused` steps and rounds each DQT layer in one
+# compiled pass (dqt_lightning.fused; the first warm-up step compiles).
+OPTIONS = ("packed", "inbwd", "adam8", "lean", "qemb", "int8mm", "fused")
 LEAN = ("packed", "inbwd", "adam8")
 TORCHAO = {"torchao-int8": "torchao int8 QT", "torchao-bitnet": "torchao BitNet"}
 MIB, GIB = 2**20, 2**30
@@ -229,7 +230,8 @@ def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len
     grid_bits = float(bits) if bits and not torchao else 1.58
     plugin = QuantPrecision(mode=mode, bits=grid_bits, precision=precision, update_in_backward="inbwd" in options,
                             pack_in_memory="packed" in options and grid_bits == 1.58,
-                            quantize_embeddings="qemb" in options, int8_matmul="int8mm" in options)
+                            quantize_embeddings="qemb" in options, int8_matmul="int8mm" in options,
+                            fused_update="fused" in options)
     trainer = fit_on_tokens(model, tokens, batch_size, plugins=[plugin], callbacks=[timer], accelerator="auto")
     peak = torch.cuda.max_memory_allocated() if cuda else None
     # Measured after fit, between steps: gradients are still allocated (Lightning frees them at the next step's

@@ -124,6 +124,14 @@ class DQTWeight(nn.Module):
         if param.grad is not None and param.grad.dtype != torch.float32:
             param.grad = param.grad.float()
 
+    def widen_gradient(self) -> None:
+        """A float32 gradient without materializing the weight: what clipping sees before the fused update, as it
+        does on the usual path (:meth:`materialize`). :meth:`release` undoes it."""
+        param = self.update_param
+        if param.grad is not None and param.grad.dtype != torch.float32:
+            param.data = torch.zeros((), device=self.weight.device).expand(self.shape)
+            param.grad = param.grad.float()
+
     def release(self) -> None:
         param = self.update_param
         param.data = self._placeholder(self.weight.device)

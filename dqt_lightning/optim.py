@@ -47,7 +47,8 @@ def _code_values(codes: torch.Tensor, top: int, range_log2: float) -> torch.Tens
     return values.mul_(codes > 0)
 
 
-def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None,
+                          noise: torch.Tensor | None = None) -> torch.Tensor:
     """Round float32 values to bfloat16 up or down at random, with ``E[result] = x``.
 
     bfloat16 is float32 without the low 16 bits of the mantissa. Adding a uniform integer from ``[0, 2**16)`` to the
@@ -57,12 +58,15 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = N
     Args:
         x: A float32 tensor.
         generator: Source of the noise (on ``x``'s device); the default generator if ``None``.
+        noise: Integers in ``[0, 2**16)`` of ``x``'s shape to use instead of drawing them (a fused update's
+            counter-based noise).
 
     Returns:
         A bfloat16 tensor of ``x``'s shape.
     """
     bits = x.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    if noise is None:
+        noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536 = 0xFFFF0000: exact in bf16
 
 
@@ -75,8 +79,8 @@ def _grid(signed: bool) -> tuple[int, float]:
     return (SIGNED_TOP, SIGNED_RANGE_LOG2) if signed else (UNSIGNED_TOP, UNSIGNED_RANGE_LOG2)
 
 
-def quantize_blockwise(x: torch.Tensor, block_size: int, signed: bool,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(x: torch.Tensor, block_size: int, signed: bool, generator: torch.Generator | None = None,
+                       uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode ``x`` as 8-bit logarithmic codes and one float32 scale (absolute maximum) per block, rounding at random.
 
     Args:
@@ -85,6 +89,7 @@ def quantize_blockwise(x: torch.Tensor, block_size: int, signed: bool,
         signed: Whether ``x`` may be negative. An unsigned code never rounds a positive value to zero: the second
             moment divides the update, so it is rounded up to the smallest level instead (a smaller, safe step).
         generator: Source of the rounding noise.
+        uniform: Uniforms in ``[0, 1)`` of ``x``'s shape to round with instead of drawing them.
 
     Returns:
         ``(codes, scales)``: ``int8`` codes (signed) or ``uint8`` codes (unsigned) of ``x``'s shape, and ``ceil(numel /
@@ -101,7 +106,9 @@ def quantize_blockwise(x: torch.Tensor, block_size: int, signed: bool,
     lower = _code_values(lower_code, top, range_log2)
     upper = _code_values((lower_code + 1).clamp_(max=top), top, range_log2)
     up = (magnitude - lower).div_((upper - lower).clamp_(min=torch.finfo(torch.float32).tiny)).clamp_(0.0, 1.0)
-    codes = lower_code.add_(torch.rand(magnitude.shape, device=x.device, generator=generator) < up)
+    if uniform is None:
+        uniform = torch.rand(magnitude.shape, device=x.device, generator=generator)
+    codes = lower_code.add_(uniform.reshape(-1) < up)
     if signed:
         return torch.copysign(codes, flat).to(torch.int8).view(x.shape), scales
     # Never zero for a positive value: the second moment divides the update.

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from typing import Any, Callable
 
 import torch
 from lightning.pytorch.plugins.precision import Precision
 from torch import nn
+from torch.optim import Optimizer
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
@@ -74,6 +76,14 @@ class QuantPrecision(Precision):
             free that gradient at once: no gradient buffer of a DQT weight outlives backward (SPEC §4 stretch). Same
             optimizer, learning rate and rounding as the usual path, with the same results, but gradient
             accumulation and clipping cannot work (both need every gradient before any update) and are refused.
+        fused_update: Step the DQT weights with AdamW and round them in one pass per layer, from int8 levels to int8
+            levels, with no float weight in memory (:mod:`dqt_lightning.fused`); the optimizer (``torch.optim.AdamW``
+            or :class:`~dqt_lightning.optim.AdamW`, any state dtype) then steps the float parameters alone. Same
+            arithmetic as the usual path; the rounding noise is counter-based, so the numbers drawn differ. Fixed
+            scales only. Works with ``update_in_backward``.
+        compile_fused_update: Compile the fused update with ``torch.compile`` (one kernel per layer: Triton on a GPU,
+            C++ on a CPU; the first step compiles, tens of seconds). ``false`` runs the same function eagerly, for
+            debugging or where nothing can compile: slower than the usual path.
 
     Raises:
         ConfigError: for an unknown mode, rounding, precision or grad_dtype, bits outside 1.58 / 2..8, or
@@ -84,7 +94,8 @@ class QuantPrecision(Precision):
     def __init__(self, mode: str = "dqt", bits: float = 1.58, rounding: str = "stochastic", symmetric: bool = False,
                  per_row_scale: bool = False, precision: str = "32-true", pack_ternary: bool = False,
                  quantize_embeddings: bool = False, grad_dtype: str = "float32", scale_policy: str = "fixed",
-                 update_in_backward: bool = False, pack_in_memory: bool = False, int8_matmul: bool = False) -> None:
+                 update_in_backward: bool = False, pack_in_memory: bool = False, int8_matmul: bool = False,
+                 fused_update: bool = False, compile_fused_update: bool = True) -> None:
         super().__init__()
         self.mode = _choice("mode", mode, MODES)
         self.rounding = _choice("rounding", rounding, ROUNDINGS)
@@ -98,10 +109,17 @@ class QuantPrecision(Precision):
                               f"mode {mode} keeps float32 gradients")
         self.scale_policy = _choice("scale_policy", scale_policy, SCALE_POLICIES)
         for field, value in (("scale_policy", scale_policy != "fixed"), ("update_in_backward", update_in_backward),
-                             ("int8_matmul", int8_matmul)):
+                             ("int8_matmul", int8_matmul), ("fused_update", fused_update)):
             if value and mode != "dqt":
                 raise ConfigError(f"trainer.plugins.{field} applies to DQT weights only (mode: dqt); got mode {mode}")
         self.update_in_backward = update_in_backward
+        if fused_update and scale_policy != "fixed":
+            raise ConfigError(f"trainer.plugins.fused_update keeps each layer's scale fixed; scale_policy "
+                              f"{scale_policy} re-derives it from the whole stepped weight first; use the unfused one")
+        self.fused_update = fused_update
+        self.compile_fused_update = compile_fused_update
+        # Called with the optimizer after clipping, before the optimizer's own step (see optimizer_step).
+        self.after_clipping: list[Callable[[Optimizer], None]] = []
         if pack_in_memory and not (mode == "dqt" and self.grid.is_ternary):
             raise ConfigError(f"trainer.plugins.pack_in_memory packs ternary DQT weights (mode: dqt, bits: 1.58); got "
                               f"mode {mode}" + (f", bits {bits}" if mode != "fp" else ""))
@@ -178,6 +196,21 @@ class QuantPrecision(Precision):
         for name, layer in model.named_modules():
             if isinstance(layer, (DQTLinear, BitLinear)) and is_projection(name):
                 layer.fp8 = True
+
+    @override
+    def optimizer_step(self, optimizer, model, closure: Callable[[], Any], **kwargs: Any) -> Any:
+        if not self.after_clipping:
+            return super().optimizer_step(optimizer, model, closure, **kwargs)
+
+        def closure_then_after_clipping() -> Any:
+            # Precision's own closure wrapper: the training step and backward, on_before_optimizer_step, clipping.
+            # The fused DQT update belongs right after that, before the optimizer's arithmetic.
+            result = self._wrap_closure(model, optimizer, closure)
+            for hook in self.after_clipping:
+                hook(optimizer)
+            return result
+
+        return optimizer.step(closure=closure_then_after_clipping, **kwargs)
 
     @override
     def forward_context(self):

@@ -25,7 +25,7 @@ from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.layers import DQTWeight
-from dqt_lightning.update import HookOwner, QuantizedUpdate
+from dqt_lightning.update import HookOwner, ListHandle, QuantizedUpdate
 
 
 class WeightTelemetry(HookOwner):
@@ -65,13 +65,14 @@ class WeightTelemetry(HookOwner):
         self._layers = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, DQTWeight)]
         if not self._layers:
             return
-        if getattr(trainer.precision_plugin, "update_in_backward", False):
+        plugin = trainer.precision_plugin
+        if getattr(plugin, "update_in_backward", False) or getattr(plugin, "fused_update", False):
             # No optimizer post-hook ever sees these layers' float step: the update callback hands each one over
-            # between its step and its rounding, inside backward.
+            # (or the statistics of it that the fused update computed) between its step and its rounding.
             update = next((cb for cb in trainer.callbacks if isinstance(cb, QuantizedUpdate)), None)
             if update is not None:
-                update.observers.append(self._observe_in_backward)
-                self._handles = [_ObserverHandle(update.observers, self._observe_in_backward)]
+                update.observers.append(self._observe_update)
+                self._handles = [ListHandle(update.observers, self._observe_update)]
             return
         self._handles = [_register_first_post_hook(opt, self._after_optimizer_step) for opt in trainer.optimizers]
 
@@ -90,10 +91,15 @@ class WeightTelemetry(HookOwner):
         self.seconds += time.perf_counter() - started
 
     @torch.no_grad()
-    def _observe_in_backward(self, name: str, layer: DQTWeight, step: int) -> None:
+    def _observe_update(self, name: str, layer: DQTWeight, step: int,
+                        stats: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         if self._trainer.is_global_zero and self._measuring(step):
             started = time.perf_counter()
-            self._measure(name, layer, step)
+            if stats is None:
+                self._measure(name, layer, step)
+            else:
+                self._measured_step = step
+                self._update_stats[name] = stats
             self.seconds += time.perf_counter() - started
 
     def _measure(self, name: str, layer: DQTWeight, step: int) -> None:
@@ -174,17 +180,6 @@ def _level_histogram(experiment: Any, tag: str, counts: torch.Tensor, qmin: int,
         bucket_counts=weights.tolist(),
         global_step=step,
     )
-
-
-class _ObserverHandle:
-    """Removes an observer from QuantizedUpdate's list, as a hook handle removes its hook."""
-
-    def __init__(self, observers: list, observer) -> None:
-        self.observers, self.observer = observers, observer
-
-    def remove(self) -> None:
-        if self.observer in self.observers:
-            self.observers.remove(self.observer)
 
 
 def _register_first_post_hook(optimizer: torch.optim.Optimizer, hook) -> Any:

@@ -13,9 +13,25 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError, TrainingStopped
+from dqt_lightning.fused import compiled_dqt_adamw_step, dqt_adamw_step, noise_keys
 from dqt_lightning.layers import DQTWeight
-from dqt_lightning.optim import parameter_stepper
+from dqt_lightning.optim import AdamW, _init_state, parameter_stepper
 from dqt_lightning.quant import quantized_step, rescaled_step, step_seed
+
+# What observers of the update receive: (layer name, layer, global step, (sum of |y - q|, count below half a step))
+# where the fused update computed those statistics itself; ``None`` where the float step is in ``update_param``.
+Observer = Callable[[str, DQTWeight, int, "tuple[torch.Tensor, torch.Tensor] | None"], None]
+
+
+class ListHandle:
+    """Removes ``item`` from ``items`` as a hook handle removes its hook: for callbacks registered into a list."""
+
+    def __init__(self, items: list, item: Any) -> None:
+        self.items, self.item = items, item
+
+    def remove(self) -> None:
+        if self.item in self.items:
+            self.items.remove(self.item)
 
 
 class HookOwner(Callback):
@@ -55,6 +71,12 @@ class QuantizedUpdate(HookOwner):
 
     Under the ``absmax`` scale policy the rounding also re-derives each layer's scale from the stepped weight
     (:func:`~dqt_lightning.quant.rescaled_step`).
+
+    With ``QuantPrecision(fused_update=True)`` (AdamW only) no float weight is materialized: after clipping, each
+    layer's levels, gradient and moments go through :func:`~dqt_lightning.fused.dqt_adamw_step`, compiled into one
+    kernel, and the optimizer then steps the float parameters alone. Its rounding noise is counter-based (same
+    seeds, other numbers than the usual path's generator); the moments stay in ``optimizer.state`` in the
+    optimizer's own format, so checkpoints resume either way. Inside backward too, when both options are on.
 
     Args:
         seed: Seed of the rounding noise; ``None`` takes the run's ``seed_everything`` value (``PL_GLOBAL_SEED``).
@@ -98,7 +120,10 @@ class QuantizedUpdate(HookOwner):
         self._skipped_in_backward = False
         # Called with (layer name, layer, global step) between the optimizer's step and the rounding, in backward
         # only: how WeightTelemetry sees the float step when no optimizer post-hook would.
-        self.observers: list[Callable[[str, DQTWeight, int], None]] = []
+        self.observers: list[Observer] = []
+        self._fused: Callable[..., tuple[torch.Tensor, ...]] | None = None
+        self._fused_pending = False
+        self._optimizer: torch.optim.Optimizer | None = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -119,11 +144,32 @@ class QuantizedUpdate(HookOwner):
                 f"(first: {missing[0]}); "
                 "pass dqt_lightning.quantized_parameters(model) to it in configure_optimizers"
             )
-        self._in_backward = bool(getattr(trainer.precision_plugin, "update_in_backward", False))
+        plugin = trainer.precision_plugin
+        self._in_backward = bool(getattr(plugin, "update_in_backward", False))
+        if getattr(plugin, "fused_update", False):
+            self._use_fused_update(trainer)
         if self._in_backward:
             self._hook_into_backward(trainer)
+        elif self._fused is not None:
+            plugin.after_clipping.append(self._after_clipping)
+            self._handles = [ListHandle(plugin.after_clipping, self._after_clipping)]
         else:
             self._handles = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
+
+    def _use_fused_update(self, trainer: pl.Trainer) -> None:
+        field = "trainer.plugins.fused_update"
+        if len(trainer.optimizers) != 1:
+            raise ConfigError(f"{field} needs exactly one optimizer; got {len(trainer.optimizers)}")
+        optimizer = trainer.optimizers[0]
+        if not isinstance(optimizer, (torch.optim.AdamW, AdamW)):
+            raise ConfigError(f"{field} fuses AdamW (torch.optim.AdamW or dqt_lightning.optim.AdamW) into the "
+                              f"update; the optimizer is {type(optimizer).__name__}")
+        for group in optimizer.param_groups:
+            for option in ("amsgrad", "maximize"):
+                if group.get(option):
+                    raise ConfigError(f"{field} does not do AdamW's {option}; set optimizer.init_args.{option}: false")
+        self._optimizer = optimizer
+        self._fused = compiled_dqt_adamw_step() if trainer.precision_plugin.compile_fused_update else dqt_adamw_step
 
     def _hook_into_backward(self, trainer: pl.Trainer) -> None:
         field = "trainer.plugins.update_in_backward"
@@ -139,7 +185,8 @@ class QuantizedUpdate(HookOwner):
             # Separate from the group DDP's own bucketed all-reduces run on, so the two streams of collectives,
             # both launched from backward hooks, can never be matched against each other.
             self._group = torch.distributed.new_group()
-        self._steppers = [parameter_stepper(trainer.optimizers[0], m.update_param) for _, m in self._layers]
+        if self._fused is None:
+            self._steppers = [parameter_stepper(trainer.optimizers[0], m.update_param) for _, m in self._layers]
         self._handles = [m.update_param.register_post_accumulate_grad_hook(
             functools.partial(self._update_in_backward, i)) for i, (_, m) in enumerate(self._layers)]
 
@@ -158,6 +205,13 @@ class QuantizedUpdate(HookOwner):
         if trainer.world_size > 1 and self._layers:
             self._average_gradients_across_ranks()
         if not self._gradients_are_finite(trainer, optimizer):
+            return
+        if self._fused is not None:
+            # Stepped after clipping, by _after_clipping. Clipped in float32 as on the usual path (materialize): a
+            # norm of bf16 buffers, and their scaling, would round differently.
+            for _, layer in self._layers:
+                layer.widen_gradient()
+            self._fused_pending = bool(self._layers)
             return
         for _, layer in self._layers:
             layer.materialize()
@@ -212,6 +266,18 @@ class QuantizedUpdate(HookOwner):
         self._finish_step(step)
 
     @torch.no_grad()
+    def _after_clipping(self, optimizer: torch.optim.Optimizer) -> None:
+        # Called by QuantPrecision between clipping and the optimizer's own step, which then finds no gradient on
+        # the quantized weights and steps the float parameters alone.
+        if not self._fused_pending:
+            return
+        self._fused_pending = False
+        step = self._trainer.global_step
+        for index in range(len(self._layers)):
+            self._fused_update(index, step)
+        self._finish_step(step)
+
+    @torch.no_grad()
     def _update_in_backward(self, index: int, param: torch.Tensor) -> None:
         trainer = self._trainer
         if trainer is None or not trainer.training or param.grad is None:
@@ -231,21 +297,27 @@ class QuantizedUpdate(HookOwner):
             self._skipped_in_backward = True
             rank_zero_warn(f"skipped the update of {name} at step {step}: non-finite gradient")
             return
-        layer.materialize()
-        self._steppers[index]()
-        for observe in self.observers:
-            observe(name, layer, step)
-        self._round(index, step)
+        if self._fused is not None:
+            self._fused_update(index, step)
+        else:
+            layer.materialize()
+            self._steppers[index]()
+            for observe in self.observers:
+                observe(name, layer, step, None)
+            self._round(index, step)
         param.grad = None
         self._updated_in_backward = True
+
+    def _noise_seed(self, index: int, step: int) -> int:
+        seed = self.seed if self.shared_noise else self.seed + 7919 * self._trainer.global_rank
+        return step_seed(seed, step, index)
 
     def _round(self, index: int, step: int) -> None:
         """Round layer ``index``'s stepped weight onto its grid with this step's noise, then free the float values."""
         name, layer = self._layers[index]
-        seed = self.seed if self.shared_noise else self.seed + 7919 * self._trainer.global_rank
         q = layer.levels()
         generator = self._generator(q.device)
-        generator.manual_seed(step_seed(seed, step, index))
+        generator.manual_seed(self._noise_seed(index, step))
         stepped = layer.update_param.data
         if layer.scale_policy == "absmax":
             q_new, alpha = rescaled_step(stepped, layer.grid, layer.scale.dim() > 0, layer.rounding, generator)
@@ -255,6 +327,39 @@ class QuantizedUpdate(HookOwner):
         self._flips[name] = torch.count_nonzero(q_new != q)  # stays a tensor: no host sync in the hot path
         layer.set_levels(q_new)
         layer.release()
+
+    def _fused_update(self, index: int, step: int) -> None:
+        """Step layer ``index`` with AdamW and round it, in one pass from levels to levels; free its gradient."""
+        name, layer = self._layers[index]
+        param = layer.update_param
+        if param.grad is None:
+            return  # no gradient reached this layer: AdamW would skip it too
+        optimizer = self._optimizer
+        # Looked up at every step: load_state_dict replaces the groups, and the LR scheduler changes their lr.
+        group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+        state = optimizer.state[param]
+        ours = isinstance(optimizer, AdamW)
+        kind = group["state_dtype"] if ours else "float32"
+        block_size = group["block_size"] if ours else 0
+        if not state:
+            _init_state(state, layer.shape, layer.weight.device, kind, block_size)
+            if not ours:  # torch.optim.AdamW's own format, so that the unfused path can resume from it
+                state["step"] = torch.tensor(0.0)
+        state["step"] += 1
+        t = float(state["step"])
+        lr, (beta1, beta2) = float(group["lr"]), group["betas"]
+        q = layer.levels()
+        q_new, flips, moved, below = self._fused(
+            q, layer.scale, param.grad, state["exp_avg"], state["exp_avg_sq"], state.get("exp_avg_scale"),
+            state.get("exp_avg_sq_scale"), noise_keys(self._noise_seed(index, step), q.device),
+            1 - lr * group["weight_decay"], beta1, beta2, group["eps"], lr / (1 - beta1**t), (1 - beta2**t) ** 0.5,
+            layer.grid.qmin, layer.grid.qmax, layer.rounding == "stochastic", block_size or 1)
+        layer.set_levels(q_new)
+        param.grad = None  # spent; and the optimizer must not step the placeholder
+        layer.release()
+        self._flips[name] = flips
+        for observe in self.observers:
+            observe(name, layer, step, (moved, below))
 
     def _finish_step(self, step: int) -> None:
         self.n_updates += 1

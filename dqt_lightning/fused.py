@@ -1,0 +1,145 @@
+"""The DQT update with AdamW as one elementwise pass: dequantize, AdamW, stochastic rounding, back to int8.
+
+The usual path (:class:`~dqt_lightning.update.QuantizedUpdate` around any optimizer) materializes a float32
+``alpha * q`` per layer, lets the optimizer step it in a dozen separate passes over memory, then rounds it back in a
+few more. For AdamW, the one optimizer this project trains with, all of that is elementwise per weight, so it can be
+written as one function of ``(levels, scale, grad, moments)`` and compiled (``torch.compile``: Triton on a GPU, C++
+on a CPU) into one kernel that reads each weight's level, gradient and moments once and writes its new level and
+moments once; no float weight ever exists in memory.
+
+The rounding noise cannot come from a ``torch.Generator`` inside a compiled kernel and still be the same on every
+DDP rank and after a resume, so it is counter-based: the ``i``-th uniform of a layer at a step is a hash of ``i`` and
+a key derived from ``(run seed, step, layer)`` (:func:`counter_uniform`). Any rank, any resumed run and the eager and
+compiled forms of :func:`dqt_adamw_step` draw the same numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from dqt_lightning.optim import dequantize_blockwise, quantize_blockwise, stochastic_round_bf16
+
+_MASK32 = 0xFFFFFFFF
+# The noise streams of one layer at one step: its weights, its first moment, its second moment.
+WEIGHTS, EXP_AVG, EXP_AVG_SQ = range(3)
+
+
+def _mulmod32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    # (x * constant) mod 2**32 for x < 2**32, in two 16-bit halves of the constant: no product reaches 2**63, so the
+    # int64 arithmetic never overflows (undefined in the C++ a CPU compile emits).
+    low = x * (constant & 0xFFFF)
+    high = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    # Chris Wellons' "lowbias32" integer hash: every output bit depends on every input bit, with low bias.
+    x = x ^ (x >> 16)
+    x = _mulmod32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mulmod32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _splitmix64(x: int) -> int:
+    # A strong 64-bit mix in Python, so that keys of neighbouring (step, layer) share no structure.
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def noise_keys(seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The key of each noise stream (weights, first moment, second moment) of one layer at one step, from a seed such
+    as :func:`~dqt_lightning.quant.step_seed`: an int64 tensor ``[3, 2]`` of 32-bit halves."""
+    keys = []
+    for stream in range(3):
+        mixed = _splitmix64(seed * 3 + stream)
+        keys.append([mixed & _MASK32, mixed >> 32])
+    return torch.tensor(keys, dtype=torch.int64, device=device)
+
+
+def counter_bits(key: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """32 random bits per element (in an int64 tensor of ``shape``): two rounds of a hash of the element's flat index
+    and the stream's ``key`` (one row of :func:`noise_keys`). A pure function of its arguments."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    index = torch.arange(numel, dtype=torch.int64, device=key.device).view(shape)
+    mixed = _hash32((index & _MASK32) ^ key[0])
+    return _hash32(mixed ^ (((index >> 32) + key[1]) & _MASK32))
+
+
+def counter_uniform(key: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Float32 uniforms in ``[0, 1)`` on a grid of ``2**-24`` from :func:`counter_bits`."""
+    return (counter_bits(key, shape) >> 8).float() * 2.0**-24
+
+
+def _read(state: torch.Tensor, scales: torch.Tensor | None, block_size: int) -> torch.Tensor:
+    if state.dtype == torch.float32:
+        return state
+    if state.dtype == torch.bfloat16:
+        return state.float()
+    return dequantize_blockwise(state, scales, block_size)
+
+
+def _write(state: torch.Tensor, scales: torch.Tensor | None, block_size: int, value: torch.Tensor,
+           key: torch.Tensor, signed: bool) -> None:
+    if state.dtype == torch.float32:
+        state.copy_(value)
+    elif state.dtype == torch.bfloat16:
+        state.copy_(stochastic_round_bf16(value, noise=(counter_bits(key, value.shape) >> 16).to(torch.int32)))
+    else:
+        codes, new_scales = quantize_blockwise(value, block_size, signed, uniform=counter_uniform(key, value.shape))
+        state.copy_(codes)
+        scales.copy_(new_scales)
+
+
+def dqt_adamw_step(levels: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                   exp_avg_sq: torch.Tensor, exp_avg_scale: torch.Tensor | None, exp_avg_sq_scale: torch.Tensor | None,
+                   keys: torch.Tensor, decay: float, beta1: float, beta2: float, eps: float, step_size: float,
+                   bias_correction2_sqrt: float, qmin: int, qmax: int, stochastic: bool, block_size: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One AdamW step of one DQT layer, straight from its levels to its new levels; the moments are updated in place.
+
+    The arithmetic is that of the usual path, operation for operation: ``W = alpha * q`` in float32;
+    ``torch.optim.AdamW``'s single-tensor step on it (``decay = 1 - lr * weight_decay``, ``step_size = lr /
+    (1 - beta1**t)``, ``bias_correction2_sqrt = sqrt(1 - beta2**t)``); then
+    :func:`~dqt_lightning.quant.quantized_step`'s ``y = q + (W' - alpha*q) / alpha`` and one rounding,
+    ``floor(y + u)`` with ``u`` from :func:`counter_uniform` (or ``round(y)``), clipped to ``[qmin, qmax]``. Run
+    eagerly with ``nearest`` rounding and float32 moments it gives the usual path's results bit for bit.
+
+    Moments are float32, bfloat16 (written back with stochastic rounding) or 8-bit block codes with their scales
+    (:mod:`dqt_lightning.optim`), their noise drawn from the second and third rows of ``keys``.
+
+    Returns:
+        ``(new int8 levels, number of levels that changed, sum of |y - q|, number with |y - q| < 0.5)``: the last two
+        are the update-to-grid-step statistics the telemetry logs, at the price of two reductions in the same pass.
+    """
+    q = levels.float()
+    start = q * scale
+    g = grad.float()
+    m = _read(exp_avg, exp_avg_scale, block_size)
+    v = _read(exp_avg_sq, exp_avg_sq_scale, block_size)
+    # torch.optim.AdamW (single tensor): decay, lerp, mul + addcmul, sqrt / bias correction + eps, addcdiv.
+    weights = start * decay
+    m = torch.lerp(m, g, 1 - beta1)
+    v = torch.addcmul(v * beta2, g, g, value=1 - beta2)
+    denom = v.sqrt() / bias_correction2_sqrt + eps
+    weights = torch.addcdiv(weights, m, denom, value=-step_size)
+    _write(exp_avg, exp_avg_scale, block_size, m, keys[EXP_AVG], signed=True)
+    _write(exp_avg_sq, exp_avg_sq_scale, block_size, v, keys[EXP_AVG_SQ], signed=False)
+    # quantized_step, in the order that makes y == q exactly when the weight did not move.
+    y = (weights - start) / scale + q
+    rounded = torch.floor(counter_uniform(keys[WEIGHTS], y.shape) + y) if stochastic else torch.round(y)
+    new_levels = rounded.clamp(qmin, qmax).to(torch.int8)
+    moved = (y - q).abs()
+    return new_levels, (new_levels != levels).sum(), moved.sum(), (moved < 0.5).sum()
+
+
+@functools.cache
+def compiled_dqt_adamw_step():
+    """:func:`dqt_adamw_step` compiled once per process, for every layer shape (``dynamic=True``)."""
+    return torch.compile(dqt_adamw_step, dynamic=True)

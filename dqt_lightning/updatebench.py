@@ -1,0 +1,108 @@
+"""Time of one DQT layer's update: the usual path against the fused one, eager and compiled.
+
+    python -m dqt_lightning.updatebench [--shapes 256x256 768x2048] [--state-dtypes float32 bfloat16 int8]
+
+For each weight shape and AdamW state dtype it times one optimizer step of one ternary layer, stochastic rounding
+included: the usual path (materialize ``alpha * q``, the optimizer's step, ``quantized_step``, release) and
+:func:`~dqt_lightning.fused.dqt_adamw_step` run eagerly and compiled. On a GPU (when one is present) the kernels are
+timed with the device synchronized. The first compiled call compiles and is not timed. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+
+from dqt_lightning.fused import compiled_dqt_adamw_step, dqt_adamw_step, noise_keys
+from dqt_lightning.layers import DQTWeight
+from dqt_lightning.optim import STATE_DTYPES, _init_state, default_adamw
+from dqt_lightning.quant import TernaryGrid, quantized_step
+
+LR, BETAS, EPS, WEIGHT_DECAY, BLOCK = 1e-3, (0.9, 0.95), 1e-8, 0.01, 256
+
+
+def _median_ms(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+    run()  # warm-up (and the compile, for the compiled form)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def time_layer_update(shape: tuple[int, int], state_dtype: str, device: torch.device, repeats: int = 10
+                      ) -> dict[str, float]:
+    """Milliseconds per update of one ternary layer of ``shape``: ``usual``, ``fused eager``, ``fused compiled``."""
+    generator = torch.Generator().manual_seed(0)
+    layer = DQTWeight(shape, TernaryGrid).to(device)
+    layer.quantize_from((torch.randn(shape, generator=generator) * 0.02).to(device))
+    grad = (torch.randn(shape, generator=generator) * 1e-3).to(device)
+    param = layer.update_param
+    optimizer = default_adamw(state_dtype, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)([param])
+    rounding = torch.Generator(device=device)
+
+    def usual() -> None:
+        param.grad = grad
+        layer.materialize()
+        optimizer.step()
+        rounding.manual_seed(1)
+        layer.set_levels(quantized_step(layer.levels(), layer.scale, param.data, TernaryGrid, "stochastic", rounding))
+        layer.release()
+
+    state: dict = {}
+    _init_state(state, torch.Size(shape), device, state_dtype, BLOCK)
+    keys = noise_keys(1, device)
+
+    def fused(step: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[[], None]:
+        def run() -> None:
+            q_new, *_ = step(layer.weight, layer.scale, grad, state["exp_avg"], state["exp_avg_sq"],
+                             state.get("exp_avg_scale"), state.get("exp_avg_sq_scale"), keys, 1 - LR * WEIGHT_DECAY,
+                             BETAS[0], BETAS[1], EPS, LR / (1 - BETAS[0]), (1 - BETAS[1]) ** 0.5, -1, 1, True, BLOCK)
+            layer.weight.copy_(q_new)
+        return run
+
+    return {"usual": _median_ms(usual, device, repeats),
+            "fused eager": _median_ms(fused(dqt_adamw_step), device, repeats),
+            "fused compiled": _median_ms(fused(compiled_dqt_adamw_step()), device, repeats)}
+
+
+def _shape(text: str) -> tuple[int, int]:
+    rows, _, columns = text.partition("x")
+    if not (rows.isdigit() and columns.isdigit()):
+        raise argparse.ArgumentTypeError(f"a shape is ROWSxCOLUMNS, e.g. 768x2048; got '{text}'")
+    return int(rows), int(columns)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dqt_lightning.updatebench", description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", type=_shape, default=[(256, 256), (768, 2048)])
+    parser.add_argument("--state-dtypes", nargs="+", choices=STATE_DTYPES, default=list(STATE_DTYPES))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.machine()}), " \
+        f"{torch.get_num_threads()} threads"
+    print("| shape | AdamW states | usual ms | fused eager ms | fused compiled ms | usual / compiled |")
+    print("|---|---|---:|---:|---:|---:|")
+    for shape in args.shapes:
+        for state_dtype in args.state_dtypes:
+            ms = time_layer_update(shape, state_dtype, device, args.repeats)
+            print(f"| {shape[0]}x{shape[1]} | {state_dtype} | {ms['usual']:.2f} | {ms['fused eager']:.2f} | "
+                  f"{ms['fused compiled']:.2f} | {ms['usual'] / ms['fused compiled']:.1f}x |", flush=True)
+    print(f"\nDevice: {name}; torch {torch.__version__}; median of {args.repeats}.")
+
+
+if __name__ == "__main__":
+    main()

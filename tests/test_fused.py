@@ -1,0 +1,296 @@
+"""The fused DQT update (``QuantPrecision(fused_update=True)``): the usual path's arithmetic in one pass per layer,
+its counter-based noise, and the run-level guarantees (clipping, checkpoints, DDP, telemetry) kept."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from dqt_lightning import QuantizedUpdate, optim
+from dqt_lightning.errors import ConfigError
+from dqt_lightning.fused import (EXP_AVG, EXP_AVG_SQ, WEIGHTS, compiled_dqt_adamw_step, counter_bits, counter_uniform,
+                                 dqt_adamw_step, noise_keys)
+from dqt_lightning.layers import dqt_layers
+from dqt_lightning.optim import dequantize_blockwise, quantize_blockwise, stochastic_round_bf16
+from dqt_lightning.precision import QuantPrecision
+from dqt_lightning.quant import step_seed
+from dqt_lightning.telemetry import WeightTelemetry
+from tests.conftest import TokenWindows, fit, make_model
+from tests.test_checkpoint import ResumableWindows, StopAfter
+
+EAGER = {"fused_update": True, "compile_fused_update": False}
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_run(a, b, trainer_a, trainer_b) -> None:
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    oa, ob = (t.optimizers[0].state_dict()["state"] for t in (trainer_a, trainer_b))
+    assert oa.keys() == ob.keys() and len(oa) > 0
+    for index in oa:
+        for key, value in oa[index].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(ob[index][key])), (index, key)
+
+
+# --- the noise ---------------------------------------------------------------------------------------------------
+
+def test_counter_noise_is_uniform_and_a_pure_function_of_key_and_index():
+    keys = noise_keys(step_seed(7, 3, 2))
+    u = counter_uniform(keys[WEIGHTS], (1 << 20,))
+    assert u.dtype == torch.float32 and 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    counts = torch.histc(u, bins=64, min=0.0, max=1.0)
+    expected = u.numel() / 64
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 120  # 63 degrees of freedom: p < 1e-5 beyond this
+    assert torch.equal(u, counter_uniform(noise_keys(step_seed(7, 3, 2))[WEIGHTS], (1 << 20,)))
+    # The same numbers whatever the shape: element i of the flat view.
+    assert torch.equal(counter_uniform(keys[WEIGHTS], (1 << 10, 1 << 10)).reshape(-1), u)
+    # Each of the 32 bits is a fair coin.
+    bits = counter_bits(keys[WEIGHTS], (1 << 16,))
+    shares = torch.stack([((bits >> b) & 1).float().mean() for b in range(32)])
+    assert float((shares - 0.5).abs().max()) < 0.01
+
+
+def test_neighbouring_steps_layers_and_streams_draw_unrelated_noise():
+    n = 1 << 16
+    base = counter_uniform(noise_keys(step_seed(0, 10, 5))[WEIGHTS], (n,))
+    others = [counter_uniform(noise_keys(step_seed(0, 11, 5))[WEIGHTS], (n,)),   # next step
+              counter_uniform(noise_keys(step_seed(0, 10, 6))[WEIGHTS], (n,)),   # next layer
+              counter_uniform(noise_keys(step_seed(1, 10, 5))[WEIGHTS], (n,)),   # another run seed
+              counter_uniform(noise_keys(step_seed(0, 10, 5))[EXP_AVG], (n,)),   # another stream
+              counter_uniform(noise_keys(step_seed(0, 10, 5))[WEIGHTS], (n + 1,))[1:]]  # shifted by one index
+    for other in others:
+        correlation = float(torch.corrcoef(torch.stack([base, other]))[0, 1])
+        assert abs(correlation) < 4 / math.sqrt(n)  # four standard errors of independent samples
+
+
+# --- one layer, the function itself ------------------------------------------------------------------------------
+
+def _layer(shape=(24, 40), bits=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qmax = 2 ** (bits - 1) - 1 if bits > 2 else 1
+    levels = torch.randint(-qmax, qmax + 1, shape, generator=g).to(torch.int8)
+    return levels, torch.tensor(0.01), torch.randn(shape, generator=g) * 1e-3, -qmax - (bits > 2), qmax
+
+
+def _reference(levels, scale, grad, state_dtype, steps, stochastic, qmin, qmax, seed=5):
+    """The usual path by hand: AdamW on ``alpha * q``, then ``quantized_step``'s rounding, with the fused path's
+    noise fed in where the usual path would draw from a generator."""
+    param = torch.nn.Parameter(levels.float() * scale)
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    adamw = torch.optim.AdamW([param], **kwargs) if state_dtype == "float32" else None
+    m = v = None
+    for t in range(1, steps + 1):
+        keys = noise_keys(seed + t)
+        param.data = levels.float() * scale
+        param.grad = grad * t
+        if adamw is not None:
+            adamw.step()
+        else:  # dqt_lightning.optim.AdamW's arithmetic, with the moments rounded by the keys' noise
+            m = torch.zeros_like(param) if m is None else m
+            v = torch.zeros_like(param) if v is None else v
+            param.data.mul_(1 - 1e-2 * 0.1)
+            m = m.lerp(param.grad, 0.1)
+            v = (v * 0.95).addcmul(param.grad, param.grad, value=0.05)
+            denom = (v.sqrt() / (1 - 0.95**t) ** 0.5).add(1e-8)
+            param.data.addcdiv_(m, denom, value=-1e-2 / (1 - 0.9**t))
+            if state_dtype == "bfloat16":
+                m = stochastic_round_bf16(m, noise=(counter_bits(keys[EXP_AVG], m.shape) >> 16).to(torch.int32)).float()
+                v = stochastic_round_bf16(v, noise=(counter_bits(keys[EXP_AVG_SQ], v.shape) >> 16).to(torch.int32)
+                                          ).float()
+            else:
+                m = dequantize_blockwise(*quantize_blockwise(m, 64, True, uniform=counter_uniform(keys[EXP_AVG],
+                                                                                                  m.shape)), 64)
+                v = dequantize_blockwise(*quantize_blockwise(v, 64, False, uniform=counter_uniform(keys[EXP_AVG_SQ],
+                                                                                                   v.shape)), 64)
+        start = levels.float() * scale
+        y = (-start).add(param.data).div(scale).add(levels.float())
+        rounded = (counter_uniform(keys[WEIGHTS], y.shape) + y).floor() if stochastic else y.round()
+        levels = rounded.clamp(qmin, qmax).to(torch.int8)
+    return levels
+
+
+def _fused(levels, scale, grad, state_dtype, steps, stochastic, qmin, qmax, seed=5, step_fn=dqt_adamw_step):
+    state: dict = {}
+    optim._init_state(state, levels.shape, levels.device, state_dtype, 64)
+    for t in range(1, steps + 1):
+        levels, flips, moved, below = step_fn(
+            levels, scale, grad * t, state["exp_avg"], state["exp_avg_sq"], state.get("exp_avg_scale"),
+            state.get("exp_avg_sq_scale"), noise_keys(seed + t), 1 - 1e-2 * 0.1, 0.9, 0.95, 1e-8, 1e-2 / (1 - 0.9**t),
+            (1 - 0.95**t) ** 0.5, qmin, qmax, stochastic, 64)
+    return levels, state, flips, moved, below
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("stochastic", [True, False], ids=["stochastic", "nearest"])
+def test_the_fused_step_is_the_usual_arithmetic_bit_for_bit(state_dtype, stochastic):
+    levels, scale, grad, qmin, qmax = _layer()
+    expected = _reference(levels, scale, grad, state_dtype, 4, stochastic, qmin, qmax)
+    got, _, flips, _, _ = _fused(levels, scale, grad, state_dtype, 4, stochastic, qmin, qmax)
+    assert int((expected != levels).sum()) > 50  # a comparison of weights that moved
+    assert torch.equal(got, expected)
+
+
+def test_the_fused_step_reports_flips_and_the_update_size():
+    levels, scale, grad, qmin, qmax = _layer()
+    new, _, flips, moved, below = _fused(levels, scale, grad, "float32", 1, True, qmin, qmax)
+    assert int(flips) == int((new != levels).sum()) > 0
+    # What the telemetry computes from a materialized step: |stepped - alpha*q| / alpha.
+    param = torch.nn.Parameter(levels.float() * scale)
+    param.grad = grad
+    torch.optim.AdamW([param], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1).step()
+    ratio = ((param.data - levels.float() * scale) / scale).abs()
+    assert float(moved) == pytest.approx(float(ratio.sum()), rel=1e-4)
+    assert int(below) == int((ratio < 0.5).sum())
+
+
+def test_stochastic_rounding_in_the_fused_step_is_unbiased():
+    # A sub-step move (a fifth of a grid step) survives in expectation, over many keys.
+    levels = torch.zeros(4096, 1, dtype=torch.int8)
+    scale, grad = torch.tensor(1.0), torch.full((4096, 1), 1.0)
+    state: dict = {}
+    optim._init_state(state, levels.shape, levels.device, "float32", 64)
+    means = []
+    for seed in range(8):
+        state["exp_avg"].zero_()
+        state["exp_avg_sq"].zero_()
+        new, *_ = dqt_adamw_step(levels, scale, grad, state["exp_avg"], state["exp_avg_sq"], None, None,
+                                 noise_keys(seed), 1.0, 0.9, 0.95, 0.0, 0.2 / 0.1, 0.05**0.5, -1, 1, True, 1)
+        means.append(new.float().mean())
+    # The first bias-corrected Adam step of any gradient moves every weight by -lr = -0.2 grid steps.
+    assert float(torch.stack(means).mean()) == pytest.approx(-0.2, abs=0.01)
+
+
+def test_the_compiled_step_matches_the_eager_one():
+    levels, scale, grad, qmin, qmax = _layer(shape=(48, 80))
+    eager, eager_state, *_ = _fused(levels, scale, grad, "float32", 3, True, qmin, qmax)
+    compiled, compiled_state, *_ = _fused(levels, scale, grad, "float32", 3, True, qmin, qmax,
+                                          step_fn=compiled_dqt_adamw_step())
+    # The compiler may contract a multiply-add: a level may differ where y lands within float32 noise of a boundary.
+    assert float((compiled != eager).float().mean()) < 1e-3
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(compiled_state[key], eager_state[key], rtol=1e-5, atol=1e-12)
+
+
+# --- whole runs ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,optimizer,plugin", [
+    (8, None, {}),
+    (4, partial(optim.AdamW, lr=2e-3, weight_decay=0.1), {"grad_dtype": "bfloat16", "per_row_scale": True}),
+    (1.58, None, {"pack_in_memory": True, "quantize_embeddings": True}),
+], ids=["8bit-torch-adamw", "4bit-our-adamw-bf16-grads-per-row", "ternary-packed-embeddings"])
+def test_a_fused_run_is_the_usual_run_bit_for_bit_with_nearest_rounding(bits, optimizer, plugin, one_thread):
+    # Nearest rounding and float32 moments draw no noise: the two paths must agree exactly, clipping included
+    # (the fused update runs after it).
+    usual = make_model(optimizer=optimizer, warmup_steps=2)
+    trainer_usual = fit(usual, bits=bits, steps=4, rounding="nearest", clip=0.5, **plugin)
+    fused = make_model(optimizer=optimizer, warmup_steps=2)
+    trainer_fused = fit(fused, bits=bits, steps=4, rounding="nearest", clip=0.5, **plugin, **EAGER)
+    _assert_same_run(usual, fused, trainer_usual, trainer_fused)
+    assert all(layer.update_param.grad is None for layer in dqt_layers(fused))
+
+
+def test_a_compiled_fused_run_trains(one_thread):
+    model = make_model()
+    before = _state(model)
+    trainer = fit(model, bits=1.58, steps=6, clip=1.0, fused_update=True)
+    flips = trainer.callback_metrics["dqt/flip_rate"]
+    assert 0 < float(flips) < 0.5
+    moved = [k for k, v in _state(model).items() if k.endswith("_proj.weight") and not torch.equal(v, before[k])]
+    assert len(moved) == 14
+    assert all(layer.weight.dtype == torch.int8 for layer in dqt_layers(model))
+
+
+def test_fused_in_backward_is_the_usual_run_too(one_thread):
+    usual = make_model()
+    trainer_usual = fit(usual, bits=8, steps=3, rounding="nearest")
+    fused = make_model()
+    trainer_fused = fit(fused, bits=8, steps=3, rounding="nearest", update_in_backward=True, **EAGER)
+    _assert_same_run(usual, fused, trainer_usual, trainer_fused)
+
+
+def _fit_8bit(root, steps: int, ckpt_path=None, callbacks=(), **plugin):
+    model = make_model(seed=2)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, default_root_dir=root, plugins=[QuantPrecision(bits=8, **plugin)],
+        callbacks=[QuantizedUpdate(seed=3), *callbacks])
+    trainer.fit(model, datamodule=ResumableWindows(), ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def _stop_at_3(root, **plugin):
+    every_3 = ModelCheckpoint(dirpath=root / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    _fit_8bit(root, 6, callbacks=[every_3, StopAfter(3)], **plugin)
+    return root / "ckpt" / "step=3.ckpt"
+
+
+def test_a_fused_run_resumes_exactly(tmp_path, one_thread):
+    _, straight = _fit_8bit(tmp_path / "straight", 6, **EAGER)
+    _, resumed = _fit_8bit(tmp_path / "resumed", 6, ckpt_path=_stop_at_3(tmp_path / "stopped", **EAGER), **EAGER)
+    assert len(list(dqt_layers(straight))) == 14
+    for a, b in zip(dqt_layers(straight), dqt_layers(resumed)):
+        assert torch.equal(a.weight, b.weight)
+
+
+def test_a_fused_run_takes_over_an_unfused_checkpoint(tmp_path, one_thread):
+    # The moments stay in the optimizer's own state format: with nearest rounding (no noise), 3 unfused steps and 3
+    # fused ones from their checkpoint are 6 unfused steps.
+    trainer_usual, usual = _fit_8bit(tmp_path / "usual", 6, rounding="nearest")
+    checkpoint = _stop_at_3(tmp_path / "stopped", rounding="nearest")
+    trainer_fused, fused = _fit_8bit(tmp_path / "fused", 6, ckpt_path=checkpoint, rounding="nearest", **EAGER)
+    _assert_same_run(usual, fused, trainer_usual, trainer_fused)
+
+
+def test_telemetry_sees_the_fused_update(tmp_path, one_thread):
+    class Recorder(CSVLogger):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.seen: list[dict] = []
+
+        def log_metrics(self, metrics, step=None):
+            self.seen.append(dict(metrics))
+
+    runs = {}
+    for arm, plugin in (("usual", {}), ("fused", EAGER)):
+        logger = Recorder(tmp_path / arm)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=logger, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                             plugins=[QuantPrecision(bits=8, rounding="nearest", **plugin)],
+                             callbacks=[QuantizedUpdate(seed=1), WeightTelemetry(every_n_steps=2)])
+        trainer.fit(make_model(), datamodule=TokenWindows())
+        runs[arm] = [m for m in logger.seen if "telemetry/update_over_step" in m]
+    assert len(runs["fused"]) == len(runs["usual"]) == 2  # steps 0 and 2
+    for usual, fused in zip(runs["usual"], runs["fused"]):
+        assert fused["telemetry/update_over_step"] == pytest.approx(usual["telemetry/update_over_step"], rel=1e-4)
+        assert fused["telemetry/update_below_half_step"] == pytest.approx(usual["telemetry/update_below_half_step"],
+                                                                          abs=1e-3)
+
+
+@pytest.mark.parametrize("plugin,message", [
+    ({"mode": "ste"}, "fused_update applies to DQT weights only"),
+    ({"scale_policy": "absmax"}, "fused_update keeps each layer's scale fixed"),
+])
+def test_fused_update_refuses_what_it_cannot_fuse(plugin, message):
+    with pytest.raises(ConfigError, match=message):
+        QuantPrecision(fused_update=True, **plugin)
+
+
+def test_fused_update_needs_adamw(one_thread):
+    model = make_model(optimizer=partial(torch.optim.SGD, lr=0.1))
+    with pytest.raises(ConfigError, match=r"trainer.plugins.fused_update fuses AdamW.*the optimizer is SGD"):
+        fit(model, steps=1, **EAGER)
+    model = make_model(optimizer=partial(torch.optim.AdamW, lr=0.1, amsgrad=True))
+    with pytest.raises(ConfigError, match="does not do AdamW's amsgrad"):
+        fit(model, steps=1, **EAGER)
