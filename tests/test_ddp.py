@@ -41,7 +41,9 @@ def _fit_ddp(tmp_path: Path, config: Path, data_cache: str) -> subprocess.Comple
 
 @pytest.mark.parametrize("base,plugin", [
     ("ternary.yaml", None), ("dqt-8bit.yaml", None), ("dqt-8bit.yaml", {"rounding": "nearest"}), ("bitnet.yaml", None),
-], ids=["ternary", "8bit", "8bit-nearest", "bitnet"])
+    # The fused update's counter-based noise must agree across ranks too (eager: the same function, no compile time).
+    ("ternary.yaml", {"fused_update": True, "compile_fused_update": False}),
+], ids=["ternary", "8bit", "8bit-nearest", "bitnet", "ternary-fused"])
 def test_every_rank_holds_identical_weights(base, plugin, tmp_path, data_cache):
     config = _config(tmp_path, base, plugin, {"check_replicas_every_n_steps": 1})
     result = _fit_ddp(tmp_path, config, data_cache)

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from dqt_lightning import QuantizedUpdate, optim
+from dqt_lightning import QuantizedUpdate, optim, updatebench
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.fused import (EXP_AVG, EXP_AVG_SQ, WEIGHTS, compiled_dqt_adamw_step, counter_bits, counter_uniform,
                                  dqt_adamw_step, noise_keys)
@@ -294,3 +294,12 @@ def test_fused_update_needs_adamw(one_thread):
     model = make_model(optimizer=partial(torch.optim.AdamW, lr=0.1, amsgrad=True))
     with pytest.raises(ConfigError, match="does not do AdamW's amsgrad"):
         fit(model, steps=1, **EAGER)
+
+
+def test_updatebench_times_each_shape_and_state_dtype(capsys):
+    updatebench.main(["--shapes", "16x32", "--state-dtypes", "float32", "bfloat16", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "| 16x32 | float32 |" in out and "| 16x32 | bfloat16 |" in out
+    with pytest.raises(SystemExit):
+        updatebench.main(["--shapes", "16by32"])
+    assert "a shape is ROWSxCOLUMNS" in capsys.readouterr().err
