@@ -86,22 +86,27 @@ def _read(state: torch.Tensor, scales: torch.Tensor | None, block_size: int) -> 
 
 
 def _write(state: torch.Tensor, scales: torch.Tensor | None, block_size: int, value: torch.Tensor,
-           key: torch.Tensor, signed: bool) -> None:
+           key: torch.Tensor, signed: bool, finite: torch.Tensor | None) -> None:
+    # Where ``finite`` is False the stored bytes stay as they were: decoding and re-encoding them would not be exact.
+    def keep_old(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        return new if finite is None else torch.where(finite, new, old)
+
     if state.dtype == torch.float32:
-        state.copy_(value)
+        state.copy_(keep_old(value, state))
     elif state.dtype == torch.bfloat16:
-        state.copy_(stochastic_round_bf16(value, noise=(counter_bits(key, value.shape) >> 16).to(torch.int32)))
+        noise = (counter_bits(key, value.shape) >> 16).to(torch.int32)
+        state.copy_(keep_old(stochastic_round_bf16(value, noise=noise), state))
     else:
         codes, new_scales = quantize_blockwise(value, block_size, signed, uniform=counter_uniform(key, value.shape))
-        state.copy_(codes)
-        scales.copy_(new_scales)
+        state.copy_(keep_old(codes, state))
+        scales.copy_(keep_old(new_scales, scales))
 
 
 def dqt_adamw_step(levels: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                    exp_avg_sq: torch.Tensor, exp_avg_scale: torch.Tensor | None, exp_avg_sq_scale: torch.Tensor | None,
                    keys: torch.Tensor, decay: float, beta1: float, beta2: float, eps: float, step_size: float,
-                   bias_correction2_sqrt: float, qmin: int, qmax: int, stochastic: bool, block_size: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   bias_correction2_sqrt: float, qmin: int, qmax: int, stochastic: bool, block_size: int,
+                   skip_nonfinite: bool = False) -> tuple[torch.Tensor, ...]:
     """One AdamW step of one DQT layer, straight from its levels to its new levels; the moments are updated in place.
 
     The arithmetic is that of the usual path, operation for operation: ``W = alpha * q`` in float32;
@@ -114,13 +119,18 @@ def dqt_adamw_step(levels: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor
     Moments are float32, bfloat16 (written back with stochastic rounding) or 8-bit block codes with their scales
     (:mod:`dqt_lightning.optim`), their noise drawn from the second and third rows of ``keys``.
 
+    With ``skip_nonfinite`` a gradient holding NaN or inf leaves levels and moments exactly as they were, decided
+    on the device: no host sync, which inside backward would stall the launch of every later layer's kernels.
+
     Returns:
-        ``(new int8 levels, number of levels that changed, sum of |y - q|, number with |y - q| < 0.5)``: the last two
-        are the update-to-grid-step statistics the telemetry logs, at the price of two reductions in the same pass.
+        ``(new int8 levels, number of levels that changed, sum of |y - q|, number with |y - q| < 0.5, finite)``: the
+        middle two are the update-to-grid-step statistics the telemetry logs, at the price of two reductions in the
+        same pass; ``finite`` is a boolean tensor (whether the step was applied) with ``skip_nonfinite``, else None.
     """
     q = levels.float()
     start = q * scale
     g = grad.float()
+    finite = torch.isfinite(g).all() if skip_nonfinite else None
     m = _read(exp_avg, exp_avg_scale, block_size)
     v = _read(exp_avg_sq, exp_avg_sq_scale, block_size)
     # torch.optim.AdamW (single tensor): decay, lerp, mul + addcmul, sqrt / bias correction + eps, addcdiv.
@@ -129,14 +139,18 @@ def dqt_adamw_step(levels: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor
     v = torch.addcmul(v * beta2, g, g, value=1 - beta2)
     denom = v.sqrt() / bias_correction2_sqrt + eps
     weights = torch.addcdiv(weights, m, denom, value=-step_size)
-    _write(exp_avg, exp_avg_scale, block_size, m, keys[EXP_AVG], signed=True)
-    _write(exp_avg_sq, exp_avg_sq_scale, block_size, v, keys[EXP_AVG_SQ], signed=False)
+    _write(exp_avg, exp_avg_scale, block_size, m, keys[EXP_AVG], True, finite)
+    _write(exp_avg_sq, exp_avg_sq_scale, block_size, v, keys[EXP_AVG_SQ], False, finite)
     # quantized_step, in the order that makes y == q exactly when the weight did not move.
     y = (weights - start) / scale + q
     rounded = torch.floor(counter_uniform(keys[WEIGHTS], y.shape) + y) if stochastic else torch.round(y)
     new_levels = rounded.clamp(qmin, qmax).to(torch.int8)
     moved = (y - q).abs()
-    return new_levels, (new_levels != levels).sum(), moved.sum(), (moved < 0.5).sum()
+    moved_sum, below = moved.sum(), (moved < 0.5).sum()
+    if finite is not None:
+        new_levels = torch.where(finite, new_levels, levels)
+        moved_sum = torch.where(finite, moved_sum, 0.0)
+    return new_levels, (new_levels != levels).sum(), moved_sum, below, finite
 
 
 @functools.cache

@@ -76,7 +76,9 @@ class QuantizedUpdate(HookOwner):
     layer's levels, gradient and moments go through :func:`~dqt_lightning.fused.dqt_adamw_step`, compiled into one
     kernel, and the optimizer then steps the float parameters alone. Its rounding noise is counter-based (same
     seeds, other numbers than the usual path's generator); the moments stay in ``optimizer.state`` in the
-    optimizer's own format, so checkpoints resume either way. Inside backward too, when both options are on.
+    optimizer's own format, so checkpoints resume either way. Inside backward too, when both options are on; there
+    the fused step itself leaves a layer with a non-finite gradient untouched, decided on the device, and the
+    skipped layers are counted once after backward: one host sync per step instead of one per layer.
 
     Args:
         seed: Seed of the rounding noise; ``None`` takes the run's ``seed_everything`` value (``PL_GLOBAL_SEED``).
@@ -124,6 +126,7 @@ class QuantizedUpdate(HookOwner):
         self._fused: Callable[..., tuple[torch.Tensor, ...]] | None = None
         self._fused_pending = False
         self._optimizer: torch.optim.Optimizer | None = None
+        self._fused_finite: dict[int, torch.Tensor] = {}  # layer index: whether its fused step in backward applied
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -195,6 +198,8 @@ class QuantizedUpdate(HookOwner):
         if self._in_backward:
             # Every DQT layer has been updated already and its gradient freed: what remains are the float parameters.
             self._gradients_are_finite(trainer, optimizer)
+            if self._fused_finite:
+                self._count_skipped_layers(trainer.global_step)
             if self._skipped_in_backward:  # one step counted, however many layers it skipped
                 self._skipped_in_backward = False
                 self.skipped_steps += 1
@@ -216,6 +221,24 @@ class QuantizedUpdate(HookOwner):
         for _, layer in self._layers:
             layer.materialize()
         self._pending = bool(self._layers)
+
+    def _count_skipped_layers(self, step: int) -> None:
+        # One host sync per step for all the fused steps in backward, instead of one per layer.
+        indices = list(self._fused_finite)
+        finite = torch.stack([self._fused_finite[i] for i in indices])
+        self._fused_finite = {}
+        if bool(finite.all()):
+            return
+        skipped = [indices[i] for i in (~finite).nonzero().reshape(-1).tolist()]
+        first = self._layers[skipped[0]][0]
+        if self.on_nonfinite == "stop":
+            raise TrainingStopped(f"non-finite gradient at step {step} in {first}; lower the learning rate, "
+                                  "or set on_nonfinite: skip")
+        for index in skipped:  # as if AdamW had not stepped them: their moments are untouched, so is their count
+            self._optimizer.state[self._layers[index][1].update_param]["step"] -= 1
+        self._skipped_in_backward = True
+        rank_zero_warn(f"skipped the update of {len(skipped)} layers at step {step} (first: {first}): non-finite "
+                       "gradient")
 
     def _gradients_are_finite(self, trainer: pl.Trainer, optimizer) -> bool:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -288,6 +311,12 @@ class QuantizedUpdate(HookOwner):
             torch.distributed.all_reduce(average, group=self._group)
             param.grad.copy_(average.div_(torch.distributed.get_world_size()))
         step = trainer.global_step
+        if self._fused is not None:
+            # Checked on the device inside the fused step; counted once after backward (_count_skipped_layers).
+            self._fused_update(index, step, skip_nonfinite=True)
+            param.grad = None
+            self._updated_in_backward = True
+            return
         extremes = param.grad.aminmax()
         if not bool(torch.isfinite(torch.stack(extremes)).all()):
             if self.on_nonfinite == "stop":
@@ -297,14 +326,11 @@ class QuantizedUpdate(HookOwner):
             self._skipped_in_backward = True
             rank_zero_warn(f"skipped the update of {name} at step {step}: non-finite gradient")
             return
-        if self._fused is not None:
-            self._fused_update(index, step)
-        else:
-            layer.materialize()
-            self._steppers[index]()
-            for observe in self.observers:
-                observe(name, layer, step, None)
-            self._round(index, step)
+        layer.materialize()
+        self._steppers[index]()
+        for observe in self.observers:
+            observe(name, layer, step, None)
+        self._round(index, step)
         param.grad = None
         self._updated_in_backward = True
 
@@ -328,8 +354,9 @@ class QuantizedUpdate(HookOwner):
         layer.set_levels(q_new)
         layer.release()
 
-    def _fused_update(self, index: int, step: int) -> None:
-        """Step layer ``index`` with AdamW and round it, in one pass from levels to levels; free its gradient."""
+    def _fused_update(self, index: int, step: int, skip_nonfinite: bool = False) -> None:
+        """Step layer ``index`` with AdamW and round it, in one pass from levels to levels; free its gradient. With
+        ``skip_nonfinite`` a non-finite gradient leaves the layer as it was, decided on the device."""
         name, layer = self._layers[index]
         param = layer.update_param
         if param.grad is None:
@@ -349,15 +376,17 @@ class QuantizedUpdate(HookOwner):
         t = float(state["step"])
         lr, (beta1, beta2) = float(group["lr"]), group["betas"]
         q = layer.levels()
-        q_new, flips, moved, below = self._fused(
+        q_new, flips, moved, below, finite = self._fused(
             q, layer.scale, param.grad, state["exp_avg"], state["exp_avg_sq"], state.get("exp_avg_scale"),
             state.get("exp_avg_sq_scale"), noise_keys(self._noise_seed(index, step), q.device),
             1 - lr * group["weight_decay"], beta1, beta2, group["eps"], lr / (1 - beta1**t), (1 - beta2**t) ** 0.5,
-            layer.grid.qmin, layer.grid.qmax, layer.rounding == "stochastic", block_size or 1)
+            layer.grid.qmin, layer.grid.qmax, layer.rounding == "stochastic", block_size or 1, skip_nonfinite)
         layer.set_levels(q_new)
         param.grad = None  # spent; and the optimizer must not step the placeholder
         layer.release()
         self._flips[name] = flips
+        if finite is not None:
+            self._fused_finite[index] = finite
         for observe in self.observers:
             observe(name, layer, step, (moved, below))
 

@@ -125,7 +125,7 @@ def _fused(levels, scale, grad, state_dtype, steps, stochastic, qmin, qmax, seed
     state: dict = {}
     optim._init_state(state, levels.shape, levels.device, state_dtype, 64)
     for t in range(1, steps + 1):
-        levels, flips, moved, below = step_fn(
+        levels, flips, moved, below, _ = step_fn(
             levels, scale, grad * t, state["exp_avg"], state["exp_avg_sq"], state.get("exp_avg_scale"),
             state.get("exp_avg_sq_scale"), noise_keys(seed + t), 1 - 1e-2 * 0.1, 0.9, 0.95, 1e-8, 1e-2 / (1 - 0.9**t),
             (1 - 0.95**t) ** 0.5, qmin, qmax, stochastic, 64)
@@ -140,6 +140,34 @@ def test_the_fused_step_is_the_usual_arithmetic_bit_for_bit(state_dtype, stochas
     got, _, flips, _, _ = _fused(levels, scale, grad, state_dtype, 4, stochastic, qmin, qmax)
     assert int((expected != levels).sum()) > 50  # a comparison of weights that moved
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16", "int8"])
+def test_a_nonfinite_gradient_leaves_the_layer_as_it_was_when_asked(state_dtype):
+    levels, scale, grad, qmin, qmax = _layer()
+    state: dict = {}
+    optim._init_state(state, levels.shape, levels.device, state_dtype, 64)
+    _fused(levels, scale, grad, state_dtype, 1, True, qmin, qmax)  # moments worth keeping
+
+    def step(g, skip):
+        return dqt_adamw_step(levels, scale, g, state["exp_avg"], state["exp_avg_sq"], state.get("exp_avg_scale"),
+                              state.get("exp_avg_sq_scale"), noise_keys(9), 0.999, 0.9, 0.95, 1e-8, 1e-2, 0.5, qmin,
+                              qmax, True, 64, skip)
+
+    saved = {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    poisoned = grad.clone()
+    poisoned[3, 5] = float("nan")
+    new, flips, moved, _, finite = step(poisoned, True)
+    assert not bool(finite) and int(flips) == 0 and float(moved) == 0.0
+    assert torch.equal(new, levels)
+    for key, value in saved.items():
+        assert torch.equal(state[key], value), key
+    applied = step(grad, True)
+    assert bool(applied[4])
+    for key, value in saved.items():  # the same step again, this time unguarded
+        state[key].copy_(value)
+    unguarded = step(grad, False)
+    assert unguarded[4] is None and torch.equal(applied[0], unguarded[0])
 
 
 def test_the_fused_step_reports_flips_and_the_update_size():

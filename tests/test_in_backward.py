@@ -82,7 +82,9 @@ def test_update_in_backward_is_for_dqt_only():
         QuantPrecision(mode="ste", update_in_backward=True)
 
 
-def test_a_nonfinite_gradient_in_backward_skips_that_layer_only(one_thread):
+@pytest.mark.parametrize("plugin", [{}, {"fused_update": True, "compile_fused_update": False}], ids=["usual", "fused"])
+def test_a_nonfinite_gradient_in_backward_skips_that_layer_only(plugin, one_thread):
+    # The fused update decides on the device (no host sync per layer) and counts after backward: the same outcome.
     from dqt_lightning import QuantPrecision
 
     model = make_model()
@@ -96,8 +98,30 @@ def test_a_nonfinite_gradient_in_backward_skips_that_layer_only(one_thread):
     first.update_param.register_hook(poison)
     before = {id(m): m.weight.clone() for m in layers}
     with pytest.warns(UserWarning, match="skipped the update"):
-        trainer = fit(model, steps=1, update_in_backward=True)
+        trainer = fit(model, steps=1, update_in_backward=True, **plugin)
     assert torch.equal(first.weight, before[id(first)])
     update = next(cb for cb in trainer.callbacks if type(cb).__name__ == "QuantizedUpdate")
     assert update.skipped_steps == 1
     assert any(not torch.equal(m.weight, before[id(m)]) for m in layers[1:])
+    # As if AdamW had never stepped that layer: no state, or state at step 0 with zero moments.
+    state = trainer.optimizers[0].state[first.update_param]
+    assert not state or (float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any())
+    assert all(float(trainer.optimizers[0].state[m.update_param]["step"]) == 1 for m in layers[1:])
+
+
+def test_a_nonfinite_gradient_stops_a_fused_run_in_backward_when_asked(one_thread):
+    from dqt_lightning import QuantizedUpdate, QuantPrecision
+    from dqt_lightning.errors import TrainingStopped
+    from tests.conftest import TokenWindows
+
+    model = make_model()
+    QuantPrecision(mode="dqt").convert_module(model)
+    layers = list(dqt_layers(model))
+    layers[3].update_param.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         plugins=[QuantPrecision(update_in_backward=True, fused_update=True,
+                                                 compile_fused_update=False)],
+                         callbacks=[QuantizedUpdate(seed=1, on_nonfinite="stop")])
+    with pytest.raises(TrainingStopped, match=r"non-finite gradient at step 0 in model\.layers\.0\."):
+        trainer.fit(model, datamodule=TokenWindows())
