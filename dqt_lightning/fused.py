@@ -16,6 +16,7 @@ compiled forms of :func:`dqt_adamw_step` draw the same numbers.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 
@@ -127,10 +128,16 @@ def dqt_adamw_step(levels: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor
         middle two are the update-to-grid-step statistics the telemetry logs, at the price of two reductions in the
         same pass; ``finite`` is a boolean tensor (whether the step was applied) with ``skip_nonfinite``, else None.
     """
-    q = levels.float()
-    start = q * scale
-    g = grad.float()
+    # Everything on the flat layout, so that the 8-bit moments' blocks are plain views of it: compiled, they are
+    # indexed without the division and modulo that would stop the C++ loops from vectorizing. Same values.
+    shape = levels.shape
+    flat_levels = levels.reshape(-1)
+    alpha = scale.expand(shape).reshape(-1) if scale.dim() else scale
+    q = flat_levels.float()
+    start = q * alpha
+    g = grad.reshape(-1).float()
     finite = torch.isfinite(g).all() if skip_nonfinite else None
+    exp_avg, exp_avg_sq = exp_avg.view(-1), exp_avg_sq.view(-1)
     m = _read(exp_avg, exp_avg_scale, block_size)
     v = _read(exp_avg_sq, exp_avg_sq_scale, block_size)
     # torch.optim.AdamW (single tensor): decay, lerp, mul + addcmul, sqrt / bias correction + eps, addcdiv.
@@ -142,18 +149,19 @@ def dqt_adamw_step(levels: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor
     _write(exp_avg, exp_avg_scale, block_size, m, keys[EXP_AVG], True, finite)
     _write(exp_avg_sq, exp_avg_sq_scale, block_size, v, keys[EXP_AVG_SQ], False, finite)
     # quantized_step, in the order that makes y == q exactly when the weight did not move.
-    y = (weights - start) / scale + q
+    y = (weights - start) / alpha + q
     rounded = torch.floor(counter_uniform(keys[WEIGHTS], y.shape) + y) if stochastic else torch.round(y)
     new_levels = rounded.clamp(qmin, qmax).to(torch.int8)
     moved = (y - q).abs()
     moved_sum, below = moved.sum(), (moved < 0.5).sum()
     if finite is not None:
-        new_levels = torch.where(finite, new_levels, levels)
+        new_levels = torch.where(finite, new_levels, flat_levels)
         moved_sum = torch.where(finite, moved_sum, 0.0)
-    return new_levels, (new_levels != levels).sum(), moved_sum, below, finite
+    return new_levels.view(shape), (new_levels != flat_levels).sum(), moved_sum, below, finite
 
 
 @functools.cache
-def compiled_dqt_adamw_step():
-    """:func:`dqt_adamw_step` compiled once per process, for every layer shape (``dynamic=True``)."""
+def compiled_dqt_adamw_step() -> Callable[..., tuple[torch.Tensor, ...]]:
+    """:func:`dqt_adamw_step` compiled once per process for every layer shape (``dynamic=True``). Floats (learning
+    rate, bias corrections) are graph inputs too: a scheduled learning rate never recompiles."""
     return torch.compile(dqt_adamw_step, dynamic=True)

@@ -75,6 +75,13 @@ def _blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
     return (F.pad(flat, (0, pad)) if pad else flat).view(-1, block_size)
 
 
+def _unblock(blocks: torch.Tensor, numel: int) -> torch.Tensor:
+    # Flat again, without the padding. No slice when there is none: a compiled fused update would otherwise index
+    # every element through a modulo and lose vectorization.
+    flat = blocks.view(-1)
+    return flat if numel % blocks.shape[1] == 0 else flat[:numel]
+
+
 def _grid(signed: bool) -> tuple[int, float]:
     return (SIGNED_TOP, SIGNED_RANGE_LOG2) if signed else (UNSIGNED_TOP, UNSIGNED_RANGE_LOG2)
 
@@ -99,7 +106,7 @@ def quantize_blockwise(x: torch.Tensor, block_size: int, signed: bool, generator
     flat = x.reshape(-1).float()
     blocks = _blocks(flat.abs(), block_size)
     scales = blocks.amax(dim=1)
-    magnitude = (blocks / scales.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)).view(-1)[:x.numel()]
+    magnitude = _unblock(blocks / scales.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1), x.numel())
     # The two codes around each magnitude, in closed form (the grid is uniform in log2); then the upper one with
     # probability (magnitude - lower) / (upper - lower): unbiased in value. Zeros give -inf, hence code 0.
     lower_code = torch.log2(magnitude).mul_((top - 1) / range_log2).add_(top).floor_().clamp_(0, top)
@@ -123,7 +130,7 @@ def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, block_size: 
     values = _code_values(flat.abs(), top, range_log2)
     if signed:
         values = values.copysign_(flat)
-    values = (_blocks(values, block_size) * scales.unsqueeze(1)).view(-1)[:codes.numel()]
+    values = _unblock(_blocks(values, block_size) * scales.unsqueeze(1), codes.numel())
     return values.view(codes.shape)
 
 
