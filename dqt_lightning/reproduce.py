@@ -55,10 +55,17 @@ TOLERANCE = 0.05  # "on par" / "close": within 5% of the reference loss, the pap
 BF16_TOLERANCE = 0.02  # "costs little": within 2% of the fp32 arm's loss
 
 
-def arm_command(arm: str, stack: list[str], max_steps: int, out: Path, extra: list[str]) -> list[str]:
-    """The ``fit`` command line of one arm."""
+def is_dqt_arm(arm: str) -> bool:
+    """Whether an arm trains DQT weights (and takes the ``--dqt-config`` stack)."""
+    return {**ARMS, **OPTIONAL_ARMS}[arm][0] not in ("fp.yaml", "bitnet.yaml")
+
+
+def arm_command(arm: str, stack: list[str], max_steps: int, out: Path, extra: list[str],
+                dqt_stack: list[str] = ()) -> list[str]:
+    """The ``fit`` command line of one arm: its base config, ``stack``, ``dqt_stack`` for DQT arms, its overlays."""
     base, overlays = {**ARMS, **OPTIONAL_ARMS}[arm]
-    configs = [str(CONFIGS / base), *stack, *(str(CONFIGS / o) for o in overlays)]
+    own = list(dqt_stack) if is_dqt_arm(arm) else []
+    configs = [str(CONFIGS / base), *stack, *own, *(str(CONFIGS / o) for o in overlays)]
     logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
               # One version per arm: an interrupted arm continues in the same directory, so its curve stays whole.
               "init_args": {"save_dir": str(out), "name": arm, "version": 0, "default_hp_metric": False}}
@@ -214,11 +221,13 @@ def report(runs: dict[str, Run], invocations: list[str], max_steps: int, png: Pa
     if findings:
         lines += ["", "## Beyond the claims", "", *findings]
     lines += ["", "## How it was run", "", "```bash", *invocations, "```", "",
-              "Each arm is `fit` with its base config, then the `--config` stack, then the arm's overlays, and "
+              "Each arm is `fit` with its base config, then the `--config` stack (and for DQT arms the `--dqt-config` "
+              "stack, if the command above has one), then the arm's overlays, and "
               "`--model.init_args.ternary_eval true` (the ternary column):", "", "| arm | configs |", "|---|---|"]
     for arm in runs:
         base, overlays = {**ARMS, **OPTIONAL_ARMS}[arm]
-        configs = [f"`configs/{base}`", "the stack", *(f"`configs/{o}`" for o in overlays)]
+        stacks = ["the stack", "the DQT stack"] if is_dqt_arm(arm) else ["the stack"]
+        configs = [f"`configs/{base}`", *stacks, *(f"`configs/{o}`" for o in overlays)]
         lines.append(f"| {arm} | {', '.join(configs)} |")
     return "\n".join(lines) + "\n"
 
@@ -228,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/reproduce", help="where runs, logs and the report go (%(default)s)")
     parser.add_argument("--config", action="append", default=[], metavar="YAML",
                         help="a config stacked on every arm (model size, data, ...); repeatable")
+    parser.add_argument("--dqt-config", action="append", default=[], metavar="YAML",
+                        help="a config stacked on the DQT arms only, after --config: e.g. "
+                             "configs/kernels/fused-update.yaml, the same update in less time; repeatable")
     parser.add_argument("--max-steps", type=int, default=1000, help="optimizer steps per arm (%(default)s)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), metavar="ARM",
                         help=f"arms to train (default: all of {', '.join(ARMS)}; also {', '.join(OPTIONAL_ARMS)})")
@@ -238,15 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [arm for arm in args.arms if arm not in known]
     if unknown:
         parser.error(f"unknown arm {unknown[0]}; choose from {', '.join(known)}")
-    missing = [c for c in args.config if not Path(c).is_file()]
-    if missing:
-        parser.error(f"--config {missing[0]}: no such file")
+    for option, paths in (("--config", args.config), ("--dqt-config", args.dqt_config)):
+        missing = [c for c in paths if not Path(c).is_file()]
+        if missing:
+            parser.error(f"{option} {missing[0]}: no such file")
     if args.max_steps < 1:
         parser.error(f"--max-steps must be >= 1, got {args.max_steps}")
     out = Path(args.out).resolve()
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     stack = [str(Path(c).resolve()) for c in args.config]
-    commands = {arm: arm_command(arm, stack, args.max_steps, out, extra) for arm in args.arms}
+    dqt_stack = [str(Path(c).resolve()) for c in args.dqt_config]
+    commands = {arm: arm_command(arm, stack, args.max_steps, out, extra, dqt_stack) for arm in args.arms}
     if not args.report:  # every training invocation, for the report's "How it was run"
         out.mkdir(parents=True, exist_ok=True)
         given = list(sys.argv[1:] if argv is None else argv)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dqt_lightning.compare import Run
-from dqt_lightning.reproduce import judge, main
+from dqt_lightning.reproduce import ARMS, CONFIGS, arm_command, judge, main
 
 TINY = ["--", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
         "--trainer.enable_progress_bar", "false", "--model.init_args.config.n_layer", "1",
@@ -79,8 +79,21 @@ def test_a_failing_arm_is_one_line_naming_it_and_its_log(tmp_path, capsys):
     assert not (out / "fp" / "DONE").exists()
 
 
+def test_the_dqt_stack_goes_on_dqt_arms_only(tmp_path):
+    fused = str(CONFIGS / "kernels" / "fused-update.yaml")
+    for arm in ARMS:
+        command = arm_command(arm, ["model.yaml"], 10, tmp_path, [], [fused])
+        configs = [command[i + 1] for i, a in enumerate(command) if a == "--config"]
+        if arm in ("fp", "bitnet"):
+            assert fused not in configs, arm
+        else:  # after the common stack, before the arm's own overlays (nearest rounding, a schedule) hold
+            assert configs.index("model.yaml") < configs.index(fused), arm
+            assert configs.index(fused) == len(configs) - 1 - len(ARMS[arm][1]), arm
+
+
 @pytest.mark.parametrize("args,message", [(["--arms", "gpt"], "unknown arm gpt"),
                                           (["--config", "nope.yaml"], "--config nope.yaml: no such file"),
+                                          (["--dqt-config", "nope.yaml"], "--dqt-config nope.yaml: no such file"),
                                           (["--max-steps", "0"], "--max-steps must be >= 1")])
 def test_bad_arguments_are_one_line(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
