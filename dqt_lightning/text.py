@@ -423,6 +423,16 @@ def _require(ok: bool, field: str, rule: str, value: object) -> None:
         raise ConfigError(f"data.{field} must be {rule}, got {value!r}")
 
 
+class _CountedPasses(DataLoader):
+    """A DataLoader that counts the passes begun over it, in the main process whatever its workers do."""
+
+    passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return super().__iter__()
+
+
 class TextCorpus(ResumablePosition, pl.LightningDataModule):
     """Documents from a :class:`TextSource`, tokenized (cached), end-of-text separated and packed into windows.
 
@@ -469,6 +479,8 @@ class TextCorpus(ResumablePosition, pl.LightningDataModule):
         self.tokenizer: TextTokenizer | None = None
         self.train_stream = self.val_stream = np.empty(0, np.uint16)
         self._resume: dict[str, Any] | None = None
+        self._stream_loader: _CountedPasses | None = None
+        self._first_stream_epoch = 0
 
     # --- building -----------------------------------------------------------------------------------------------
 
@@ -534,6 +546,16 @@ class TextCorpus(ResumablePosition, pl.LightningDataModule):
 
     # --- loading ------------------------------------------------------------------------------------------------
 
+    def state_dict(self) -> dict[str, Any]:
+        """The data position. Streamed windows count their own passes, so the epoch saved is theirs: Lightning's
+        epoch number runs one ahead of it after a resume from an epoch's or a fit's end, and a second resume would
+        follow the wrong epoch's stream."""
+        position = super().state_dict()
+        loader = self._stream_loader
+        if position and loader is not None and loader.passes:
+            position["epoch"] = self._first_stream_epoch + loader.passes - 1
+        return position
+
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
@@ -552,8 +574,10 @@ class TextCorpus(ResumablePosition, pl.LightningDataModule):
             if self._resume:  # the same epoch's windows again, minus those already trained on
                 windows.epoch, batches_done = streamed_start(self._resume, self.trainer)
                 windows.skip_windows = batches_done * self.batch_size // max(workers, 1)
-            return DataLoader(windows, batch_size=self.batch_size, drop_last=True, num_workers=workers,
-                              persistent_workers=workers > 0)
+            self._first_stream_epoch = windows.epoch
+            self._stream_loader = _CountedPasses(windows, batch_size=self.batch_size, drop_last=True,
+                                                 num_workers=workers, persistent_workers=workers > 0)
+            return self._stream_loader
         windows = PackedWindows(self.train_stream, self.seq_len)
         return DataLoader(windows, batch_size=self.batch_size, sampler=self._train_sampler(windows, seed),
                           drop_last=True, num_workers=workers, persistent_workers=workers > 0)

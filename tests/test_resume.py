@@ -204,15 +204,21 @@ def test_resume_with_loader_workers_matches_too(tmp_path, corpus, situation, uni
 
 
 @quiet
-def test_resuming_twice_from_fit_ends_matches_the_uninterrupted_run(tmp_path, corpus, one_thread):
-    # After the first resume Lightning numbers its epochs one ahead of the data's; the second must not be misled.
-    # (Streamed data still is: its saved epoch is Lightning's, see streamed_start.)
-    straight, straight_weights, _ = _fit(tmp_path / "straight", corpus, dict(max_steps=10))
+@pytest.mark.parametrize("streaming,workers", [(False, 0), (True, 0), (True, 1)],
+                         ids=["sampled", "streamed", "streamed-worker"])
+@pytest.mark.parametrize("save,stops", [
+    ("fit end", (dict(max_steps=4), dict(max_steps=7), dict(max_steps=10))),
+    ("epoch end", (dict(max_epochs=1), dict(max_epochs=2), dict(max_epochs=4))),
+], ids=["fit-ends", "epoch-ends"])
+def test_resuming_twice_matches_the_uninterrupted_run(tmp_path, corpus, streaming, workers, save, stops, one_thread):
+    # After the first resume Lightning numbers its epochs one ahead of the data's; the second must not be misled
+    # (streamed data saves the epoch its windows counted, not Lightning's).
+    straight, straight_weights, straight_trainer = _fit(tmp_path / "straight", corpus, stops[-1], streaming=streaming)
     seen, ckpt_path = [], None
-    for stage, steps in enumerate((4, 7, 10)):
-        batches, weights, trainer = _fit(tmp_path / str(stage), corpus, dict(max_steps=steps), save="fit end",
-                                         ckpt_path=ckpt_path)
+    for stage, stop in enumerate(stops):
+        batches, weights, trainer = _fit(tmp_path / str(stage), corpus, stop, streaming=streaming, workers=workers,
+                                         save=save, ckpt_path=ckpt_path)
         seen += batches
         ckpt_path = tmp_path / str(stage) / "last.ckpt"
-    assert trainer.global_step == 10 and seen == straight
+    assert trainer.global_step == straight_trainer.global_step and seen == straight
     assert all(torch.equal(t, weights[name]) for name, t in straight_weights.items())
