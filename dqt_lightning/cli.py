@@ -22,6 +22,7 @@ from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -37,7 +38,8 @@ TOOLS = {"compare": "dqt_lightning.compare", "export": "dqt_lightning.export", "
 def _user_facing_error_in(error: BaseException | None) -> Exception | None:
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, (ConfigError, TrainingStopped)):
+        # MisconfigurationException: Lightning's own word for Trainer settings that contradict each other.
+        if isinstance(error, (ConfigError, TrainingStopped, MisconfigurationException)):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

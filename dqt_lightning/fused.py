@@ -16,6 +16,9 @@ compiled forms of :func:`dqt_adamw_step` draw the same numbers.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
+import shutil
 from typing import Callable
 
 import torch
@@ -165,3 +168,12 @@ def compiled_dqt_adamw_step() -> Callable[..., tuple[torch.Tensor, ...]]:
     """:func:`dqt_adamw_step` compiled once per process for every layer shape (``dynamic=True``). Floats (learning
     rate, bias corrections) are graph inputs too: a scheduled learning rate never recompiles."""
     return torch.compile(dqt_adamw_step, dynamic=True)
+
+
+def compile_unavailable_reason(device: torch.device) -> str | None:
+    """Why :func:`compiled_dqt_adamw_step` could not compile on ``device`` (``None`` if it can): the compiler emits
+    Triton for a GPU and C++ for a CPU, and needs Triton or a C++ compiler for that."""
+    if device.type == "cuda":
+        return None if importlib.util.find_spec("triton") else "Triton is not installed"
+    compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+    return None if any(c and shutil.which(c) for c in compilers) else "no C++ compiler (g++, c++, clang++) on PATH"

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError, TrainingStopped
-from dqt_lightning.fused import compiled_dqt_adamw_step, dqt_adamw_step, noise_keys
+from dqt_lightning.fused import compile_unavailable_reason, compiled_dqt_adamw_step, dqt_adamw_step, noise_keys
 from dqt_lightning.layers import DQTWeight
 from dqt_lightning.optim import AdamW, _init_state, parameter_stepper
 from dqt_lightning.quant import quantized_step, rescaled_step, step_seed
@@ -172,7 +172,14 @@ class QuantizedUpdate(HookOwner):
                 if group.get(option):
                     raise ConfigError(f"{field} does not do AdamW's {option}; set optimizer.init_args.{option}: false")
         self._optimizer = optimizer
-        self._fused = compiled_dqt_adamw_step() if trainer.precision_plugin.compile_fused_update else dqt_adamw_step
+        if not trainer.precision_plugin.compile_fused_update:
+            self._fused = dqt_adamw_step
+            return
+        reason = compile_unavailable_reason(trainer.strategy.root_device)
+        if reason is not None:
+            raise ConfigError(f"trainer.plugins.compile_fused_update: torch.compile cannot build the fused update here "
+                              f"({reason}); install one, or set it to false (the same update, run eagerly)")
+        self._fused = compiled_dqt_adamw_step()
 
     def _hook_into_backward(self, trainer: pl.Trainer) -> None:
         field = "trainer.plugins.update_in_backward"

@@ -84,7 +84,9 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     (["--trainer.plugins.init_args.mode", "foo"], "trainer.plugins.mode"),
     (["--model.init_args.optimizer.init_args.lr", "-0.001"], "model.optimizer"),
     (["--data.init_args.seq_len", "100000", "--data.init_args.vocab_size", "512"], "data.seq_len"),
-], ids=["bits0", "bits9", "mode-foo", "negative-lr", "seq-len-too-long"])
+    # Lightning's own refusal (the base config has a ModelCheckpoint), as one line too
+    (["--trainer.enable_checkpointing", "false"], "enable_checkpointing"),
+], ids=["bits0", "bits9", "mode-foo", "negative-lr", "seq-len-too-long", "checkpointing-off-with-a-checkpoint"])
 def test_user_mistakes_end_in_one_line(args, names, tmp_path, data_cache):
     result = _run(tmp_path, *args, "--data.init_args.cache_dir", data_cache, "--trainer.max_steps", "1")
     assert result.returncode == 2, result.stderr[-2000:]

@@ -331,3 +331,13 @@ def test_updatebench_times_each_shape_and_state_dtype(capsys):
     with pytest.raises(SystemExit):
         updatebench.main(["--shapes", "16by32"])
     assert "a shape is ROWSxCOLUMNS" in capsys.readouterr().err
+
+
+def test_a_machine_that_cannot_compile_is_told_in_one_line(monkeypatch, one_thread):
+    from dqt_lightning import fused
+
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setattr(fused.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"compile_fused_update: .*no C\+\+ compiler.*set it to false"):
+        fit(make_model(), steps=1, fused_update=True)
+    fit(make_model(), steps=1, **EAGER)  # the eager form needs no compiler
