@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from dqt_lightning.optim import dequantize_blockwise, quantize_blockwise, stochastic_round_bf16
+from dqt_lightning.optim import quantize_blockwise, read_moment, stochastic_round_bf16
 
 _MASK32 = 0xFFFFFFFF
 # The noise streams of one layer at one step: its weights, its first moment, its second moment.
@@ -81,14 +81,6 @@ def counter_uniform(key: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> t
     return (counter_bits(key, shape) >> 8).float() * 2.0**-24
 
 
-def _read(state: torch.Tensor, scales: torch.Tensor | None, block_size: int) -> torch.Tensor:
-    if state.dtype == torch.float32:
-        return state
-    if state.dtype == torch.bfloat16:
-        return state.float()
-    return dequantize_blockwise(state, scales, block_size)
-
-
 def _write(state: torch.Tensor, scales: torch.Tensor | None, block_size: int, value: torch.Tensor,
            key: torch.Tensor, signed: bool, finite: torch.Tensor | None) -> None:
     # Where ``finite`` is False the stored bytes stay as they were: decoding and re-encoding them would not be exact.
@@ -104,6 +96,15 @@ def _write(state: torch.Tensor, scales: torch.Tensor | None, block_size: int, va
         codes, new_scales = quantize_blockwise(value, block_size, signed, uniform=counter_uniform(key, value.shape))
         state.copy_(keep_old(codes, state))
         scales.copy_(keep_old(new_scales, scales))
+
+
+def adamw_scalars(lr: float, weight_decay: float, betas: tuple[float, float],
+                  step: float) -> tuple[float, float, float]:
+    """The scalars of AdamW's step ``step`` that :func:`dqt_adamw_step` takes, computed in Python as
+    ``torch.optim.AdamW`` computes them: ``(decay, step_size, bias_correction2_sqrt)`` =
+    ``(1 - lr * weight_decay, lr / (1 - beta1**step), sqrt(1 - beta2**step))``."""
+    beta1, beta2 = betas
+    return 1 - lr * weight_decay, lr / (1 - beta1**step), (1 - beta2**step) ** 0.5
 
 
 def dqt_adamw_step(levels: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
@@ -141,8 +142,8 @@ def dqt_adamw_step(levels: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor
     g = grad.reshape(-1).float()
     finite = torch.isfinite(g).all() if skip_nonfinite else None
     exp_avg, exp_avg_sq = exp_avg.view(-1), exp_avg_sq.view(-1)
-    m = _read(exp_avg, exp_avg_scale, block_size)
-    v = _read(exp_avg_sq, exp_avg_sq_scale, block_size)
+    m = read_moment(exp_avg, exp_avg_scale, block_size)
+    v = read_moment(exp_avg_sq, exp_avg_sq_scale, block_size)
     # torch.optim.AdamW (single tensor): decay, lerp, mul + addcmul, sqrt / bias correction + eps, addcdiv.
     weights = start * decay
     m = torch.lerp(m, g, 1 - beta1)

@@ -100,8 +100,8 @@ class DQTWeight(nn.Module):
             state_dict[key] = pack_ternary(saved) if self.packed else unpack_ternary(saved, self.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _placeholder(self, device: torch.device) -> torch.Tensor:
-        return torch.zeros((), device=device, dtype=self.grad_dtype).expand(self.shape)
+    def _placeholder(self, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.zeros((), device=device, dtype=dtype or self.grad_dtype).expand(self.shape)
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
@@ -129,7 +129,7 @@ class DQTWeight(nn.Module):
         does on the usual path (:meth:`materialize`). :meth:`release` undoes it."""
         param = self.update_param
         if param.grad is not None and param.grad.dtype != torch.float32:
-            param.data = torch.zeros((), device=self.weight.device).expand(self.shape)
+            param.data = self._placeholder(self.weight.device, torch.float32)
             param.grad = param.grad.float()
 
     def release(self) -> None:

@@ -215,7 +215,7 @@ class AdamW(torch.optim.Optimizer):
         state["step"] += 1
         step, (beta1, beta2) = state["step"], group["betas"]
         grad = param.grad.float()
-        exp_avg, exp_avg_sq = _read_moments(state, kind, block_size)
+        exp_avg, exp_avg_sq = _read_moments(state, block_size)
 
         # The order of torch.optim.AdamW's single-tensor path, so float32 states give its results bit for bit.
         weights = param if param.dtype == torch.float32 else param.float()
@@ -273,7 +273,7 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 state["step"] = int(state["step"])  # torch.optim.AdamW keeps a float tensor
                 if saved_format != (kind, block_size):
-                    exp_avg, exp_avg_sq = _read_moments(state, *saved_format)
+                    exp_avg, exp_avg_sq = _read_moments(state, saved_format[1])
                     step = state["step"]
                     state.clear()
                     _init_state(state, exp_avg.shape, exp_avg.device, kind, block_size)
@@ -341,14 +341,19 @@ def _init_state(state: dict[str, Any], shape: torch.Size, device: torch.device, 
         state["exp_avg_sq_scale"] = torch.zeros(n_blocks, dtype=torch.float32, device=device)
 
 
-def _read_moments(state: dict[str, Any], kind: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # Float32 moments to compute with: float32 states are updated in place, the others decoded into new tensors.
-    if kind == "float32":
-        return state["exp_avg"], state["exp_avg_sq"]
-    if kind == "bfloat16":
-        return state["exp_avg"].float(), state["exp_avg_sq"].float()
-    return (dequantize_blockwise(state["exp_avg"], state["exp_avg_scale"], block_size),
-            dequantize_blockwise(state["exp_avg_sq"], state["exp_avg_sq_scale"], block_size))
+def read_moment(stored: torch.Tensor, scales: torch.Tensor | None, block_size: int) -> torch.Tensor:
+    """One stored moment as float32 values to compute with, by its storage dtype: a float32 state itself (updated in
+    place), a bfloat16 one widened, 8-bit codes decoded with their block ``scales``."""
+    if stored.dtype == torch.float32:
+        return stored
+    if stored.dtype == torch.bfloat16:
+        return stored.float()
+    return dequantize_blockwise(stored, scales, block_size)
+
+
+def _read_moments(state: dict[str, Any], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (read_moment(state["exp_avg"], state.get("exp_avg_scale"), block_size),
+            read_moment(state["exp_avg_sq"], state.get("exp_avg_sq_scale"), block_size))
 
 
 def _write_moments(state: dict[str, Any], kind: str, block_size: int, exp_avg: torch.Tensor,

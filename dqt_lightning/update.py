@@ -13,7 +13,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError, TrainingStopped
-from dqt_lightning.fused import compile_unavailable_reason, compiled_dqt_adamw_step, dqt_adamw_step, noise_keys
+from dqt_lightning.fused import (adamw_scalars, compile_unavailable_reason, compiled_dqt_adamw_step, dqt_adamw_step,
+                                 noise_keys)
 from dqt_lightning.layers import DQTWeight
 from dqt_lightning.optim import AdamW, _init_state, parameter_stepper
 from dqt_lightning.quant import quantized_step, rescaled_step, step_seed
@@ -120,8 +121,8 @@ class QuantizedUpdate(HookOwner):
         self._group = None  # the process group of the per-layer averages in backward
         self._updated_in_backward = False
         self._skipped_in_backward = False
-        # Called with (layer name, layer, global step) between the optimizer's step and the rounding, in backward
-        # only: how WeightTelemetry sees the float step when no optimizer post-hook would.
+        # Called once per layer and step (see Observer) inside backward, or by the fused update: how WeightTelemetry
+        # sees the float step, or its statistics, when no optimizer post-hook would.
         self.observers: list[Observer] = []
         self._fused: Callable[..., tuple[torch.Tensor, ...]] | None = None
         self._fused_pending = False
@@ -320,8 +321,7 @@ class QuantizedUpdate(HookOwner):
         step = trainer.global_step
         if self._fused is not None:
             # Checked on the device inside the fused step; counted once after backward (_count_skipped_layers).
-            self._fused_update(index, step, skip_nonfinite=True)
-            param.grad = None
+            self._fused_update(index, step, skip_nonfinite=True)  # frees the gradient too
             self._updated_in_backward = True
             return
         extremes = param.grad.aminmax()
@@ -380,14 +380,15 @@ class QuantizedUpdate(HookOwner):
             if not ours:  # torch.optim.AdamW's own format, so that the unfused path can resume from it
                 state["step"] = torch.tensor(0.0)
         state["step"] += 1
-        t = float(state["step"])
-        lr, (beta1, beta2) = float(group["lr"]), group["betas"]
+        betas = group["betas"]
+        decay, step_size, bias_correction2_sqrt = adamw_scalars(float(group["lr"]), group["weight_decay"], betas,
+                                                                float(state["step"]))
         q = layer.levels()
         q_new, flips, moved, below, finite = self._fused(
             q, layer.scale, param.grad, state["exp_avg"], state["exp_avg_sq"], state.get("exp_avg_scale"),
-            state.get("exp_avg_sq_scale"), noise_keys(self._noise_seed(index, step), q.device),
-            1 - lr * group["weight_decay"], beta1, beta2, group["eps"], lr / (1 - beta1**t), (1 - beta2**t) ** 0.5,
-            layer.grid.qmin, layer.grid.qmax, layer.rounding == "stochastic", block_size or 1, skip_nonfinite)
+            state.get("exp_avg_sq_scale"), noise_keys(self._noise_seed(index, step), q.device), decay, *betas,
+            group["eps"], step_size, bias_correction2_sqrt, layer.grid.qmin, layer.grid.qmax,
+            layer.rounding == "stochastic", block_size or 1, skip_nonfinite)
         layer.set_levels(q_new)
         param.grad = None  # spent; and the optimizer must not step the placeholder
         layer.release()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from dqt_lightning.fused import compiled_dqt_adamw_step, dqt_adamw_step, noise_keys
+from dqt_lightning.fused import adamw_scalars, compiled_dqt_adamw_step, dqt_adamw_step, noise_keys
 from dqt_lightning.layers import DQTWeight
 from dqt_lightning.optim import STATE_DTYPES, _init_state, default_adamw
 from dqt_lightning.quant import TernaryGrid, quantized_step
@@ -61,12 +61,13 @@ def time_layer_update(shape: tuple[int, int], state_dtype: str, device: torch.de
     state: dict = {}
     _init_state(state, torch.Size(shape), device, state_dtype, BLOCK)
     keys = noise_keys(1, device)
+    decay, step_size, bias_correction2_sqrt = adamw_scalars(LR, WEIGHT_DECAY, BETAS, 1)
 
     def fused(step: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[[], None]:
         def run() -> None:
             q_new, *_ = step(layer.weight, layer.scale, grad, state["exp_avg"], state["exp_avg_sq"],
-                             state.get("exp_avg_scale"), state.get("exp_avg_sq_scale"), keys, 1 - LR * WEIGHT_DECAY,
-                             BETAS[0], BETAS[1], EPS, LR / (1 - BETAS[0]), (1 - BETAS[1]) ** 0.5, -1, 1, True, BLOCK)
+                             state.get("exp_avg_scale"), state.get("exp_avg_sq_scale"), keys, decay, *BETAS, EPS,
+                             step_size, bias_correction2_sqrt, -1, 1, True, BLOCK)
             layer.weight.copy_(q_new)
         return run
 
