@@ -19,7 +19,7 @@ import functools
 import importlib.util
 import os
 import shutil
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -55,14 +55,27 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def noise_keys(seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The key of each noise stream (weights, first moment, second moment) of one layer at one step, from a seed such
-    as :func:`~dqt_lightning.quant.step_seed`: an int64 tensor ``[3, 2]`` of 32-bit halves."""
-    keys = []
+def _key_rows(seed: int) -> list[list[int]]:
+    rows = []
     for stream in range(3):
         mixed = _splitmix64(seed * 3 + stream)
-        keys.append([mixed & _MASK32, mixed >> 32])
-    return torch.tensor(keys, dtype=torch.int64, device=device)
+        rows.append([mixed & _MASK32, mixed >> 32])
+    return rows
+
+
+def noise_keys(seed: int | Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """The key of each noise stream (weights, first moment, second moment) of one layer at one step, from a seed such
+    as :func:`~dqt_lightning.quant.step_seed`: an int64 tensor ``[3, 2]`` of 32-bit halves; ``[len(seed), 3, 2]`` for
+    a sequence of seeds (every layer of a step at once).
+
+    On a GPU the keys travel in one copy from pinned memory that does not wait for the device: a plain host-to-device
+    copy waits for every kernel queued before it, which per layer would take away the host's lead over the GPU.
+    """
+    rows = _key_rows(seed) if isinstance(seed, int) else [_key_rows(s) for s in seed]
+    keys = torch.tensor(rows, dtype=torch.int64)
+    if torch.device(device).type != "cuda":
+        return keys.to(device)
+    return keys.pin_memory().to(device, non_blocking=True)
 
 
 def counter_bits(key: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
@@ -164,11 +177,39 @@ def dqt_adamw_step(levels: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor
     return new_levels.view(shape), (new_levels != flat_levels).sum(), moved_sum, below, finite
 
 
+# Inductor's CPU defaults inline an elementwise producer into each of its consumers. The 8-bit moments have three
+# (the per-block maximum, the codes, the weight update), so the dequantization, the hashes and AdamW ran three times
+# over: 40 ms for a 768x2048 layer. Materializing any intermediate read more than once, or costing more than five
+# operations, brings it to 12 ms and costs the float32 and bfloat16 moments nothing (docs/benchmarks.md). On a GPU
+# recomputing is cheaper than memory traffic, so Triton keeps its defaults.
+_CPU_OPTIONS = {"realize_reads_threshold": 1, "realize_opcount_threshold": 5}
+# One graph per layer shape, grid and moment format: a bit-width schedule passes through several grids.
+_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
-def compiled_dqt_adamw_step() -> Callable[..., tuple[torch.Tensor, ...]]:
-    """:func:`dqt_adamw_step` compiled once per process for every layer shape (``dynamic=True``). Floats (learning
-    rate, bias corrections) are graph inputs too: a scheduled learning rate never recompiles."""
-    return torch.compile(dqt_adamw_step, dynamic=True)
+def _compiled(device_type: str) -> Callable[..., tuple[torch.Tensor, ...]]:
+    return torch.compile(dqt_adamw_step, dynamic=True, options=_CPU_OPTIONS if device_type == "cpu" else None)
+
+
+def compiled_dqt_adamw_step(device_type: str = "cpu") -> Callable[..., tuple[torch.Tensor, ...]]:
+    """:func:`dqt_adamw_step` compiled (once per process and device type) into one graph per layer shape.
+
+    Shapes and integers (grid bounds, block size) are static: with a symbolic block size the compiled C++ indexes the
+    8-bit moments through a division and modulo per element and does not vectorize (2-3x slower); a model has only a
+    few layer shapes. Floats (learning rate, bias corrections) are graph inputs: a scheduled learning rate never
+    recompiles.
+    """
+    compiled = _compiled(device_type)
+
+    def step(*args: object) -> tuple[torch.Tensor, ...]:
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                torch._dynamo.mark_static(arg)
+        with torch._dynamo.config.patch(specialize_int=True, recompile_limit=_RECOMPILE_LIMIT):
+            return compiled(*args)
+
+    return step
 
 
 def compile_unavailable_reason(device: torch.device) -> str | None:

@@ -128,10 +128,12 @@ class QuantizedUpdate(HookOwner):
         self._fused_pending = False
         self._optimizer: torch.optim.Optimizer | None = None
         self._fused_finite: dict[int, torch.Tensor] = {}  # layer index: whether its fused step in backward applied
+        self._step_keys: tuple[int, torch.Tensor] | None = None  # (step, every layer's noise keys at that step)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
+        self._step_keys = None
         self._layers = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, DQTWeight)]
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
         self._names.update({id(m.update_param): f"{name}.weight" for name, m in self._layers})
@@ -180,7 +182,7 @@ class QuantizedUpdate(HookOwner):
         if reason is not None:
             raise ConfigError(f"trainer.plugins.compile_fused_update: torch.compile cannot build the fused update here "
                               f"({reason}); install one, or set it to false (the same update, run eagerly)")
-        self._fused = compiled_dqt_adamw_step()
+        self._fused = compiled_dqt_adamw_step(trainer.strategy.root_device.type)
 
     def _hook_into_backward(self, trainer: pl.Trainer) -> None:
         field = "trainer.plugins.update_in_backward"
@@ -345,6 +347,13 @@ class QuantizedUpdate(HookOwner):
         seed = self.seed if self.shared_noise else self.seed + 7919 * self._trainer.global_rank
         return step_seed(seed, step, index)
 
+    def _noise_keys(self, index: int, step: int, device: torch.device) -> torch.Tensor:
+        # Every layer's keys of a step in one host-to-device copy, made at the step's first fused update.
+        if self._step_keys is None or self._step_keys[0] != step:
+            seeds = [self._noise_seed(i, step) for i in range(len(self._layers))]
+            self._step_keys = (step, noise_keys(seeds, device))
+        return self._step_keys[1][index]
+
     def _round(self, index: int, step: int) -> None:
         """Round layer ``index``'s stepped weight onto its grid with this step's noise, then free the float values."""
         name, layer = self._layers[index]
@@ -386,7 +395,7 @@ class QuantizedUpdate(HookOwner):
         q = layer.levels()
         q_new, flips, moved, below, finite = self._fused(
             q, layer.scale, param.grad, state["exp_avg"], state["exp_avg_sq"], state.get("exp_avg_scale"),
-            state.get("exp_avg_sq_scale"), noise_keys(self._noise_seed(index, step), q.device), decay, *betas,
+            state.get("exp_avg_sq_scale"), self._noise_keys(index, step, q.device), decay, *betas,
             group["eps"], step_size, bias_correction2_sqrt, layer.grid.qmin, layer.grid.qmax,
             layer.rounding == "stochastic", block_size or 1, skip_nonfinite)
         layer.set_levels(q_new)

@@ -73,7 +73,7 @@ def time_layer_update(shape: tuple[int, int], state_dtype: str, device: torch.de
 
     return {"usual": _median_ms(usual, device, repeats),
             "fused eager": _median_ms(fused(dqt_adamw_step), device, repeats),
-            "fused compiled": _median_ms(fused(compiled_dqt_adamw_step()), device, repeats)}
+            "fused compiled": _median_ms(fused(compiled_dqt_adamw_step(device.type)), device, repeats)}
 
 
 def _shape(text: str) -> tuple[int, int]:
