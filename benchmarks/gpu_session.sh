@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Everything issue 5 and 6 still need from an H100/H200, as one device call of about nine minutes: each stage under
+# its own time limit, its log and tables written under $OUT as it goes (eight files at most, as many as a call brings
+# back), so a stage that runs out of time costs only itself. A session is lent 15 minutes of device time in all, start-up included; see docs/benchmarks.md.
+#
+#   bash benchmarks/gpu_session.sh               # on the GPU machine (carry .whl, see below)
+#   SMOKE=1 bash benchmarks/gpu_session.sh       # the same stages at tiny sizes, to check the script on a CPU
+#   STAGES="update bench134m" bash benchmarks/gpu_session.sh    # some stages only
+#
+# The GPU machine lacks jsonargparse, datasets and torchao: download their wheels here first (docs/results.md, "On a
+# GPU"), into the git-ignored .whl/, and name .whl in the call's carry; this script installs them when present.
+set -u
+OUT=${OUT:-/tmp/gpu-session}
+SMOKE=${SMOKE:-0}
+STAGES=${STAGES:-"update bench134m memory1b fp8"}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
+    $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "error: installing the carried wheels under .whl failed"; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+
+# stage NAME SECONDS COMMAND...: runs COMMAND with its output in $OUT/NAME.log, stopped after SECONDS.
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
+    echo "== $name (at most ${limit}s): $*" | tee "$OUT/$name.log"
+    local started=$SECONDS
+    timeout "$limit" "$@" >> "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc after $((SECONDS - started))s" | tee -a "$OUT/$name.log"
+    grep -E '^\||^error' "$OUT/$name.log" | tail -n 30
+}
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
+  $PYTHON -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; git log -1 --oneline
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+if [ "$SMOKE" = 1 ]; then
+    SIZE=(--size tiny --vocab-size 512 --batch-size 2 --seq-len 64 --steps 1 --warmup 1)
+    BIG=(--size tiny --vocab-size 512 --batch-size 1 --seq-len 64 --steps 1 --warmup 1)
+    SHAPES=(64x64 64x192)
+    FIT_STEPS=2
+else
+    # SPEC §5: LLaMA 134M, vocab 32000, batch 8 x 2048; LLaMA 1.36B at batch 1 x 2048.
+    SIZE=(--size 130m --vocab-size 32000 --batch-size 8 --seq-len 2048 --steps 5 --warmup 2)
+    BIG=(--size 1b --vocab-size 32000 --batch-size 1 --seq-len 2048 --steps 3 --warmup 2)
+    SHAPES=(768x768 768x2048 2048x5632)
+    FIT_STEPS=30
+fi
+
+# 1. One layer's update: the fused kernel as Triton against the usual path.
+stage update 100 $PYTHON -m dqt_lightning.updatebench --shapes "${SHAPES[@]}"
+# 2. Issue 5's throughput targets at 134M, torchao's recipes beside ours.
+stage bench134m 270 $PYTHON -m dqt_lightning bench "${SIZE[@]}" --precision bf16-mixed --recipes fp ste dqt-1.58 \
+    dqt-1.58-fused dqt-8 dqt-8-fused dqt-1.58-fused-int8mm dqt-8-fused-int8mm dqt-1.58-lean-fused torchao-int8 \
+    torchao-bitnet --out "$OUT/bench134m.md" --plot "$OUT/bench134m.png"
+# 3. Issue 5's memory targets at 1.36B: peak against the bf16 baseline, bytes per quantized parameter.
+stage memory1b 130 $PYTHON -m dqt_lightning bench "${BIG[@]}" --precision bf16-mixed --recipes fp dqt-1.58-fused \
+    dqt-1.58-lean-fused dqt-8-fused --out "$OUT/memory1b.md"
+# 4. The fp8 overlay's first run on FP8 hardware: a few steps of the tiny model in each mode (on a CPU, and on a GPU
+#    older than compute capability 8.9, each must stop at once with one error line instead).
+fp8_runs() {
+    local config
+    for config in fp bitnet ternary; do
+        $PYTHON -m dqt_lightning fit --config configs/$config.yaml --config configs/precision/fp8.yaml \
+            --trainer.max_steps $FIT_STEPS --trainer.val_check_interval $FIT_STEPS --trainer.limit_val_batches 2 \
+            --trainer.default_root_dir "/tmp/fp8-runs/$config-$$" --trainer.logger false
+        echo "== fp8 $config: exit $?"
+    done
+}
+export -f fp8_runs
+export PYTHON FIT_STEPS
+stage fp8 150 bash -c fp8_runs
+ls -la "$OUT"
