@@ -165,7 +165,22 @@ def _torchao(recipe: str, model: LanguageModel) -> None:
         from torchao.prototype.quantized_training import bitnet_training, int8_weight_only_quantized_training
 
     config = int8_weight_only_quantized_training() if recipe == "torchao-int8" else bitnet_training()
+    projections = [m for name, m in model.model.named_modules() if isinstance(m, nn.Linear) and is_projection(name)]
     quantize_(model.model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and is_projection(fqn))
+    for projection in projections:
+        projection.register_forward_pre_hook(_float32_input_under_autocast)
+
+
+def _float32_input_under_autocast(module: nn.Module, args: tuple) -> tuple:
+    # torchao's autograd functions run their backward outside autocast: the weight gradient multiplies a float32
+    # gradient (int8 QT's output is promoted by its float32 scale) by the saved input, which fails for a bf16 input
+    # (o_proj after attention, down_proj after SwiGLU). A float32 input makes that matmul float32, as it already is
+    # for every projection whose input arrives in float32. torchao's BitNet casts everything to bf16 itself under
+    # CUDA autocast, so there this changes nothing; it is the CPU case that needs it.
+    x, *rest = args
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float32:
+        return (x.float(), *rest)
+    return args
 
 
 def optimizer_for(recipe: str) -> Callable[..., torch.optim.Optimizer] | None:
