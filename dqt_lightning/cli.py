@@ -69,6 +69,8 @@ class _SaveConfig(SaveConfigCallback):
     """Lightning's config saving, with its refusal to overwrite an earlier run's config.yaml (which happens when runs
     without a logger share a directory) turned into a one-line error instead of a traceback."""
 
+    _written: Path | None = None  # the config.yaml this run wrote, once it has
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         try:
             super().setup(trainer, pl_module, stage)
@@ -79,6 +81,15 @@ class _SaveConfig(SaveConfigCallback):
             raise ConfigError(f"{path} exists already, from an earlier run in the same directory; set "
                               "trainer.default_root_dir to a new directory (or keep the default logger, which gives "
                               "every run its own)") from error
+        path = Path(trainer.log_dir or ".") / self.config_filename  # log_dir broadcasts: every rank must ask
+        self._written = path if trainer.is_global_zero else None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # A run refused before its first step (fp8 on a CPU, settings that contradict each other) takes its
+        # config.yaml with it: left behind, it would make the corrected rerun in the same directory refuse as well.
+        refused = isinstance(exception, (ConfigError, MisconfigurationException)) and trainer.global_step == 0
+        if refused and self._written is not None:
+            self._written.unlink(missing_ok=True)
 
 
 class DQTLightningCLI(LightningCLI):

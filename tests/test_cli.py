@@ -120,6 +120,20 @@ def test_without_a_logger_a_second_run_in_the_same_directory_is_one_line_and_kee
     assert (tmp_path / "config.yaml").read_bytes() == first
 
 
+def test_a_run_refused_at_its_start_leaves_no_config_behind_to_block_its_rerun(tmp_path, data_cache):
+    # fp8 is refused on a CPU only once training starts, after Lightning has written config.yaml.
+    args = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "2", "--data.init_args.vocab_size", "512",
+            "--data.init_args.cache_dir", data_cache, "--trainer.logger", "false"]
+    refused = _run(tmp_path, *args, "--trainer.plugins.init_args.precision", "fp8")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert [line for line in refused.stderr.splitlines() if line.startswith("error:")][0].startswith(
+        "error: trainer.plugins.precision: fp8")
+    assert not (tmp_path / "config.yaml").exists()
+    rerun = _run(tmp_path, *args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "precision: 32-true" in (tmp_path / "config.yaml").read_text()
+
+
 def test_fsdp_is_refused_up_front_with_the_reason(tmp_path, data_cache):
     result = _run(tmp_path, "--trainer.strategy", "fsdp", "--data.init_args.cache_dir", data_cache)
     assert result.returncode == 2 and "Traceback" not in result.stderr
