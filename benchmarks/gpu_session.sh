@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything issue 5 and 6 still need from an H100/H200, as one device call of about nine minutes: each stage under
 # its own time limit, its log and tables written under $OUT as it goes (eight files at most, as many as a call brings
-# back), so a stage that runs out of time costs only itself. A session is lent 15 minutes of device time in all, start-up included; see docs/benchmarks.md.
+# back), so a stage that runs out of time costs only itself. A session is lent 15 minutes of device time in all,
+# start-up included; see docs/results.md, "On a GPU".
 #
 #   bash benchmarks/gpu_session.sh               # on the GPU machine (carry .whl, see below)
 #   SMOKE=1 bash benchmarks/gpu_session.sh       # the same stages at tiny sizes, to check the script on a CPU

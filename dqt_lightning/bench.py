@@ -165,9 +165,10 @@ def _torchao(recipe: str, model: LanguageModel) -> None:
         from torchao.prototype.quantized_training import bitnet_training, int8_weight_only_quantized_training
 
     config = int8_weight_only_quantized_training() if recipe == "torchao-int8" else bitnet_training()
-    projections = [m for name, m in model.model.named_modules() if isinstance(m, nn.Linear) and is_projection(name)]
-    quantize_(model.model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and is_projection(fqn))
-    for projection in projections:
+    projections = {name: m for name, m in model.model.named_modules()
+                   if isinstance(m, nn.Linear) and is_projection(name)}
+    quantize_(model.model, config, filter_fn=lambda m, fqn: fqn in projections)
+    for projection in projections.values():
         projection.register_forward_pre_hook(_float32_input_under_autocast)
 
 

@@ -72,16 +72,15 @@ class _SaveConfig(SaveConfigCallback):
     _written: Path | None = None  # the config.yaml this run wrote, once it has
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        path = Path(trainer.log_dir or ".") / self.config_filename  # log_dir broadcasts: every rank must ask
         try:
             super().setup(trainer, pl_module, stage)
         except RuntimeError as error:
             if "to NOT exist" not in str(error):
                 raise
-            path = Path(trainer.log_dir or ".") / self.config_filename
             raise ConfigError(f"{path} exists already, from an earlier run in the same directory; set "
                               "trainer.default_root_dir to a new directory (or keep the default logger, which gives "
                               "every run its own)") from error
-        path = Path(trainer.log_dir or ".") / self.config_filename  # log_dir broadcasts: every rank must ask
         self._written = path if trainer.is_global_zero else None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
