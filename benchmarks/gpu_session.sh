@@ -8,8 +8,10 @@
 #   SMOKE=1 bash benchmarks/gpu_session.sh       # the same stages at tiny sizes, to check the script on a CPU
 #   STAGES="update bench134m" bash benchmarks/gpu_session.sh    # some stages only
 #
-# The GPU machine lacks jsonargparse, datasets and torchao: download their wheels here first (docs/results.md, "On a
-# GPU"), into the git-ignored .whl/, and name .whl in the call's carry; this script installs them when present.
+# The GPU machine lacks jsonargparse, datasets and torchao: download their wheels here first (bash
+# benchmarks/device_wheels.sh, into the git-ignored .whl/), and name .whl in the call's carry; this script installs
+# them when present. `bash benchmarks/device_like_env.sh SMOKE=1 bash benchmarks/gpu_session.sh` tries it, here, on a
+# stand-in of the GPU machine's Python stack (torch 2.11).
 set -u
 OUT=${OUT:-/tmp/gpu-session}
 SMOKE=${SMOKE:-0}
@@ -34,11 +36,16 @@ stage() {
     timeout "$limit" "$@" >> "$OUT/$name.log" 2>&1
     local rc=$?
     echo "== $name: exit $rc after $((SECONDS - started))s" | tee -a "$OUT/$name.log"
-    grep -E '^\||^error' "$OUT/$name.log" | tail -n 30
+    grep -E '^\||^error|^bench: ' "$OUT/$name.log" | tail -n 30
 }
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
   $PYTHON -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; git log -1 --oneline
+  # The versions the carried wheels meet there (datasets needs a recent pyarrow, fsspec and huggingface_hub).
+  $PYTHON -c "from importlib import metadata as m
+for p in 'lightning torchmetrics triton torchao jsonargparse datasets pyarrow fsspec huggingface_hub tokenizers'.split():
+    try: print(p, m.version(p))
+    except m.PackageNotFoundError: print(p, 'missing')"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
@@ -57,13 +64,14 @@ fi
 
 # 1. One layer's update: the fused kernel as Triton against the usual path.
 stage update 100 $PYTHON -m dqt_lightning.updatebench --shapes "${SHAPES[@]}"
-# 2. Issue 5's throughput targets at 134M, torchao's recipes beside ours.
-stage bench134m 270 $PYTHON -m dqt_lightning bench "${SIZE[@]}" --precision bf16-mixed --recipes fp ste dqt-1.58 \
-    dqt-1.58-fused dqt-8 dqt-8-fused dqt-1.58-fused-int8mm dqt-8-fused-int8mm dqt-1.58-lean-fused torchao-int8 \
+# 2. Issue 5's throughput targets at 134M, torchao's recipes beside ours. Recipes in the order of what the targets
+#    need, since a stage stopped at its limit keeps only the recipes done (bench rewrites its --out file after each).
+stage bench134m 270 $PYTHON -m dqt_lightning bench "${SIZE[@]}" --precision bf16-mixed --recipes fp dqt-8-fused \
+    dqt-1.58-fused ste torchao-int8 dqt-8 dqt-1.58 dqt-1.58-fused-int8mm dqt-8-fused-int8mm dqt-1.58-lean-fused \
     torchao-bitnet --out "$OUT/bench134m.md" --plot "$OUT/bench134m.png"
 # 3. Issue 5's memory targets at 1.36B: peak against the bf16 baseline, bytes per quantized parameter.
-stage memory1b 130 $PYTHON -m dqt_lightning bench "${BIG[@]}" --precision bf16-mixed --recipes fp dqt-1.58-fused \
-    dqt-1.58-lean-fused dqt-8-fused --out "$OUT/memory1b.md"
+stage memory1b 130 $PYTHON -m dqt_lightning bench "${BIG[@]}" --precision bf16-mixed --recipes fp \
+    dqt-1.58-lean-fused dqt-8-fused dqt-1.58-fused --out "$OUT/memory1b.md"
 # 4. The fp8 overlay's first run on FP8 hardware: a few steps of the tiny model in each mode (on a CPU, and on a GPU
 #    older than compute capability 8.9, each must stop at once with one error line instead).
 fp8_runs() {

@@ -274,7 +274,15 @@ def _run_soft(recipe: str, **kwargs) -> Row:
         return Row(TORCHAO.get(recipe, recipe), skipped=f"{type(error).__name__}: {error}".splitlines()[0])
 
 
-def run_benchmark(recipes: Sequence[str] = RECIPES, repeats: int = 1, **kwargs) -> list[Row]:
+def _fill_ratios(rows: Sequence[Row]) -> None:
+    fp = next((r.tokens_per_s for r in rows if r.recipe == "fp"), None)
+    for row in rows:
+        if fp and row.tokens_per_s is not None:
+            row.ratio = row.tokens_per_s / fp
+
+
+def run_benchmark(recipes: Sequence[str] = RECIPES, repeats: int = 1,
+                  on_row: Callable[[int, list[Row]], None] | None = None, **kwargs) -> list[Row]:
     """Run every recipe in turn, ``repeats`` rounds, and fill in each one's ratio to the fp row.
 
     Rounds are interleaved (every recipe once, then again), so that a slow spell of a shared machine hits all recipes
@@ -284,17 +292,22 @@ def run_benchmark(recipes: Sequence[str] = RECIPES, repeats: int = 1, **kwargs) 
     Args:
         recipes: Recipe names (see :func:`run_recipe`).
         repeats: Rounds.
+        on_row: Called after each recipe with the round's index and its rows so far (ratios filled in where fp has
+            run), so that a run stopped from outside still leaves what it measured.
         **kwargs: The other arguments of :func:`run_recipe`.
 
     Returns:
         One row per recipe, in order; a torchao recipe that fails becomes a row with ``skipped`` set.
     """
-    rounds = [[_run_soft(recipe, **kwargs) for recipe in recipes] for _ in range(repeats)]
-    for rows in rounds:
-        fp = next((r.tokens_per_s for r in rows if r.recipe == "fp"), None)
-        for row in rows:
-            if fp and row.tokens_per_s is not None:
-                row.ratio = row.tokens_per_s / fp
+    rounds: list[list[Row]] = []
+    for index in range(repeats):
+        rows: list[Row] = []
+        rounds.append(rows)
+        for recipe in recipes:
+            rows.append(_run_soft(recipe, **kwargs))
+            _fill_ratios(rows)
+            if on_row is not None:
+                on_row(index, rows)
     if repeats == 1:
         return rounds[0]
     merged = []
@@ -451,30 +464,50 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{' or '.join(TORCHAO)}")
     cuda = torch.cuda.is_available()
     precision = args.precision or ("bf16-mixed" if cuda else "32-true")
-    # Lightning's "GPU available / TPU available" banners are noise in a table meant for pasting.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    rows = run_benchmark(recipes, size=args.size, vocab_size=args.vocab_size, batch_size=args.batch_size,
-                         seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, precision=precision,
-                         compile=args.compile, repeats=args.repeats)
     device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})"
     versions = f"torch {torch.__version__}"
     if has_torchao:
         versions += f", torchao {importlib.metadata.version('torchao')}"
-    report = "\n".join([
-        f"Model {args.size}, vocab {args.vocab_size}, batch {args.batch_size} x {args.seq_len} tokens, {precision}, "
-        f"{args.steps} measured steps after {args.warmup} warm-up, AdamW{', torch.compile' if args.compile else ''}"
-        f"{f', median of {args.repeats} interleaved rounds (range)' if args.repeats > 1 else ''}, "
-        f"CPU threads: {torch.get_num_threads()}."
-        " Weights, grads and optimizer states cover all parameters, between steps.", "", table(rows), "",
-        f"Device: {device}; {versions}; {datetime.date.today().isoformat()}."
-        + ("" if cuda else " No allocator peak on CPU, so peak and activations are n/a.")
-        + ("" if has_torchao else " torchao not installed: its recipes are omitted."),
-        f"Command: `{shlex.join([*PROG.split(), *argv])}`",
-    ])
+
+    def render(rows: Sequence[Row], note: str = "") -> str:
+        return "\n".join([
+            f"Model {args.size}, vocab {args.vocab_size}, batch {args.batch_size} x {args.seq_len} tokens, "
+            f"{precision}, {args.steps} measured steps after {args.warmup} warm-up, AdamW"
+            f"{', torch.compile' if args.compile else ''}"
+            f"{f', median of {args.repeats} interleaved rounds (range)' if args.repeats > 1 else ''}, "
+            f"CPU threads: {torch.get_num_threads()}."
+            " Weights, grads and optimizer states cover all parameters, between steps.", "", table(rows), "",
+            f"Device: {device}; {versions}; {datetime.date.today().isoformat()}."
+            + ("" if cuda else " No allocator peak on CPU, so peak and activations are n/a.")
+            + ("" if has_torchao else " torchao not installed: its recipes are omitted.") + note,
+            f"Command: `{shlex.join([*PROG.split(), *argv])}`",
+        ])
+
+    started = time.perf_counter()
+
+    def progress(index: int, rows: list[Row]) -> None:
+        # One line per recipe as it finishes, and with --out the first round's table so far, rewritten each time: a
+        # run stopped from outside (a device call's time limit) keeps what it measured.
+        row = rows[-1]
+        result = f"skipped ({row.skipped})" if row.skipped else f"{_fmt(row.tokens_per_s, ',.0f')} tokens/s" + (
+            f", peak {row.peak_gib:.2f} GiB" if row.peak_gib is not None else "")
+        sys.stderr.write(f"bench: round {index + 1}, {len(rows)} of {len(recipes)}: {row.recipe}: {result} "
+                         f"[{time.perf_counter() - started:.0f} s]\n")
+        if args.out and index == 0 and len(rows) < len(recipes):
+            note = f" PARTIAL: {len(rows)} of {len(recipes)} recipes measured so far; the run had not finished."
+            with contextlib.suppress(OSError):  # reported once, when the final report cannot be written either
+                atomic_write(args.out, lambda f: f.write((render(rows, note) + "\n").encode()))
+
+    # Lightning's "GPU available / TPU available" banners are noise in a table meant for pasting.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    rows = run_benchmark(recipes, size=args.size, vocab_size=args.vocab_size, batch_size=args.batch_size,
+                         seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, precision=precision,
+                         compile=args.compile, repeats=args.repeats, on_row=progress)
+    report = render(rows)
     print(report)
     try:
         if args.out:
-            args.out.write_text(report + "\n")
+            atomic_write(args.out, lambda f: f.write((report + "\n").encode()))
         if args.plot:
             title = (f"Model {args.size}, batch {args.batch_size} x {args.seq_len} tokens, {precision}, "
                      f"{device}, {versions}")

@@ -157,12 +157,15 @@ def dqt_adamw_step(levels: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor
     exp_avg, exp_avg_sq = exp_avg.view(-1), exp_avg_sq.view(-1)
     m = read_moment(exp_avg, exp_avg_scale, block_size)
     v = read_moment(exp_avg_sq, exp_avg_sq_scale, block_size)
-    # torch.optim.AdamW (single tensor): decay, lerp, mul + addcmul, sqrt / bias correction + eps, addcdiv.
+    # torch.optim.AdamW (single tensor): decay, lerp, mul + addcmul, sqrt / bias correction + eps, addcdiv. The last
+    # is written out, in the order of ATen's CPU kernel (same bits): compiled by torch 2.11, addcdiv's ``value=`` or a
+    # negated step size turns the step size, which changes every step, into a constant of the graph: one compile per
+    # step.
     weights = start * decay
     m = torch.lerp(m, g, 1 - beta1)
     v = torch.addcmul(v * beta2, g, g, value=1 - beta2)
     denom = v.sqrt() / bias_correction2_sqrt + eps
-    weights = torch.addcdiv(weights, m, denom, value=-step_size)
+    weights = weights - (m * step_size) / denom
     _write(exp_avg, exp_avg_scale, block_size, m, keys[EXP_AVG], True, finite)
     _write(exp_avg_sq, exp_avg_sq_scale, block_size, v, keys[EXP_AVG_SQ], False, finite)
     # quantized_step, in the order that makes y == q exactly when the weight did not move.

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from dqt_lightning import cli
+from dqt_lightning import bench, cli
 from dqt_lightning.bench import TORCHAO, Row, _torchao, main, optimizer_for, plot, run_benchmark, table
 from dqt_lightning.model import Config
 from dqt_lightning.module import LanguageModel
@@ -172,9 +172,13 @@ def test_cli_prints_and_writes_the_table_and_chart(tmp_path, capsys) -> None:
     argv = ["--recipes", "fp", "dqt-1.58", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--seq-len", "8",
             "--vocab-size", "256", "--out", str(out), "--plot", str(chart)]
     assert main(argv) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     report = out.read_text().removesuffix("\n")
     assert report in printed and f"chart: {chart}" in printed
+    assert "PARTIAL" not in report
+    progress = [line for line in captured.err.splitlines() if line.startswith("bench: ")]
+    assert len(progress) == 2 and progress[1].startswith("bench: round 1, 2 of 2: dqt-1.58: ")
     assert chart.read_bytes()[:8] == PNG_SIGNATURE
     table_lines = [line for line in report.splitlines() if line.startswith("|")]
     assert len(table_lines) == 4 and table_lines[2].startswith("| fp |")
@@ -183,6 +187,28 @@ def test_cli_prints_and_writes_the_table_and_chart(tmp_path, capsys) -> None:
     assert "python -m dqt_lightning bench --recipes fp dqt-1.58 --steps 1" in report
     if not torch.cuda.is_available():
         assert "n/a" in table_lines[2]
+
+
+def test_a_run_stopped_midway_leaves_the_recipes_it_measured(tmp_path, monkeypatch, capsys) -> None:
+    # A device call's time limit stops the process from outside; here the second recipe is interrupted instead.
+    run_recipe = bench.run_recipe
+
+    def interrupted_after_fp(recipe: str, **kwargs) -> Row:
+        if recipe != "fp":
+            raise KeyboardInterrupt
+        return run_recipe(recipe, **kwargs)
+
+    monkeypatch.setattr(bench, "run_recipe", interrupted_after_fp)
+    out = tmp_path / "bench.md"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--recipes", "fp", "dqt-1.58", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--seq-len", "8",
+              "--vocab-size", "256", "--out", str(out)])
+    report = out.read_text()
+    table_lines = [line for line in report.splitlines() if line.startswith("|")]
+    assert len(table_lines) == 3 and table_lines[2].startswith("| fp | ") and "| 1.00 |" in table_lines[2]
+    assert "PARTIAL: 1 of 2 recipes measured so far" in report
+    assert "bench: round 1, 1 of 2: fp: " in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.md"]  # no temporary file left beside it
 
 
 def test_bench_is_a_tool_of_the_main_cli(capsys) -> None:

@@ -14,8 +14,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 from dqt_lightning import QuantizedUpdate, optim, updatebench
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.fused import (EXP_AVG, EXP_AVG_SQ, WEIGHTS, compiled_dqt_adamw_step, counter_bits, counter_uniform,
-                                 dqt_adamw_step, noise_keys)
+from dqt_lightning.fused import (EXP_AVG, EXP_AVG_SQ, WEIGHTS, adamw_scalars, compiled_dqt_adamw_step, counter_bits,
+                                 counter_uniform, dqt_adamw_step, noise_keys)
 from dqt_lightning.layers import dqt_layers
 from dqt_lightning.optim import dequantize_blockwise, quantize_blockwise, stochastic_round_bf16
 from dqt_lightning.precision import QuantPrecision
@@ -218,10 +218,10 @@ def test_the_compiled_step_matches_the_eager_one(state_dtype):
             assert float((compiled_state[key] != value).float().mean()) < 1e-3, key
 
 
-def test_the_compiled_step_compiles_once_per_layer_shape_and_grid_never_per_learning_rate():
-    # Shapes and integers static (vectorized block loops), floats graph inputs: a scheduled learning rate must not
-    # recompile, and more graphs than dynamo's default limit of 8 (shapes x grids of a bit-width schedule) must
-    # all compile rather than fall back to eager.
+def test_the_compiled_step_compiles_once_per_layer_shape_and_grid_never_per_step():
+    # Shapes and integers static (vectorized block loops), floats graph inputs: the step's scalars (a scheduled
+    # learning rate, the bias corrections) must not recompile, and more graphs than dynamo's default limit of 8
+    # (shapes x grids of a bit-width schedule) must all compile rather than fall back to eager.
     step_fn = compiled_dqt_adamw_step()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     shapes, grids = [(40, 24), (24, 56), (56, 40)], [(-128, 127), (-8, 7), (-1, 1)]
@@ -230,9 +230,10 @@ def test_the_compiled_step_compiles_once_per_layer_shape_and_grid_never_per_lear
         state: dict = {}
         optim._init_state(state, levels.shape, levels.device, "float32", 64)
         for qmin, qmax in grids:
-            for lr in (1e-2, 3e-3, 1e-3):
+            for step, lr in enumerate((1e-2, 3e-3, 1e-3), start=1):
+                decay, step_size, correction = adamw_scalars(lr, 0.1, (0.9, 0.95), step)
                 step_fn(levels, scale, grad, state["exp_avg"], state["exp_avg_sq"], None, None, noise_keys(1),
-                        1 - lr * 0.1, 0.9, 0.95, 1e-8, lr, 0.5, qmin, qmax, False, 64)
+                        decay, 0.9, 0.95, 1e-8, step_size, correction, qmin, qmax, False, 64)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == len(shapes) * len(grids)
 
 
