@@ -20,6 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -30,6 +31,7 @@ from dqt_lightning.checkpoint import AtomicCheckpointIO
 from dqt_lightning.errors import ConfigError, TrainingStopped
 
 RUNS_DIR = "runs"
+FLOAT32_MATMUL_PRECISIONS = ("highest", "high", "medium")
 # Commands beside LightningCLI's, each a module with a main(argv) -> exit code; imported only when used.
 TOOLS = {"compare": "dqt_lightning.compare", "export": "dqt_lightning.export", "generate": "dqt_lightning.generate",
          "bench": "dqt_lightning.bench", "reproduce": "dqt_lightning.reproduce"}
@@ -98,9 +100,15 @@ class DQTLightningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        # In the config, not left to a line of Python: a run's config.yaml then says whether its float32 matmuls ran
+        # as TF32 on the GPU's tensor cores (several times faster) or in full float32, torch's default.
+        parser.add_argument("--float32_matmul_precision", choices=FLOAT32_MATMUL_PRECISIONS, default="highest",
+                            help="torch.set_float32_matmul_precision for this run: highest (float32, torch's "
+                            "default), high (TF32 on NVIDIA GPUs since Ampere), medium (bf16 passes)")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        torch.set_float32_matmul_precision(config.float32_matmul_precision)
         strategy = config.trainer.strategy
         name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "")
         if "fsdp" in str(name).lower():

@@ -55,15 +55,20 @@ def find_runs(paths: list[str]) -> list[Path]:
     return runs
 
 
-def plugin_args(run_dir: Path) -> dict:
-    """The precision plugin's init args (mode, bits, ...) from the ``config.yaml`` the CLI saved in a run directory."""
+def run_config(run_dir: Path) -> dict:
+    """The ``config.yaml`` the CLI saved in a run directory, as a dict (empty when there is none)."""
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         return {}
     try:
-        config = yaml.safe_load(config_file.read_text()) or {}
+        return yaml.safe_load(config_file.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"compare: {config_file} is not valid YAML ({error})") from error
+
+
+def plugin_args(run_dir: Path) -> dict:
+    """The precision plugin's init args (mode, bits, ...) from the ``config.yaml`` the CLI saved in a run directory."""
+    config = run_config(run_dir)
     plugins = (config.get("trainer") or {}).get("plugins") or {}
     if isinstance(plugins, list):  # several plugins: ours is the one with a training mode
         plugins = next((p for p in plugins if "mode" in (p.get("init_args") or {})), {})

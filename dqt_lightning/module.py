@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.text import Perplexity
 from typing_extensions import override
 
@@ -199,6 +200,10 @@ class LanguageModel(pl.LightningModule):
         except ValueError as error:
             raise ConfigError(f"model.optimizer: {error}") from error
         total = max(int(self.trainer.estimated_stepping_batches), 1)
+        if self.warmup_steps > total:
+            # Easy to miss when a short run stacks a long recipe (the 130m overlay warms up over 2000 steps).
+            rank_zero_warn(f"model.warmup_steps ({self.warmup_steps}) is more than this run's {total} optimizer steps: "
+                           "the learning rate never leaves its linear warm-up nor reaches its peak")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor_fn(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dqt_lightning.compare import Run, load_run, plot, plugin_args, table
+from dqt_lightning.compare import Run, load_run, plot, plugin_args, run_config, table
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
 
@@ -128,12 +128,20 @@ def _gap(loss: float, reference: float) -> float:
     return (loss - reference) / reference
 
 
+def precision_of(run_dir: Path) -> str:
+    """A run's numeric precision from its saved config: the plugin's ``precision``, and the float32 matmul precision
+    where the run lowered it (``high``: TF32 on a GPU), since an "fp32" arm on TF32 is not full float32."""
+    matmuls = run_config(run_dir).get("float32_matmul_precision", "highest")
+    precision = str(plugin_args(run_dir).get("precision", "32-true"))
+    return precision if matmuls == "highest" else f"{precision}, float32 matmul precision {matmuls}"
+
+
 def judge(runs: dict[str, Run], precisions: dict[str, str], unigram_entropy: float | None = None) -> list[Claim]:
     """Each claim of SPEC §6 against the finished arms, by the rules stated in its evidence.
 
     Args:
         runs: The finished arms.
-        precisions: Each arm's ``precision`` setting.
+        precisions: Each arm's precision (:func:`precision_of`).
         unigram_entropy: Of the training tokens: the loss of a model that learned token frequencies alone, the bar
             a converged model must clear.
     """
@@ -168,7 +176,9 @@ def judge(runs: dict[str, Run], precisions: dict[str, str], unigram_entropy: flo
     claims.append(versus_bitnet("8-bit DQT is on par with BitNet b1.58.", "dqt-8bit", loss, "8-bit DQT"))
 
     text = "FP32 -> BF16 (and FP8) costs little."
-    if "dqt-8bit" in loss and "dqt-8bit-bf16" in loss and precisions.get("dqt-8bit") == "32-true":
+    fp32 = precisions.get("dqt-8bit", "")
+    detail = fp32.partition(", ")[2]  # e.g. "float32 matmul precision high"
+    if "dqt-8bit" in loss and "dqt-8bit-bf16" in loss and fp32.startswith("32-true"):
         parts, ok = [], True
         for arm, label in (("dqt-8bit-bf16", "bf16-mixed"), ("dqt-8bit-fp8", "fp8")):
             if arm in loss:
@@ -177,7 +187,8 @@ def judge(runs: dict[str, Run], precisions: dict[str, str], unigram_entropy: flo
                 parts.append(f"{label} {loss[arm]:.4f} ({gap:+.1%})")
         fp8 = "" if "dqt-8bit-fp8" in loss else "; FP8 not run (arm dqt-8bit-fp8 needs an FP8 GPU)"
         claims.append(Claim(text, "supported" if ok else "not supported",
-                            f"8-bit DQT in fp32 {loss['dqt-8bit']:.4f}, " + ", ".join(parts)
+                            f"8-bit DQT in fp32{f' ({detail})' if detail else ''} {loss['dqt-8bit']:.4f}, "
+                            + ", ".join(parts)
                             + f" (rule: at most {BF16_TOLERANCE:.0%} above fp32){fp8}"))
     else:
         claims.append(Claim(text, "not tested", "needs arms dqt-8bit (at precision 32-true) and dqt-8bit-bf16"))
@@ -275,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         if not run_dirs:
             raise ConfigError(f"reproduce: no finished arm under {out}")
         runs = {arm: load_run(path) for arm, path in run_dirs.items()}
-        precisions = {arm: str(plugin_args(path).get("precision", "32-true")) for arm, path in run_dirs.items()}
+        precisions = {arm: precision_of(path) for arm, path in run_dirs.items()}
     except ConfigError as error:
         sys.stderr.write(f"error: {error}\n")
         return 2

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 
 from dqt_lightning.cli import DQTLightningCLI
@@ -50,6 +51,18 @@ def test_every_base_config_builds(base, tmp_path, monkeypatch):
     assert cli.model.config.vocab_size == cli.datamodule.vocab_size  # linked, not set by hand
 
 
+def test_the_tf32_overlay_sets_the_float32_matmul_precision_of_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert parse("ternary.yaml")["float32_matmul_precision"] == "highest"  # torch's default unless asked
+    try:
+        DQTLightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                        run=False, args=["--config", str(CONFIGS / "ternary.yaml"), "--config",
+                                         str(CONFIGS / "precision/tf32.yaml")])
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_overlay_merges_onto_the_base(overlay):
     base, merged = parse("ternary.yaml"), parse("ternary.yaml", overlay)
@@ -86,7 +99,9 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     (["--data.init_args.seq_len", "100000", "--data.init_args.vocab_size", "512"], "data.seq_len"),
     # Lightning's own refusal (the base config has a ModelCheckpoint), as one line too
     (["--trainer.enable_checkpointing", "false"], "enable_checkpointing"),
-], ids=["bits0", "bits9", "mode-foo", "negative-lr", "seq-len-too-long", "checkpointing-off-with-a-checkpoint"])
+    (["--float32_matmul_precision", "fast"], "float32_matmul_precision"),
+], ids=["bits0", "bits9", "mode-foo", "negative-lr", "seq-len-too-long", "checkpointing-off-with-a-checkpoint",
+        "matmul-precision"])
 def test_user_mistakes_end_in_one_line(args, names, tmp_path, data_cache):
     result = _run(tmp_path, *args, "--data.init_args.cache_dir", data_cache, "--trainer.max_steps", "1")
     assert result.returncode == 2, result.stderr[-2000:]

@@ -116,6 +116,14 @@ def test_invariant_8_configured_optimizer_and_schedule_drive_the_quantized_updat
         assert torch.equal(layer.weight.float(), expected)
 
 
+@pytest.mark.parametrize("warmup, warns", [(2, False), (3, False), (4, True)])
+def test_a_warm_up_longer_than_the_run_is_warned_about(warmup, warns, recwarn):
+    fit(make_model(warmup_steps=warmup), steps=3)
+    messages = [str(w.message) for w in recwarn if "model.warmup_steps" in str(w.message)]
+    assert messages == ([f"model.warmup_steps ({warmup}) is more than this run's 3 optimizer steps: the learning "
+                         "rate never leaves its linear warm-up nor reaches its peak"] if warns else [])
+
+
 def test_float_parameters_and_quantized_layers_share_one_optimizer():
     model = make_model()
     trainer = fit(model, steps=1)
