@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Everything issue 5 and 6 still need from an H100/H200, as one device call of about nine minutes: each stage under
-# its own time limit, its log and tables written under $OUT as it goes (eight files at most, as many as a call brings
-# back), so a stage that runs out of time costs only itself. A session is lent 15 minutes of device time in all,
-# start-up included; see docs/results.md, "On a GPU".
+# Everything issue 5 and 6 still need from an H100/H200, as one device call (run it with timeout_s 600): each stage
+# under its own time limit (80 + 270 + 120 + 100 s, 9.5 minutes at most), its log and tables written under $OUT as it
+# goes (eight files at most, as many as a call brings back), so a stage that runs out of time costs only itself. A
+# session is lent 15 minutes of device time in all, start-up included; see docs/results.md, "On a GPU".
 #
 #   bash benchmarks/gpu_session.sh               # on the GPU machine (carry .whl, see below)
 #   SMOKE=1 bash benchmarks/gpu_session.sh       # the same stages at tiny sizes, to check the script on a CPU
@@ -63,20 +63,20 @@ else
 fi
 
 # 1. One layer's update: the fused kernel as Triton against the usual path.
-stage update 100 $PYTHON -m dqt_lightning.updatebench --shapes "${SHAPES[@]}"
+stage update 80 $PYTHON -m dqt_lightning.updatebench --shapes "${SHAPES[@]}"
 # 2. Issue 5's throughput targets at 134M, torchao's recipes beside ours. Recipes in the order of what the targets
 #    need, since a stage stopped at its limit keeps only the recipes done (bench rewrites its --out file after each).
 stage bench134m 270 $PYTHON -m dqt_lightning bench "${SIZE[@]}" --precision bf16-mixed --recipes fp dqt-8-fused \
     dqt-1.58-fused ste torchao-int8 dqt-8 dqt-1.58 dqt-1.58-fused-int8mm dqt-8-fused-int8mm dqt-1.58-lean-fused \
     torchao-bitnet --out "$OUT/bench134m.md" --plot "$OUT/bench134m.png"
 # 3. Issue 5's memory targets at 1.36B: peak against the bf16 baseline, bytes per quantized parameter.
-stage memory1b 130 $PYTHON -m dqt_lightning bench "${BIG[@]}" --precision bf16-mixed --recipes fp \
+stage memory1b 120 $PYTHON -m dqt_lightning bench "${BIG[@]}" --precision bf16-mixed --recipes fp \
     dqt-1.58-lean-fused dqt-8-fused dqt-1.58-fused --out "$OUT/memory1b.md"
 # 4. The fp8 overlay's first run on FP8 hardware: a few steps of the tiny model in each mode (on a CPU, and on a GPU
 #    older than compute capability 8.9, each must stop at once with one error line instead).
 fp8_runs() {
     local config
-    for config in fp bitnet ternary; do
+    for config in fp ternary bitnet; do
         $PYTHON -m dqt_lightning fit --config configs/$config.yaml --config configs/precision/fp8.yaml \
             --trainer.max_steps $FIT_STEPS --trainer.val_check_interval $FIT_STEPS --trainer.limit_val_batches 2 \
             --trainer.default_root_dir "/tmp/fp8-runs/$config-$$" --trainer.logger false
@@ -85,5 +85,5 @@ fp8_runs() {
 }
 export -f fp8_runs
 export PYTHON FIT_STEPS
-stage fp8 150 bash -c fp8_runs
+stage fp8 100 bash -c fp8_runs
 ls -la "$OUT"
