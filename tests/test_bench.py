@@ -147,6 +147,16 @@ def test_torchao_recipes_use_our_adamw_and_int8_only_drops_weight_decay() -> Non
     assert int8.defaults == {**ours, "weight_decay": 0.0}
 
 
+def test_on_a_gpu_the_float32_adamw_is_the_fused_one(monkeypatch) -> None:
+    # SPEC §5's baseline is fused AdamW; torch's CUDA default (foreach) would be a slower fp row to compare against.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    params = [nn.Parameter(torch.zeros(2, 2))]  # CPU tensors: torch has a fused AdamW there too
+    for recipe in ("fp", "ste", "dqt-1.58", "dqt-8-fused", "torchao-bitnet"):
+        assert optimizer_for(recipe)(params).defaults["fused"] is True, recipe
+    assert not optimizer_for("torchao-int8")(params).defaults["fused"]
+    assert type(optimizer_for("dqt-1.58-lean")(params)) is not torch.optim.AdamW  # 8-bit moments: our AdamW
+
+
 def test_torchao_import_prints_nothing() -> None:
     # A fresh process, since torchao logs its unloadable CUDA kernels only on its first import.
     code = ("from dqt_lightning.bench import _torchao; from dqt_lightning.module import LanguageModel; "
