@@ -195,12 +195,11 @@ def optimizer_for(recipe: str) -> Callable[..., torch.optim.Optimizer] | None:
     Returns:
         A factory taking parameter groups, or ``None``.
     """
-    fused = {"fused": True} if torch.cuda.is_available() else {}
     if recipe == "torchao-int8":
         return default_adamw(weight_decay=0.0)
     if {"adam8", "lean"} & set(recipe.split("-")[2:]):
         return default_adamw("int8")
-    return default_adamw(**fused) if fused else None
+    return default_adamw(fused=True) if torch.cuda.is_available() else None
 
 
 def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len: int, steps: int, warmup: int,
@@ -470,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def render(rows: Sequence[Row], note: str = "") -> str:
         return "\n".join([
             f"Model {args.size}, vocab {args.vocab_size}, batch {args.batch_size} x {args.seq_len} tokens, "
-            f"{precision}, {args.steps} measured steps after {args.warmup} warm-up, AdamW"
+            f"{precision}, {args.steps} measured steps after {args.warmup} warm-up, AdamW{' (fused)' if cuda else ''}"
             f"{', torch.compile' if args.compile else ''}"
             f"{f', median of {args.repeats} interleaved rounds (range)' if args.repeats > 1 else ''}, "
             f"CPU threads: {torch.get_num_threads()}."
