@@ -227,6 +227,24 @@ def test_a_run_stopped_midway_leaves_the_recipes_it_measured(tmp_path, monkeypat
     assert [p.name for p in tmp_path.iterdir()] == ["bench.md"]  # no temporary file left beside it
 
 
+def test_every_compiled_recipe_runs_compiled(monkeypatch) -> None:
+    # With a recompile limit of one the second model's forward would fall back to eager without the reset per recipe.
+    # (dynamo's config patch, not monkeypatch: undoing a config module's attribute deletes it.)
+    compiled = []
+    compile_module = nn.Module.compile
+
+    def counting(module, *args, **kwargs):
+        compile_module(module, *args, **kwargs)
+        compiled.append(module)
+
+    monkeypatch.setattr(nn.Module, "compile", counting)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(recompile_limit=1):
+        run_benchmark(["fp", "ste"], **{**SMALL, "steps": 1, "warmup": 0}, compile=True)
+    assert len(compiled) == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs >= 2  # one forward graph per recipe
+
+
 def test_bench_is_a_tool_of_the_main_cli(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench", "--help"])
