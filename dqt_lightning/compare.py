@@ -66,9 +66,8 @@ def run_config(run_dir: Path) -> dict:
         raise ConfigError(f"compare: {config_file} is not valid YAML ({error})") from error
 
 
-def plugin_args(run_dir: Path) -> dict:
-    """The precision plugin's init args (mode, bits, ...) from the ``config.yaml`` the CLI saved in a run directory."""
-    config = run_config(run_dir)
+def plugin_args(config: dict) -> dict:
+    """The precision plugin's init args (mode, bits, ...) from a run's saved config (:func:`run_config`)."""
     plugins = (config.get("trainer") or {}).get("plugins") or {}
     if isinstance(plugins, list):  # several plugins: ours is the one with a training mode
         plugins = next((p for p in plugins if "mode" in (p.get("init_args") or {})), {})
@@ -90,7 +89,7 @@ def load_run(run_dir: Path) -> Run:
     curve = [(_tokens_at(tokens, step) if tokens else float(step), loss) for step, loss in val]
     throughput = [v for _, v in series("train/tokens_per_sec")]
     memory = [v for _, v in series("train/peak_memory_mb")]
-    args = plugin_args(run_dir)
+    args = plugin_args(run_config(run_dir))
     mode = str(args.get("mode", "?"))
     bits = "32" if mode == "fp" else _bits(args.get("bits", 1.58))
     final_bits = series("dqt/bits")  # a bit-width schedule logs the grid it is on: show where the run ended

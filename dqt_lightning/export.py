@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from dqt_lightning.checkpoint import PACKED_KEY, unpack_ternary_weights
-from dqt_lightning.compare import plugin_args
+from dqt_lightning.compare import plugin_args, run_config
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
 from dqt_lightning.layers import BitEmbedding, BitLinear, DQTWeight
@@ -69,7 +69,7 @@ def model_from_checkpoint(ckpt_path: str | Path) -> tuple[LLaMA, dict]:
     sizes = asdict(sizes) if is_dataclass(sizes) else dict(sizes)
     # The vocabulary size is linked in from the data module, so the hyper-parameter, not the config, holds it.
     config = Config(**{**sizes, "vocab_size": hparams.get("vocab_size", sizes.get("vocab_size"))})
-    args = plugin_args(path.parent.parent)
+    args = plugin_args(run_config(path.parent.parent))
     settings = {"mode": args.get("mode", "fp"), "bits": float(args.get("bits", 1.58)),
                 "quantize_embeddings": bool(args.get("quantize_embeddings", False)),
                 "per_row_scale": bool(args.get("per_row_scale", False))}

@@ -128,15 +128,24 @@ def _gap(loss: float, reference: float) -> float:
     return (loss - reference) / reference
 
 
-def precision_of(run_dir: Path) -> str:
-    """A run's numeric precision from its saved config: the plugin's ``precision``, and the float32 matmul precision
-    where the run lowered it (``high``: TF32 on a GPU), since an "fp32" arm on TF32 is not full float32."""
-    matmuls = run_config(run_dir).get("float32_matmul_precision", "highest")
-    precision = str(plugin_args(run_dir).get("precision", "32-true"))
-    return precision if matmuls == "highest" else f"{precision}, float32 matmul precision {matmuls}"
+@dataclass(frozen=True)
+class ArmPrecision:
+    """A run's numeric precision: the plugin's ``precision``, and torch's float32 matmul precision, since an "fp32"
+    arm whose matmuls ran on TF32 (``high``, on a GPU) is not full float32 and the report must say so."""
+
+    plugin: str = "32-true"
+    float32_matmuls: str = "highest"
 
 
-def judge(runs: dict[str, Run], precisions: dict[str, str], unigram_entropy: float | None = None) -> list[Claim]:
+def precision_of(run_dir: Path) -> ArmPrecision:
+    """An arm's precision, from the ``config.yaml`` its run saved."""
+    config = run_config(run_dir)
+    return ArmPrecision(str(plugin_args(config).get("precision", "32-true")),
+                        str(config.get("float32_matmul_precision", "highest")))
+
+
+def judge(runs: dict[str, Run], precisions: dict[str, ArmPrecision],
+          unigram_entropy: float | None = None) -> list[Claim]:
     """Each claim of SPEC §6 against the finished arms, by the rules stated in its evidence.
 
     Args:
@@ -176,9 +185,8 @@ def judge(runs: dict[str, Run], precisions: dict[str, str], unigram_entropy: flo
     claims.append(versus_bitnet("8-bit DQT is on par with BitNet b1.58.", "dqt-8bit", loss, "8-bit DQT"))
 
     text = "FP32 -> BF16 (and FP8) costs little."
-    fp32 = precisions.get("dqt-8bit", "")
-    detail = fp32.partition(", ")[2]  # e.g. "float32 matmul precision high"
-    if "dqt-8bit" in loss and "dqt-8bit-bf16" in loss and fp32.startswith("32-true"):
+    fp32 = precisions.get("dqt-8bit")
+    if "dqt-8bit" in loss and "dqt-8bit-bf16" in loss and fp32 is not None and fp32.plugin == "32-true":
         parts, ok = [], True
         for arm, label in (("dqt-8bit-bf16", "bf16-mixed"), ("dqt-8bit-fp8", "fp8")):
             if arm in loss:
@@ -186,8 +194,10 @@ def judge(runs: dict[str, Run], precisions: dict[str, str], unigram_entropy: flo
                 ok &= gap <= BF16_TOLERANCE
                 parts.append(f"{label} {loss[arm]:.4f} ({gap:+.1%})")
         fp8 = "" if "dqt-8bit-fp8" in loss else "; FP8 not run (arm dqt-8bit-fp8 needs an FP8 GPU)"
+        matmuls = "" if fp32.float32_matmuls == "highest" else \
+            f" (float32 matmul precision {fp32.float32_matmuls})"
         claims.append(Claim(text, "supported" if ok else "not supported",
-                            f"8-bit DQT in fp32{f' ({detail})' if detail else ''} {loss['dqt-8bit']:.4f}, "
+                            f"8-bit DQT in fp32{matmuls} {loss['dqt-8bit']:.4f}, "
                             + ", ".join(parts)
                             + f" (rule: at most {BF16_TOLERANCE:.0%} above fp32){fp8}"))
     else:
@@ -219,7 +229,7 @@ def _findings(runs: dict[str, Run]) -> list[str]:
 
 
 def report(runs: dict[str, Run], invocations: list[str], max_steps: int, png: Path,
-           precisions: dict[str, str], unigram_entropy: float | None = None) -> str:
+           precisions: dict[str, ArmPrecision], unigram_entropy: float | None = None) -> str:
     """The Markdown report: table, claims, findings, the command and the arms' configs, device and date."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})"
     lines = [f"# Reproduction: the paper's claims at {max_steps} steps per arm", "",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dqt_lightning.compare import Run
-from dqt_lightning.reproduce import ARMS, CONFIGS, arm_command, judge, main, precision_of
+from dqt_lightning.reproduce import ARMS, CONFIGS, ArmPrecision, arm_command, judge, main, precision_of
 
 TINY = ["--", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
         "--trainer.enable_progress_bar", "false", "--model.init_args.config.n_layer", "1",
@@ -26,7 +26,8 @@ def _run(loss: float, ternary: float | None = None, first: float = 8.0) -> Run:
 def test_claims_follow_the_stated_rules():
     runs = {"bitnet": _run(4.00), "dqt-8bit": _run(4.10, ternary=4.30), "dqt-ternary": _run(4.3),
             "dqt-8bit-bf16": _run(4.15)}
-    claims = judge(runs, {"dqt-8bit": "32-true", "dqt-8bit-bf16": "bf16-mixed"}, unigram_entropy=6.0)
+    precisions = {"dqt-8bit": ArmPrecision("32-true"), "dqt-8bit-bf16": ArmPrecision("bf16-mixed")}
+    claims = judge(runs, precisions, unigram_entropy=6.0)
     verdicts = [c.verdict for c in claims]
     # converged (4.3 < 6.0 - 0.5, falling); 8-bit within 5% of BitNet (+2.5%); bf16 within 2% (+1.2%); ternary-run
     # 8-bit +7.5%.
@@ -34,30 +35,32 @@ def test_claims_follow_the_stated_rules():
     assert "+2.5%" in claims[1].evidence and "+7.5%" in claims[3].evidence
     runs["dqt-8bit-bf16"] = _run(4.25)
     runs["dqt-ternary"] = _run(5.7)  # above unigram entropy - 0.5
-    claims = judge(runs, {"dqt-8bit": "32-true"}, unigram_entropy=6.0)
+    claims = judge(runs, {"dqt-8bit": ArmPrecision("32-true")}, unigram_entropy=6.0)
     assert [c.verdict for c in claims][:3] == ["not supported", "supported", "not supported"]
     runs["dqt-ternary"] = _run(4.3, first=4.2)  # low, but rising at the end
     assert judge(runs, {}, unigram_entropy=6.0)[0].verdict == "not supported"
     assert judge(runs, {}, unigram_entropy=None)[0].verdict == "not tested"
     # An fp32 arm on TF32 matmuls still answers the claim, and says so.
-    tf32 = "32-true, float32 matmul precision high"
+    tf32 = ArmPrecision("32-true", "high")
     claim = judge(runs, {"dqt-8bit": tf32})[2]
     assert claim.verdict != "not tested"
     assert claim.evidence.startswith("8-bit DQT in fp32 (float32 matmul precision high) 4.1000, bf16-mixed")
-    assert judge(runs, {"dqt-8bit": "32-true"})[2].evidence.startswith("8-bit DQT in fp32 4.1000, bf16-mixed")
+    fp32 = judge(runs, {"dqt-8bit": ArmPrecision("32-true")})[2]
+    assert fp32.evidence.startswith("8-bit DQT in fp32 4.1000, bf16-mixed")
+    assert judge(runs, {})[2].verdict == "not tested"  # the fp32 arm's precision unknown
     # Both at bf16: the precision claim cannot be judged from them.
-    assert judge(runs, {"dqt-8bit": "bf16-mixed"})[2].verdict == "not tested"
+    assert judge(runs, {"dqt-8bit": ArmPrecision("bf16-mixed")})[2].verdict == "not tested"
     assert [c.verdict for c in judge({"fp": _run(5.0)}, {})] == ["not tested"] * 4
 
 
 def test_an_arms_precision_names_lowered_float32_matmuls(tmp_path):
     plugin = "trainer:\n  plugins:\n    init_args:\n      precision: {}\n"
     (tmp_path / "config.yaml").write_text(plugin.format("32-true"))
-    assert precision_of(tmp_path) == "32-true"
+    assert precision_of(tmp_path) == ArmPrecision("32-true", "highest")
     (tmp_path / "config.yaml").write_text("float32_matmul_precision: high\n" + plugin.format("32-true"))
-    assert precision_of(tmp_path) == "32-true, float32 matmul precision high"
+    assert precision_of(tmp_path) == ArmPrecision("32-true", "high")
     (tmp_path / "config.yaml").write_text("float32_matmul_precision: highest\n" + plugin.format("bf16-mixed"))
-    assert precision_of(tmp_path) == "bf16-mixed"
+    assert precision_of(tmp_path) == ArmPrecision("bf16-mixed", "highest")
 
 
 def test_arms_train_once_and_the_report_judges_them(tmp_path, monkeypatch, data_cache, capsys):
