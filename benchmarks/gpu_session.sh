@@ -10,21 +10,14 @@
 #
 # The GPU machine lacks jsonargparse, datasets and torchao: download their wheels here first (bash
 # benchmarks/device_wheels.sh, into the git-ignored .whl/), and name .whl in the call's carry; this script installs
-# them when present. `bash benchmarks/device_like_env.sh SMOKE=1 bash benchmarks/gpu_session.sh` tries it, here, on a
-# stand-in of the GPU machine's Python stack (torch 2.11).
+# them when present (benchmarks/device_env.sh). `bash benchmarks/device_like_env.sh SMOKE=1 bash
+# benchmarks/gpu_session.sh` tries it, here, on a stand-in of the GPU machine's Python stack (torch 2.11).
 set -u
 OUT=${OUT:-/tmp/gpu-session}
 SMOKE=${SMOKE:-0}
 STAGES=${STAGES:-"update bench134m memory1b fp8"}
 PYTHON=${PYTHON:-python3}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-
-if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
-    $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "error: installing the carried wheels under .whl failed"; exit 1; }
-    export PYTHONPATH=/tmp/site:$PWD
-fi
+. benchmarks/device_env.sh  # the carried wheels; $OUT/env.txt
 
 # stage NAME SECONDS COMMAND...: runs COMMAND with its output in $OUT/NAME.log, stopped after SECONDS.
 stage() {
@@ -38,16 +31,6 @@ stage() {
     echo "== $name: exit $rc after $((SECONDS - started))s" | tee -a "$OUT/$name.log"
     grep -E '^\||^error|^bench: ' "$OUT/$name.log" | tail -n 30
 }
-
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
-  $PYTHON -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; git log -1 --oneline
-  # The versions the carried wheels meet there (datasets needs a recent pyarrow, fsspec and huggingface_hub).
-  $PYTHON -c "from importlib import metadata as m
-for p in 'lightning torchmetrics triton torchao jsonargparse datasets pyarrow fsspec huggingface_hub tokenizers'.split():
-    try: print(p, m.version(p))
-    except m.PackageNotFoundError: print(p, 'missing')"
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
 
 if [ "$SMOKE" = 1 ]; then
     SIZE=(--size tiny --vocab-size 512 --batch-size 2 --seq-len 64 --steps 1 --warmup 1)
