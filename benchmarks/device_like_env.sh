@@ -12,7 +12,9 @@
 set -eu
 cd "$(dirname "$0")/.."
 ENV=${DEVENV:-/tmp/devenv}
-PY312=$(command -v python3.12 || true)
+# A python3.12 on PATH that runs (a pyenv shim may exist without its version selected), else pyenv's own 3.12.
+PY312=$(python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null \
+    || ls -d "$(pyenv root 2>/dev/null || echo ~/.pyenv)"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1 || true)
 [ -n "$PY312" ] || { echo "error: python3.12 not found (the GPU machine runs Python 3.12)"; exit 1; }
 if [ ! -x "$ENV/bin/python" ]; then
     "$PY312" -m venv "$ENV"
