@@ -11,6 +11,10 @@ Every arm is a separate process whose output goes to ``<out>/logs/<arm>.log``; a
 checkpoint (``last.ckpt``, exact resume), so a reproduction can be spread over several sessions or time-limited
 device calls (``--arms`` picks some). ``--report`` rewrites the report from the finished arms alone.
 
+``--seeds`` trains every arm once per seed (``seed_everything``: initialization and rounding noise; the data order
+and the validation set stay the same), as ``<arm>/seed<S>``; the report then judges each claim on the arms' mean
+losses, says how many seeds agree with that verdict, and gives each arm's spread.
+
     python -m dqt_lightning reproduce --out runs/reproduce --max-steps 2000 \\
         --config configs/model/130m.yaml --config configs/data/shards.yaml
 """
@@ -23,9 +27,10 @@ import json
 import math
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -55,33 +60,70 @@ TOLERANCE = 0.05  # "on par" / "close": within 5% of the reference loss, the pap
 BF16_TOLERANCE = 0.02  # "costs little": within 2% of the fp32 arm's loss
 
 
+@dataclass(frozen=True)
+class Job:
+    """One training run of the reproduction: an arm at the configs' own seed (``seed`` None), or at a given one."""
+
+    arm: str
+    seed: int | None = None
+
+    @property
+    def name(self) -> str:
+        """How logs and messages name it."""
+        return self.arm if self.seed is None else f"{self.arm}-seed{self.seed}"
+
+    @property
+    def version(self) -> str:
+        """Its run directory under ``<out>/<arm>``."""
+        return "version_0" if self.seed is None else f"seed{self.seed}"
+
+    @property
+    def done(self) -> str:
+        """The file under ``<out>/<arm>`` that marks it finished."""
+        return "DONE" if self.seed is None else f"DONE-seed{self.seed}"
+
+
+def finished_jobs(out: Path, arms: list[str]) -> list[Job]:
+    """The jobs of ``arms`` that finished under ``out``, at the configs' seed and at given seeds."""
+    jobs = []
+    for arm in arms:
+        if (out / arm / "DONE").exists():
+            jobs.append(Job(arm))
+        seeds = (done.name.removeprefix("DONE-seed") for done in (out / arm).glob("DONE-seed*"))
+        jobs += [Job(arm, int(seed)) for seed in sorted(seeds, key=int) if seed.isdigit()]
+    return jobs
+
+
 def is_dqt_arm(arm: str) -> bool:
     """Whether an arm trains DQT weights (and takes the ``--dqt-config`` stack)."""
     return {**ARMS, **OPTIONAL_ARMS}[arm][0] not in ("fp.yaml", "bitnet.yaml")
 
 
 def arm_command(arm: str, stack: list[str], max_steps: int, out: Path, extra: list[str],
-                dqt_stack: list[str] = ()) -> list[str]:
-    """The ``fit`` command line of one arm: its base config, ``stack``, ``dqt_stack`` for DQT arms, its overlays."""
+                dqt_stack: list[str] = (), seed: int | None = None) -> list[str]:
+    """The ``fit`` command line of one arm: its base config, ``stack``, ``dqt_stack`` for DQT arms, its overlays;
+    with ``seed``, that ``seed_everything`` and its own run directory."""
     base, overlays = {**ARMS, **OPTIONAL_ARMS}[arm]
+    job = Job(arm, seed)
     own = list(dqt_stack) if is_dqt_arm(arm) else []
     configs = [str(CONFIGS / base), *stack, *own, *(str(CONFIGS / o) for o in overlays)]
     logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
               # One version per arm: an interrupted arm continues in the same directory, so its curve stays whole.
-              "init_args": {"save_dir": str(out), "name": arm, "version": 0, "default_hp_metric": False}}
+              "init_args": {"save_dir": str(out), "name": arm, "version": job.version, "default_hp_metric": False}}
+    seeded = [] if seed is None else ["--seed_everything", str(seed)]
     return [sys.executable, "-m", "dqt_lightning", "fit", *(a for c in configs for a in ("--config", c)),
             "--trainer.max_steps", str(max_steps), "--model.init_args.ternary_eval", "true",
-            "--trainer.logger", json.dumps(logger), *extra]
+            "--trainer.logger", json.dumps(logger), *extra, *seeded]
 
 
-def run_arm(arm: str, command: list[str], out: Path) -> Path:
-    """Train one arm (unless it finished before) and return its run directory."""
-    done = out / arm / "DONE"
+def run_arm(job: Job, command: list[str], out: Path) -> Path:
+    """Train one arm at one seed (unless it finished before) and return its run directory."""
+    done = out / job.arm / job.done
     if done.exists():
         return out / done.read_text().strip()
-    log = out / "logs" / f"{arm}.log"
+    log = out / "logs" / f"{job.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    last = out / arm / "version_0" / "checkpoints" / "last.ckpt"
+    last = out / job.arm / job.version / "checkpoints" / "last.ckpt"
     if last.exists():  # interrupted (a device call's time limit, a kill): continue from its newest checkpoint
         command = [*command, "--ckpt_path", str(last)]
         # LightningCLI refuses to overwrite the run's config.yaml; keep the earlier attempt's beside it.
@@ -89,7 +131,7 @@ def run_arm(arm: str, command: list[str], out: Path) -> Path:
         if config.exists():
             attempt = next(k for k in range(1, 10_000) if not config.with_name(f"config.attempt-{k}.yaml").exists())
             config.rename(config.with_name(f"config.attempt-{attempt}.yaml"))
-    print(f"[reproduce] {arm}: {shlex.join(command[1:])}", flush=True)
+    print(f"[reproduce] {job.name}: {shlex.join(command[1:])}", flush=True)
     with open(log, "a") as f:
         f.write(f"$ {shlex.join(command)}\n")
         f.flush()
@@ -99,7 +141,7 @@ def run_arm(arm: str, command: list[str], out: Path) -> Path:
     run_dir = next((line.split(marker, 1)[1].strip() for line in text.splitlines() if marker in line), None)
     if result.returncode != 0 or run_dir is None:
         last = [line for line in text.splitlines() if line.strip()][-1:] or ["(no output)"]
-        raise ConfigError(f"reproduce: arm {arm} failed (exit {result.returncode}): {last[0]} (log: {log})")
+        raise ConfigError(f"reproduce: arm {job.name} failed (exit {result.returncode}): {last[0]} (log: {log})")
     # Relative to the output directory, so the finished runs still count after it moves (off a GPU machine, say).
     atomic_write(done, lambda f: f.write(f"{Path(run_dir).resolve().relative_to(out)}\n".encode()))
     return Path(run_dir).resolve()
@@ -228,24 +270,87 @@ def _findings(runs: dict[str, Run]) -> list[str]:
     return lines
 
 
-def report(runs: dict[str, Run], invocations: list[str], max_steps: int, png: Path,
+def mean_run(runs: list[Run]) -> Run:
+    """One arm's runs at several seeds as one: validation curves averaged point by point (every seed validates at the
+    same steps, so at the same tokens), the ternary loss averaged; a single run as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    points = min(len(run.val_curve) for run in runs)
+    curve = [(runs[0].val_curve[i][0], statistics.fmean(run.val_curve[i][1] for run in runs)) for i in range(points)]
+    ternary = [run.val_loss_ternary for run in runs if run.val_loss_ternary is not None]
+    return replace(runs[0], path=runs[0].path.parent / f"mean of {len(runs)} seeds", val_curve=curve,
+                   val_loss_ternary=statistics.fmean(ternary) if len(ternary) == len(runs) else None)
+
+
+def by_arm(runs: dict[Job, Run]) -> dict[str, list[Run]]:
+    """The runs of each arm, in the order given."""
+    grouped: dict[str, list[Run]] = {}
+    for job, run in runs.items():
+        grouped.setdefault(job.arm, []).append(run)
+    return grouped
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def seed_table(grouped: dict[str, list[Run]]) -> str:
+    """Each arm's final losses across its seeds: mean ± sample standard deviation, and the range."""
+    lines = ["| arm | seeds | final val loss, mean ± sd | range | val loss, ternary, mean ± sd |",
+             "|---|---:|---:|---:|---:|"]
+    for arm, runs in grouped.items():
+        losses = [run.final_val_loss for run in runs if run.final_val_loss is not None]
+        ternary = [run.val_loss_ternary for run in runs if run.val_loss_ternary is not None]
+        span = f"{min(losses):.4f} - {max(losses):.4f}" if losses else "-"
+        lines.append(f"| {arm} | {len(runs)} | {_spread(losses)} | {span} | {_spread(ternary)} |")
+    return "\n".join(lines)
+
+
+def report(runs: dict[Job, Run], invocations: list[str], max_steps: int, png: Path,
            precisions: dict[str, ArmPrecision], unigram_entropy: float | None = None) -> str:
-    """The Markdown report: table, claims, findings, the command and the arms' configs, device and date."""
+    """The Markdown report: table, claims, findings, the command and the arms' configs, device and date.
+
+    With several seeds per arm, each claim is judged on the arms' mean losses (:func:`mean_run`), and judged again
+    at each seed alone: the "seeds agreeing" column counts the seeds whose own verdict is the mean's.
+    """
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+    grouped = by_arm(runs)
+    means = {arm: mean_run(arm_runs) for arm, arm_runs in grouped.items()}
+    seeds = sorted({job.seed for job in runs}, key=lambda seed: -1 if seed is None else seed)
+    several = any(len(arm_runs) > 1 for arm_runs in grouped.values())
+    same = ("the same data order and number of steps; seeds " + ", ".join(str(s) for s in seeds if s is not None)
+            + " (initialization and rounding noise), every arm at each" if several
+            else "the same seed, data order and number of steps")
     lines = [f"# Reproduction: the paper's claims at {max_steps} steps per arm", "",
              f"Device: {device}; torch {torch.__version__}; Python {platform.python_version()}; "
-             f"{datetime.date.today().isoformat()}. Every arm: the same seed, data order and number of steps.", "",
-             "## Results", "", table(list(runs.values())), "", f"![validation loss against tokens]({png.name})", "",
-             "## The claims of SPEC §6", "", "| claim | verdict | evidence |", "|---|---|---|"]
-    lines += [f"| {c.text} | {c.verdict} | {c.evidence} |" for c in judge(runs, precisions, unigram_entropy)]
-    findings = _findings(runs)
+             f"{datetime.date.today().isoformat()}. Every arm: {same}.", "",
+             "## Results", "", table(list(runs.values())), ""]
+    if several:
+        lines += ["Across seeds:", "", seed_table(grouped), ""]
+    lines += [f"![validation loss against tokens]({png.name})", "", "## The claims of SPEC §6", ""]
+    claims = judge(means, precisions, unigram_entropy)
+    if several:
+        per_seed = [judge({job.arm: run for job, run in runs.items() if job.seed == seed}, precisions,
+                          unigram_entropy) for seed in seeds]
+        lines += ["Judged on each arm's mean over its seeds; \"seeds agreeing\": at how many seeds alone the verdict "
+                  "is the same.", "", "| claim | verdict | seeds agreeing | evidence (means) |", "|---|---|---:|---|"]
+        lines += [f"| {c.text} | {c.verdict} | {sum(p[i].verdict == c.verdict for p in per_seed)} of {len(seeds)} | "
+                  f"{c.evidence} |" for i, c in enumerate(claims)]
+    else:
+        lines += ["| claim | verdict | evidence |", "|---|---|---|"]
+        lines += [f"| {c.text} | {c.verdict} | {c.evidence} |" for c in claims]
+    findings = _findings(means)
     if findings:
         lines += ["", "## Beyond the claims", "", *findings]
     lines += ["", "## How it was run", "", "```bash", *invocations, "```", "",
               "Each arm is `fit` with its base config, then the `--config` stack (and for DQT arms the `--dqt-config` "
               "stack, if the command above has one), then the arm's overlays, and "
               "`--model.init_args.ternary_eval true` (the ternary column):", "", "| arm | configs |", "|---|---|"]
-    for arm in runs:
+    for arm in grouped:
         base, overlays = {**ARMS, **OPTIONAL_ARMS}[arm]
         stacks = ["the stack", "the DQT stack"] if is_dqt_arm(arm) else ["the stack"]
         configs = [f"`configs/{base}`", *stacks, *(f"`configs/{o}`" for o in overlays)]
@@ -264,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=1000, help="optimizer steps per arm (%(default)s)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), metavar="ARM",
                         help=f"arms to train (default: all of {', '.join(ARMS)}; also {', '.join(OPTIONAL_ARMS)})")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                        help="train every arm once per seed (seed_everything; the data order stays the same) and "
+                             "judge the claims on the mean; default: the configs' own seed, once")
     parser.add_argument("--report", action="store_true", help="only write the report from the finished arms")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more fit arguments for every arm")
     args = parser.parse_args(argv)
@@ -281,7 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     stack = [str(Path(c).resolve()) for c in args.config]
     dqt_stack = [str(Path(c).resolve()) for c in args.dqt_config]
-    commands = {arm: arm_command(arm, stack, args.max_steps, out, extra, dqt_stack) for arm in args.arms}
+    if args.seeds and len(set(args.seeds)) < len(args.seeds):
+        parser.error(f"--seeds lists a seed twice: {' '.join(map(str, args.seeds))}")
+    # Seed by seed, so that a run cut short (a device call's limit) has whole comparisons at its first seeds.
+    jobs = [Job(arm, seed) for seed in (args.seeds or [None]) for arm in args.arms]
+    commands = {job: arm_command(job.arm, stack, args.max_steps, out, extra, dqt_stack, job.seed) for job in jobs}
     if not args.report:  # every training invocation, for the report's "How it was run"
         out.mkdir(parents=True, exist_ok=True)
         given = list(sys.argv[1:] if argv is None else argv)
@@ -289,21 +401,22 @@ def main(argv: list[str] | None = None) -> int:
             f.write(shlex.join(["python", "-m", "dqt_lightning", "reproduce", *given]) + "\n")
     try:
         if args.report:
-            run_dirs = {arm: out / (out / arm / "DONE").read_text().strip() for arm in known
-                        if (out / arm / "DONE").exists()}
+            run_dirs = {job: out / (out / job.arm / job.done).read_text().strip()
+                        for job in finished_jobs(out, list(known))}
         else:
-            run_dirs = {arm: run_arm(arm, command, out) for arm, command in commands.items()}
+            run_dirs = {job: run_arm(job, command, out) for job, command in commands.items()}
         if not run_dirs:
             raise ConfigError(f"reproduce: no finished arm under {out}")
-        runs = {arm: load_run(path) for arm, path in run_dirs.items()}
-        precisions = {arm: precision_of(path) for arm, path in run_dirs.items()}
+        runs = {job: load_run(path) for job, path in run_dirs.items()}
+        precisions = {job.arm: precision_of(path) for job, path in run_dirs.items()}
     except ConfigError as error:
         sys.stderr.write(f"error: {error}\n")
         return 2
-    for arm, run in runs.items():
-        run.path = Path(arm) / run.path.name  # shown as <arm>/version_N in the table and the plot
+    for job, run in runs.items():
+        run.path = Path(job.arm) / run.path.name  # shown as <arm>/version_N (<arm>/seedS) in the table and the plot
     png = out / "val_loss.png"
-    plot(list(runs.values()), png)
+    # One line per arm: its mean over seeds where it has several.
+    plot([mean_run(arm_runs) for arm_runs in by_arm(runs).values()], png)
     recorded = out / "commands.txt"
     invocations = recorded.read_text().splitlines() if recorded.exists() else []
     text = report(runs, invocations, args.max_steps, png, precisions, _unigram_entropy(out / "logs"))

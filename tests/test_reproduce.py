@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from dqt_lightning.compare import Run
-from dqt_lightning.reproduce import ARMS, CONFIGS, ArmPrecision, arm_command, judge, main, precision_of
+from dqt_lightning.reproduce import (ARMS, CONFIGS, ArmPrecision, Job, arm_command, judge, main, mean_run,
+                                    precision_of, report)
 
 TINY = ["--", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
         "--trainer.enable_progress_bar", "false", "--model.init_args.config.n_layer", "1",
@@ -63,6 +65,48 @@ def test_an_arms_precision_names_lowered_float32_matmuls(tmp_path):
     assert precision_of(tmp_path) == ArmPrecision("bf16-mixed", "highest")
 
 
+def test_with_several_seeds_claims_are_judged_on_the_means_and_seeds_that_agree_are_counted(tmp_path):
+    # BitNet 4.00 at both seeds; 8-bit DQT 4.10 and 4.26: mean 4.18 (+4.5%, on par), but seed 2 alone +6.5%.
+    runs = {Job("bitnet", 1): _run(4.00), Job("dqt-8bit", 1): _run(4.10, ternary=4.22, first=9.0),
+            Job("bitnet", 2): _run(4.00), Job("dqt-8bit", 2): _run(4.26, ternary=4.38, first=7.0)}
+    mean = mean_run([runs[Job("dqt-8bit", 1)], runs[Job("dqt-8bit", 2)]])
+    assert mean.val_curve == [(0.0, 8.0), (1.0, pytest.approx(4.18))] and mean.val_loss_ternary == pytest.approx(4.3)
+    text = report(runs, [], 4, tmp_path / "v.png", {})
+    assert "seeds 1, 2 (initialization and rounding noise)" in text
+    assert "| 8-bit DQT is on par with BitNet b1.58. | supported | 1 of 2 | 8-bit DQT 4.1800 against" in text
+    # Ternary weights: 4.30 mean (+7.5%), and each seed alone (+5.5%, +9.5%) also fails: both agree.
+    ternary = "| An 8-bit DQT model runs with ternary weights and stays close to BitNet b1.58. | not supported |"
+    assert f"{ternary} 2 of 2 |" in text
+    assert "| dqt-8bit | 2 | 4.1800 ± 0.1131 | 4.1000 - 4.2600 | 4.3000 ± 0.1131 |" in text
+    assert "| bitnet | 2 | 4.0000 ± 0.0000 |" in text
+    # One seed per arm: the report as before, with no seed columns.
+    single = report({Job("bitnet"): _run(4.0), Job("dqt-8bit"): _run(4.1)}, [], 4, tmp_path / "v.png", {})
+    assert "seeds agreeing" not in single and "Across seeds" not in single
+    assert "| 8-bit DQT is on par with BitNet b1.58. | supported | 8-bit DQT 4.1000 against" in single
+
+
+def test_each_seed_trains_its_own_run_and_the_report_finds_them(tmp_path, monkeypatch, data_cache):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "repro"
+    extra = [*TINY, "--data.init_args.cache_dir", data_cache]
+    assert main(["--out", str(out), "--max-steps", "2", "--arms", "dqt-8bit", "--seeds", "7", "8", *extra]) == 0
+    assert [(out / "dqt-8bit" / f"DONE-seed{s}").read_text().strip() for s in (7, 8)] == \
+        ["dqt-8bit/seed7", "dqt-8bit/seed8"]
+    configs = [yaml.safe_load((out / "dqt-8bit" / f"seed{s}" / "config.yaml").read_text()) for s in (7, 8)]
+    assert [c["seed_everything"] for c in configs] == [7, 8]
+    # Another seed is another initialization: the runs differ.
+    first = [torch.load(out / "dqt-8bit" / f"seed{s}" / "checkpoints" / "last.ckpt", weights_only=False)
+             for s in (7, 8)]
+    key = next(k for k in first[0]["state_dict"] if k.endswith("q_proj.weight"))
+    assert not torch.equal(first[0]["state_dict"][key], first[1]["state_dict"][key])
+    text = (out / "results.md").read_text()
+    assert "| dqt-8bit/seed7 |" in text and "| dqt-8bit/seed8 |" in text and "| dqt-8bit | 2 |" in text
+    assert (out / "logs" / "dqt-8bit-seed7.log").exists()
+    (out / "results.md").unlink()
+    assert main(["--out", str(out), "--report"]) == 0
+    assert "| dqt-8bit | 2 |" in (out / "results.md").read_text()
+
+
 def test_arms_train_once_and_the_report_judges_them(tmp_path, monkeypatch, data_cache, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "repro"
@@ -113,7 +157,8 @@ def test_the_dqt_stack_goes_on_dqt_arms_only(tmp_path):
 @pytest.mark.parametrize("args,message", [(["--arms", "gpt"], "unknown arm gpt"),
                                           (["--config", "nope.yaml"], "--config nope.yaml: no such file"),
                                           (["--dqt-config", "nope.yaml"], "--dqt-config nope.yaml: no such file"),
-                                          (["--max-steps", "0"], "--max-steps must be >= 1")])
+                                          (["--max-steps", "0"], "--max-steps must be >= 1"),
+                                          (["--seeds", "1", "1"], "--seeds lists a seed twice")])
 def test_bad_arguments_are_one_line(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--out", str(tmp_path), *args])
