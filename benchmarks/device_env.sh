@@ -1,9 +1,10 @@
 # Sourced by the device-call scripts (gpu_session.sh, gpu_reproduce.sh), with $PYTHON and $OUT set.
 # 1. Install the wheels the call carried in .whl (benchmarks/device_wheels.sh made them: jsonargparse, datasets,
 #    torchao, ..., which the GPU machine lacks) under /tmp/site, and put them and this checkout on PYTHONPATH.
-#    Without .whl nothing is installed (the packages are already there, as in this project's .venv).
+#    Where $PYTHON imports all three already (this project's .venv, say), or without .whl, nothing is installed.
 # 2. Write $OUT/env.txt: date, GPU, torch and the versions the wheels meet there, commit.
-if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
+if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1 && ! $PYTHON -c "import jsonargparse, datasets, torchao" 2>/dev/null
+then
     $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || { echo "error: installing the carried wheels under .whl failed"; exit 1; }
     export PYTHONPATH=/tmp/site:$PWD
