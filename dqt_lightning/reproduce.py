@@ -89,8 +89,13 @@ def finished_jobs(out: Path, arms: list[str]) -> list[Job]:
     for arm in arms:
         if (out / arm / "DONE").exists():
             jobs.append(Job(arm))
-        seeds = (done.name.removeprefix("DONE-seed") for done in (out / arm).glob("DONE-seed*"))
-        jobs += [Job(arm, int(seed)) for seed in sorted(seeds, key=int) if seed.isdigit()]
+        seeds = []
+        for done in (out / arm).glob("DONE-seed*"):
+            try:
+                seeds.append(int(done.name.removeprefix("DONE-seed")))
+            except ValueError:
+                continue  # not a marker reproduce wrote (a copy, a backup): no seed to report
+        jobs += [Job(arm, seed) for seed in sorted(seeds)]
     return jobs
 
 

@@ -103,6 +103,7 @@ def test_each_seed_trains_its_own_run_and_the_report_finds_them(tmp_path, monkey
     assert "| dqt-8bit/seed7 |" in text and "| dqt-8bit/seed8 |" in text and "| dqt-8bit | 2 |" in text
     assert (out / "logs" / "dqt-8bit-seed7.log").exists()
     (out / "results.md").unlink()
+    (out / "dqt-8bit" / "DONE-seed7.bak").write_text("dqt-8bit/seed7\n")  # a stray copy names no seed
     assert main(["--out", str(out), "--report"]) == 0
     assert "| dqt-8bit | 2 |" in (out / "results.md").read_text()
 
