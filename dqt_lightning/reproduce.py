@@ -295,6 +295,11 @@ def by_arm(runs: dict[Job, Run]) -> dict[str, list[Run]]:
     return grouped
 
 
+def arm_means(runs: dict[Job, Run]) -> dict[str, Run]:
+    """Each arm as one run: its mean over seeds where it has several (:func:`mean_run`)."""
+    return {arm: mean_run(arm_runs) for arm, arm_runs in by_arm(runs).items()}
+
+
 def _spread(values: list[float]) -> str:
     if not values:
         return "-"
@@ -323,8 +328,7 @@ def report(runs: dict[Job, Run], invocations: list[str], max_steps: int, png: Pa
     at each seed alone: the "seeds agreeing" column counts the seeds whose own verdict is the mean's.
     """
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})"
-    grouped = by_arm(runs)
-    means = {arm: mean_run(arm_runs) for arm, arm_runs in grouped.items()}
+    grouped, means = by_arm(runs), arm_means(runs)
     seeds = sorted({job.seed for job in runs}, key=lambda seed: -1 if seed is None else seed)
     several = any(len(arm_runs) > 1 for arm_runs in grouped.values())
     same = ("the same data order and number of steps; seeds " + ", ".join(str(s) for s in seeds if s is not None)
@@ -421,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         run.path = Path(job.arm) / run.path.name  # shown as <arm>/version_N (<arm>/seedS) in the table and the plot
     png = out / "val_loss.png"
     # One line per arm: its mean over seeds where it has several.
-    plot([mean_run(arm_runs) for arm_runs in by_arm(runs).values()], png)
+    plot(list(arm_means(runs).values()), png)
     recorded = out / "commands.txt"
     invocations = recorded.read_text().splitlines() if recorded.exists() else []
     text = report(runs, invocations, args.max_steps, png, precisions, _unigram_entropy(out / "logs"))
