@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import gc
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from typing_extensions import override
 
+from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
 from dqt_lightning.layers import DQTWeight
 from dqt_lightning.optim import default_adamw
-from dqt_lightning.quant import pack_ternary, unpack_ternary
+from dqt_lightning.quant import Grid, pack_ternary, unpack_ternary
 
 PACKED_KEY = "dqt_packed_ternary"
+# {layer name: [qmin, qmax]}: the grid each DQT weight's levels were on when saved. Levels alone cannot say it: an
+# 8-bit layer whose levels all happen to be small looks ternary.
+GRIDS_KEY = "dqt_grids"
+_WHERE_FROM = "the config of the run that saved it (config.yaml in its run directory) says how it was trained"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -48,6 +55,69 @@ def pack_ternary_weights(module: torch.nn.Module, state_dict: dict[str, torch.Te
 def unpack_ternary_weights(state_dict: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> None:
     for key, shape in shapes.items():
         state_dict[key] = unpack_ternary(state_dict[key], tuple(shape))
+
+
+def dqt_grids(module: nn.Module) -> dict[str, list[int]]:
+    return {name: [layer.grid.qmin, layer.grid.qmax] for name, layer in module.named_modules()
+            if isinstance(layer, DQTWeight)}
+
+
+def _levels(qmin: int, qmax: int) -> str:
+    return "ternary levels {-1, 0, 1}" if (qmin, qmax) == (-1, 1) else f"levels [{qmin}, {qmax}]"
+
+
+def check_checkpoint_fits(checkpoint: dict[str, Any], module: nn.Module, source: str, grids: Iterable[Grid] = (),
+                          strict: bool = True) -> None:
+    """Refuse, in one line, a checkpoint whose weights ``module`` cannot hold as they are, before torch copies them.
+
+    Loading an 8-bit DQT checkpoint into ternary layers raises nothing in torch (both are int8 tensors of one shape),
+    yet the next update clamps every level to {-1, 0, 1}; float weights into integer layers, or the reverse, fail
+    deep inside the load. A DQT layer saved on another grid is accepted when that grid is in ``grids`` (a bit-width
+    schedule's) and the layer is moved onto it. Checkpoints older than :data:`GRIDS_KEY` skip the grid check.
+
+    Args:
+        checkpoint: The loaded checkpoint, ternary weights already unpacked.
+        module: The model, converted for its training mode; its state-dict keys are the checkpoint's.
+        source: How the error names the checkpoint, e.g. ``ckpt_path runs/a/last.ckpt``.
+        grids: Other grids the config's DQT layers may be on.
+        strict: Also refuse missing and unexpected keys (``LightningModule.strict_loading``).
+    """
+    saved = checkpoint["state_dict"]
+    layers = {name: layer for name, layer in module.named_modules() if isinstance(layer, DQTWeight)}
+    expected = {key: tuple(tensor.shape) for key, tensor in module.state_dict().items()}
+    for name, layer in layers.items():
+        expected[f"{name}.weight"] = tuple(layer.shape)  # packed storage keeps fewer bytes of the same levels
+    for key, tensor in saved.items():
+        layer_name = key.removesuffix(".weight")
+        is_dqt = layer_name in layers and key.endswith(".weight")
+        if key in expected and tensor.is_floating_point() == is_dqt:
+            held, made = ("float", "DQT integer levels") if is_dqt else ("DQT integer levels", "float weights")
+            raise ConfigError(f"{source} holds {key} as {held}, this config makes it {made} "
+                              f"(trainer.plugins.mode); {_WHERE_FROM}")
+    saved_grids = checkpoint.get(GRIDS_KEY, {})
+    for name, layer in layers.items():
+        if name not in saved_grids or tuple(saved_grids[name]) == (layer.grid.qmin, layer.grid.qmax):
+            continue
+        other = next((g for g in grids if (g.qmin, g.qmax) == tuple(saved_grids[name])), None)
+        if other is None:
+            raise ConfigError(f"{source} holds {name} on {_levels(*saved_grids[name])}, this config's DQT grid has "
+                              f"{_levels(layer.grid.qmin, layer.grid.qmax)} (trainer.plugins.bits, symmetric); "
+                              f"{_WHERE_FROM}")
+        layer.grid = other
+    for key, shape in expected.items():
+        if key in saved and tuple(saved[key].shape) != shape:
+            differ = ("trainer.plugins.per_row_scale differs" if key.endswith(".scale")
+                      else "model sizes or data vocab_size differ")
+            raise ConfigError(f"{source} holds {key} of shape {list(saved[key].shape)}, this config makes "
+                              f"{list(shape)} ({differ}); {_WHERE_FROM}")
+    missing = [key for key in expected if key not in saved]
+    unexpected = [key for key in saved if key not in expected]
+    if strict and (missing or unexpected):
+        first = f"lacks {missing[0]}" if missing else f"holds {unexpected[0]}"
+        raise ConfigError(f"{source} {first}, which this config's model "
+                          f"{'has' if missing else 'does not have'} ({len(missing)} missing, {len(unexpected)} "
+                          f"unexpected tensors: trainer.plugins.quantize_embeddings or the model's norm_layout "
+                          f"differ?); {_WHERE_FROM}")
 
 
 FP_FORMAT = "fp (float32)"

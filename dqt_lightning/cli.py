@@ -14,8 +14,10 @@ its runs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -91,6 +93,15 @@ class _SaveConfig(SaveConfigCallback):
         refused = isinstance(exception, (ConfigError, MisconfigurationException)) and trainer.global_step == 0
         if refused and self._written is not None:
             self._written.unlink(missing_ok=True)
+            # So does the TensorBoard file this process opened (its name ends in our pid), and the logger's version
+            # directory when nothing else is in it: `compare runs/` then finds no empty run. Without a logger the
+            # directory is the user's own (trainer.default_root_dir, the working directory) and stays.
+            run_dir = self._written.parent
+            for events in run_dir.glob(f"events.out.tfevents.*.{os.getpid()}.*"):
+                events.unlink(missing_ok=True)
+            if trainer.logger is not None and trainer.logger.log_dir and Path(trainer.logger.log_dir) == run_dir:
+                with contextlib.suppress(OSError):  # not empty: something else lives there
+                    run_dir.rmdir()
 
 
 class DQTLightningCLI(LightningCLI):
@@ -105,6 +116,24 @@ class DQTLightningCLI(LightningCLI):
         parser.add_argument("--float32_matmul_precision", choices=FLOAT32_MATMUL_PRECISIONS, default="highest",
                             help="torch.set_float32_matmul_precision for this run: highest (float32, torch's "
                             "default), high (TF32 on NVIDIA GPUs since Ampere), medium (bf16 passes)")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning's own method loads the checkpoint at parse time (for the model hyper-parameters it holds), so a
+        # wrong path or a file that is not a checkpoint ends here, as a traceback unless caught.
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        named = path and (path in ("best", "last", "hpc") or str(path).startswith("registry") or "://" in str(path))
+        if path and not named and not Path(path).is_file():
+            raise ConfigError(f"ckpt_path {path} " + ("is a directory, not a checkpoint file" if Path(path).is_dir()
+                                                       else "does not exist"))
+        try:
+            super()._parse_ckpt_path()
+        except SystemExit:
+            raise
+        except Exception as error:  # torch raises many types for a file that is not a checkpoint
+            reason = str(error).splitlines()[0][:160] if str(error) else ""
+            raise ConfigError(f"ckpt_path {path} cannot be read as a checkpoint ({type(error).__name__}"
+                              f"{': ' + reason if reason else ''})") from error
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -199,8 +228,41 @@ def _prepare(args: list[str]) -> None:
     print(f"[prepare] {shards.describe()}", flush=True)
 
 
+# Dispatched in main() before LightningCLI parses anything, so its --help would not know them.
+_OTHER_COMMANDS = (
+    "other commands (each takes --help): "
+    "prepare --config ... (tokenize the data section's source into shards); "
+    "compare RUN_DIR... (table and validation-loss plot of finished runs); "
+    "export CKPT (safetensors with integer weights); "
+    "generate CKPT_OR_EXPORT (sample text); "
+    "bench (throughput and memory of every recipe); "
+    "reproduce (train and report the paper's comparison)"
+)
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """jsonargparse reports a YAML syntax error without the file's name; with several --config files that leaves
+    the user guessing."""
+    import yaml  # noqa: PLC0415 - jsonargparse's own YAML library
+
+    for flag, value in zip(argv, argv[1:]):
+        if flag in ("-c", "--config") and Path(value).is_file():
+            try:
+                yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError) as error:
+                mark = getattr(error, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                problem = getattr(error, "problem", None) or type(error).__name__
+                raise ConfigError(f"config file {value} is not valid YAML: {problem}{where}") from error
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
+    try:
+        _check_config_files(argv)
+    except ConfigError as error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(2)
     if argv[:1] == ["prepare"]:  # not a Trainer method, so not a LightningCLI subcommand: dispatched here
         _prepare(argv[1:])
         return
@@ -213,6 +275,7 @@ def main(args: list[str] | None = None) -> None:
             subclass_mode_model=True,
             subclass_mode_data=True,
             parser_class=_OneLineErrorParser,
+            parser_kwargs={"prog": "python -m dqt_lightning", "epilog": _OTHER_COMMANDS},
             args=args,
         )
     except Exception as error:

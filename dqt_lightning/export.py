@@ -27,14 +27,14 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from dqt_lightning.checkpoint import PACKED_KEY, unpack_ternary_weights
+from dqt_lightning.checkpoint import GRIDS_KEY, PACKED_KEY, check_checkpoint_fits, unpack_ternary_weights
 from dqt_lightning.compare import plugin_args, run_config
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
 from dqt_lightning.layers import BitEmbedding, BitLinear, DQTWeight
 from dqt_lightning.model import LLaMA, Config
 from dqt_lightning.precision import QuantPrecision
-from dqt_lightning.quant import absmean_quantize, pack_ternary, unpack_ternary
+from dqt_lightning.quant import Grid, absmean_quantize, pack_ternary, unpack_ternary
 from dqt_lightning.tokenizer import TextTokenizer, resolve_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -78,11 +78,11 @@ def model_from_checkpoint(ckpt_path: str | Path) -> tuple[LLaMA, dict]:
         _plugin(**settings).convert_module(model)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     unpack_ternary_weights(state, {k.removeprefix("model."): v for k, v in ckpt.get(PACKED_KEY, {}).items()})
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ConfigError(f"checkpoint {path} does not match the mode in {path.parent.parent / 'config.yaml'} "
-                          f"({settings['mode']}): {str(error).splitlines()[0]}") from error
+    # The grids come from the checkpoint, not from config.yaml's bits: a bit-width schedule may have moved them.
+    grids = {k.removeprefix("model."): v for k, v in ckpt.get(GRIDS_KEY, {}).items()}
+    check_checkpoint_fits({"state_dict": state, GRIDS_KEY: grids}, model, f"checkpoint {path}",
+                          [Grid.from_levels(*levels) for levels in grids.values()])
+    model.load_state_dict(state)
     return model.eval(), settings
 
 
@@ -116,6 +116,9 @@ def export(ckpt_path: str | Path, output: str | Path, pack: bool = False) -> Pat
     Returns:
         The output directory.
     """
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {out} is a file; give a directory to write the export into")
     model, settings = model_from_checkpoint(ckpt_path)
     tensors, integer = integer_state(model)
     packed = {}
@@ -127,7 +130,6 @@ def export(ckpt_path: str | Path, output: str | Path, pack: bool = False) -> Pat
             if int(q.abs().max()) <= 1:
                 packed[name] = list(q.shape)
                 tensors[f"{name}.weight_packed"] = pack_ternary(tensors.pop(f"{name}.weight"))
-    out = Path(output)
     config = {**asdict(model.config), "quantization": {**settings, "integer_weights": integer, "packed": packed}}
     atomic_write(out / "model.safetensors", lambda f: f.write(save(tensors, metadata={"format": "pt"})))
     atomic_write(out / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))

@@ -76,12 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dqt_lightning generate", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a checkpoint (runs/<name>/version_N/checkpoints/*.ckpt) or an export directory")
     parser.add_argument("--prompt", default="", help="text to continue (default: start from an end-of-text token)")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="at most this many tokens (>= 1)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0: always the most "
+                        "likely token")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0: among all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ternary", action="store_true", help="re-quantize the quantized weights to ternary")
     args = parser.parse_args(argv)
+    for flag, value, ok in (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1),
+                            ("--temperature", args.temperature, args.temperature >= 0),
+                            ("--top-k", args.top_k, args.top_k >= 0)):
+        if not ok:
+            parser.error(f"{flag} must be {'>= 1' if flag == '--max-new-tokens' else '>= 0'}; got {value:g}")
     try:
         model, tokenizer = load(args.model)
     except ConfigError as error:
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = prompt or [tokenizer.eot_id]
     context = TernaryWeights(model) if args.ternary else contextlib.nullcontext()
     with context:
-        new = sample(model, prompt, args.max_new_tokens, args.temperature, args.top_k,
+        new = sample(model, prompt, args.max_new_tokens, args.temperature, args.top_k or None,
                      torch.Generator().manual_seed(args.seed), stop_id=tokenizer.eot_id)
     print(args.prompt + tokenizer.decode(new))
     return 0

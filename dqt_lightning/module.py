@@ -15,11 +15,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.text import Perplexity
 from typing_extensions import override
 
-from dqt_lightning.checkpoint import PACKED_KEY, pack_ternary_weights, unpack_ternary_weights
+from dqt_lightning.checkpoint import (GRIDS_KEY, PACKED_KEY, check_checkpoint_fits, dqt_grids, pack_ternary_weights,
+                                     unpack_ternary_weights)
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.layers import quantized_parameters
+from dqt_lightning.layers import DQTWeight, quantized_parameters
 from dqt_lightning.model import LLaMA, Config
 from dqt_lightning.optim import default_adamw
+from dqt_lightning.schedule import BitWidthSchedule
 from dqt_lightning.ternary import TernaryWeights
 from dqt_lightning.tokenizer import TextTokenizer
 
@@ -91,6 +93,7 @@ class LanguageModel(pl.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint[GRIDS_KEY] = dqt_grids(self)
         plugin = self.trainer.precision_plugin
         if getattr(plugin, "pack_ternary", False) or getattr(plugin, "pack_in_memory", False):
             checkpoint[PACKED_KEY] = pack_ternary_weights(self, checkpoint["state_dict"])
@@ -100,6 +103,12 @@ class LanguageModel(pl.LightningModule):
         # Runs before the state dict is loaded into the (already converted) layers.
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         unpack_ternary_weights(checkpoint["state_dict"], checkpoint.pop(PACKED_KEY, {}))
+        trainer = self._trainer  # None when loaded outside a Trainer
+        source = f"ckpt_path {trainer.ckpt_path}" if trainer is not None and trainer.ckpt_path else "the checkpoint"
+        first = next((m for m in self.modules() if isinstance(m, DQTWeight)), None)
+        schedules = [c for c in trainer.callbacks if isinstance(c, BitWidthSchedule)] if trainer is not None else []
+        grids = [grid for schedule in schedules for grid in schedule.grids(first.grid)] if first is not None else []
+        check_checkpoint_fits(checkpoint, self, source, grids, strict=self.strict_loading)
 
     @override
     def on_fit_start(self) -> None:

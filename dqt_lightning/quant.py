@@ -46,6 +46,16 @@ class Grid:
         qmax = 2 ** (n - 1) - 1
         return cls(float(n), -qmax if symmetric else -qmax - 1, qmax)
 
+    @classmethod
+    def from_levels(cls, qmin: int, qmax: int) -> Grid:
+        """The grid of :meth:`from_bits` whose levels run from ``qmin`` to ``qmax``."""
+        if (qmin, qmax) == (-1, 1):
+            return TernaryGrid
+        grid = cls.from_bits(qmax.bit_length() + 1, symmetric=qmin == -qmax)
+        if (grid.qmin, grid.qmax) != (qmin, qmax):
+            raise ValueError(f"no grid has levels [{qmin}, {qmax}]")
+        return grid
+
     @property
     def positive_levels(self) -> int:
         """``Qp`` in the absmean rule: the largest positive level."""

@@ -106,6 +106,14 @@ class BitWidthSchedule(Callback):
     def _grid(self, index: int) -> Grid:
         return Grid.from_bits(self.schedule[index][1], symmetric=self._symmetric)
 
+    @staticmethod
+    def _is_symmetric(start: Grid) -> bool:
+        return not start.is_ternary and start.qmin == -start.qmax
+
+    def grids(self, start: Grid) -> list[Grid]:
+        """Every grid the schedule can put the weights on, when they start on ``start`` (symmetric or not)."""
+        return [Grid.from_bits(bits, symmetric=self._is_symmetric(start)) for _, bits in self.schedule]
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Runs after a checkpoint's callback state was loaded, before the first (or the resumed) step.
@@ -117,7 +125,7 @@ class BitWidthSchedule(Callback):
         if not _same_bits(start.bits, self.schedule[0][1]):
             raise ConfigError(f"BitWidthSchedule.schedule[0] starts at {self.schedule[0][1]:g} bits but the weights "
                               f"start at {start.bits:g} (trainer.plugins.bits)")
-        self._symmetric = not start.is_ternary and start.qmin == -start.qmax
+        self._symmetric = self._is_symmetric(start)
         if self.seed is None:
             self.seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches

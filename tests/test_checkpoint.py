@@ -1,5 +1,7 @@
 """Checkpoint files: written atomically, ternary weights optionally packed 4 per byte and restored exactly."""
 
+import math
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -9,12 +11,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from dqt_lightning import QuantizedUpdate, QuantPrecision
-from dqt_lightning.checkpoint import FORMATS, AtomicCheckpointIO
+from dqt_lightning import LanguageModel, QuantizedUpdate, QuantPrecision
+from dqt_lightning.checkpoint import FORMATS, GRIDS_KEY, AtomicCheckpointIO
+from dqt_lightning.errors import ConfigError
 from dqt_lightning.layers import dqt_layers
 from dqt_lightning.optim import AdamW
+from dqt_lightning.schedule import BitWidthSchedule
 from dqt_lightning.sampling import ResumableSampler, training_position
-from tests.conftest import TokenWindows, make_model
+from tests.conftest import SMALL, TokenWindows, make_model
 
 
 class Unpicklable:
@@ -148,3 +152,78 @@ def test_quantized_embeddings_resume_exactly(tmp_path, state_dtype):
     assert len(_layer_weights(resumed)) == 16
     for a, b in zip(_layer_weights(straight), _layer_weights(resumed)):
         assert torch.equal(a, b)
+
+
+def _trained_checkpoint(tmp_path: Path, steps: int = 2, callbacks=(), **plugin) -> Path:
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                         plugins=[QuantPrecision(**plugin)],
+                         callbacks=[QuantizedUpdate(seed=3), ModelCheckpoint(dirpath=tmp_path, save_last=True),
+                                    *callbacks])
+    trainer.fit(make_model(0), datamodule=TokenWindows())
+    return tmp_path / "last.ckpt"
+
+
+def _validate(ckpt: Path, callbacks=(), model=None, **plugin) -> tuple[float, pl.LightningModule]:
+    model = model or make_model(seed=5)  # another init: only the file can make it match
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, plugins=[QuantPrecision(**plugin)], callbacks=list(callbacks))
+    return trainer.validate(model, datamodule=TokenWindows(), ckpt_path=ckpt, verbose=False)[0]["val/loss"], model
+
+
+def test_a_checkpoint_on_another_grid_is_refused_naming_both_grids(tmp_path):
+    # Both are int8 tensors of one shape, so torch would load 8-bit levels into ternary layers without a word.
+    ckpt = _trained_checkpoint(tmp_path, mode="dqt", bits=8)
+    with pytest.raises(ConfigError, match=r"ckpt_path .*last.ckpt holds model.layers.0.attn.q_proj on levels "
+                                          r"\[-128, 127\], this config's DQT grid has ternary levels"):
+        _validate(ckpt, mode="dqt", bits=1.58)
+    with pytest.raises(ConfigError, match=r"levels \[-128, 127\], .* has levels \[-127, 127\]"):
+        _validate(ckpt, mode="dqt", bits=8, symmetric=True)
+    loss, _ = _validate(ckpt, mode="dqt", bits=8)  # the config it was trained with
+    assert math.isfinite(loss)
+
+
+@pytest.mark.parametrize("saved,loading,held", [
+    (dict(mode="fp"), dict(mode="dqt"), "as float, this config makes it DQT integer levels"),
+    (dict(mode="dqt"), dict(mode="fp"), "as DQT integer levels, this config makes it float weights"),
+    (dict(mode="dqt"), dict(mode="dqt", quantize_embeddings=True), "embed_tokens.weight as float"),
+    (dict(mode="dqt"), dict(mode="dqt", per_row_scale=True), "scale of shape \\[\\].*per_row_scale differs"),
+], ids=["fp-into-dqt", "dqt-into-fp", "float-embeddings-into-quantized", "per-tensor-into-per-row-scales"])
+def test_a_checkpoint_of_another_mode_is_refused_in_one_line(tmp_path, saved, loading, held):
+    ckpt = _trained_checkpoint(tmp_path, **saved)
+    with pytest.raises(ConfigError, match=held) as refused:
+        _validate(ckpt, **loading)
+    assert "\n" not in str(refused.value) and "config.yaml in its run directory" in str(refused.value)
+
+
+def test_a_checkpoint_of_another_size_names_the_tensor_and_the_shapes(tmp_path):
+    ckpt = _trained_checkpoint(tmp_path, mode="dqt")
+    wider = LanguageModel(config=replace(SMALL, n_embd=64), vocab_size=128)
+    with pytest.raises(ConfigError, match=r"embed_tokens.weight of shape \[128, 32\], this config makes \[128, 64\]"):
+        _validate(ckpt, model=wider, mode="dqt")
+
+
+def test_a_float_checkpoint_loads_into_bitnet_master_weights(tmp_path):
+    # fp and ste both keep float weights: continuing an fp run with BitNet's STE is a conversion users make.
+    ckpt = _trained_checkpoint(tmp_path, mode="fp")
+    loss, _ = _validate(ckpt, mode="ste")
+    assert math.isfinite(loss)
+
+
+def test_a_schedule_checkpoint_loads_on_the_grid_it_ended_on(tmp_path):
+    # 8 bits, then ternary from the second of two steps: the saved levels are ternary, the config says 8 bits.
+    schedule = [[0.0, 8], [0.5, 1.58]]
+    ckpt = _trained_checkpoint(tmp_path, callbacks=[BitWidthSchedule(schedule)], mode="dqt", bits=8)
+    assert all(grid == [-1, 1] for grid in torch.load(ckpt, weights_only=False)[GRIDS_KEY].values())
+    _, model = _validate(ckpt, callbacks=[BitWidthSchedule(schedule)], mode="dqt", bits=8)
+    assert all(layer.grid.is_ternary for layer in dqt_layers(model))
+    with pytest.raises(ConfigError, match="ternary levels .* has levels \\[-128, 127\\]"):
+        _validate(ckpt, mode="dqt", bits=8)  # the same config without its schedule
+
+
+def test_a_checkpoint_from_before_the_grids_were_saved_still_loads(tmp_path):
+    ckpt = _trained_checkpoint(tmp_path, mode="dqt", bits=8)
+    old = torch.load(ckpt, weights_only=False)
+    del old[GRIDS_KEY]
+    torch.save(old, tmp_path / "old.ckpt")
+    assert _validate(tmp_path / "old.ckpt", mode="dqt", bits=8)[0] == _validate(ckpt, mode="dqt", bits=8)[0]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 
-from dqt_lightning.cli import DQTLightningCLI
+from dqt_lightning.cli import DQTLightningCLI, main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -149,8 +149,61 @@ def test_a_run_refused_at_its_start_leaves_no_config_behind_to_block_its_rerun(t
     assert "precision: 32-true" in (tmp_path / "config.yaml").read_text()
 
 
+def test_a_run_refused_at_its_start_leaves_no_run_directory_behind(tmp_path, data_cache):
+    # With the default logger the refusal comes after TensorBoard opened its file in runs/ternary/version_0.
+    (tmp_path / "runs" / "ternary" / "version_0").mkdir(parents=True)
+    (tmp_path / "runs" / "ternary" / "version_0" / "notes.txt").write_text("an earlier run")
+    refused = _run(tmp_path, "--trainer.max_steps", "2", "--data.init_args.vocab_size", "512",
+                   "--data.init_args.cache_dir", data_cache, "--trainer.plugins.init_args.precision", "fp8")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert sorted(p.name for p in (tmp_path / "runs" / "ternary").iterdir()) == ["version_0"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "ternary" / "version_0").iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("content,says", [
+    (None, "does not exist"), (b"not a checkpoint", "cannot be read as a checkpoint"), ("dir", "is a directory"),
+], ids=["missing", "not-a-checkpoint", "a-directory"])
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_a_bad_ckpt_path_is_one_line_naming_it(tmp_path, subcommand, content, says):
+    path = tmp_path / "last.ckpt"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "dqt_lightning", subcommand, "--config", str(CONFIGS / "ternary.yaml"),
+           "--ckpt_path", str(path)]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: ckpt_path {path} {says}"), result.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()  # refused while parsing: nothing written
+
+
 def test_fsdp_is_refused_up_front_with_the_reason(tmp_path, data_cache):
     result = _run(tmp_path, "--trainer.strategy", "fsdp", "--data.init_args.cache_dir", data_cache)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "trainer.strategy=fsdp is not supported" in errors[0] and "ddp" in errors[0]
+
+
+@pytest.mark.parametrize("text,where", [("trainer:\n  max_steps: [\n", "line 3, column 1"),
+                                        ("trainer:\n  max_steps: 3\n   bad: 1\n", "line 3, column 7")])
+@pytest.mark.parametrize("subcommand", ["fit", "prepare"])
+def test_a_config_file_that_is_not_yaml_is_named_with_its_line(tmp_path, capsys, subcommand, text, where):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(text)
+    with pytest.raises(SystemExit) as done:
+        main([subcommand, "--config", str(CONFIGS / "ternary.yaml"), "--config", str(broken)])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.startswith(f"error: config file {broken} is not valid YAML: ")
+    assert err.endswith(f" at {where}\n") and err.count("\n") == 1
+
+
+def test_the_help_names_the_commands_beside_the_trainer_ones(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith("usage: python -m dqt_lightning ")
+    for command in ("fit", "validate", "prepare", "compare", "export", "generate", "bench", "reproduce"):
+        assert f"{command} " in out, command

@@ -21,7 +21,8 @@ TINY = ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "1", "--train
         "--model.init_args.config.n_embd", "32", "--model.init_args.config.n_head", "2",
         "--model.init_args.config.intermediate_size", "64", "--data.init_args.vocab_size", "512",
         "--data.init_args.seq_len", "16", "--data.init_args.batch_size", "4"]
-RUNS = {"ternary": ["ternary.yaml"], "bitnet-4bit": ["bitnet.yaml", "bits/4.yaml"], "fp": ["fp.yaml"]}
+RUNS = {"ternary": ["ternary.yaml"], "bitnet-4bit": ["bitnet.yaml", "bits/4.yaml"], "fp": ["fp.yaml"],
+        "8-to-ternary": ["ternary.yaml", "schedule/8-to-ternary.yaml"]}
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,31 @@ def test_bad_paths_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["export", str(tmp_path / "junk.ckpt")])
     assert done.value.code == 2 and "cannot be read" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("kept")
+    with pytest.raises(SystemExit) as done:
+        main(["export", str(tmp_path / "junk.ckpt"), "--output", str(tmp_path / "a-file")])
+    assert done.value.code == 2 and capsys.readouterr().err.strip() == (
+        f"error: --output {tmp_path / 'a-file'} is a file; give a directory to write the export into")
+    assert (tmp_path / "a-file").read_text() == "kept"
+
+
+@pytest.mark.parametrize("args,says", [(["--max-new-tokens", "-1"], "--max-new-tokens must be >= 1; got -1"),
+                                       (["--temperature", "-0.5"], "--temperature must be >= 0; got -0.5"),
+                                       (["--top-k", "-3"], "--top-k must be >= 0; got -3")])
+def test_bad_sampling_settings_are_refused_before_loading(tmp_path, capsys, args, says):
+    with pytest.raises(SystemExit) as done:
+        generate([str(tmp_path / "missing.ckpt"), *args])
+    assert done.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: {says}")
+
+
+def test_top_k_0_samples_among_every_token(checkpoints, capsys):
+    # as Hugging Face's top_k=0: the same sample as a k that keeps the whole 512-token vocabulary
+    samples = []
+    for k in ("0", "512", "2"):
+        args = ["--top-k", k, "--max-new-tokens", "20", "--temperature", "3"]
+        assert generate([str(checkpoints["ternary"]), *args]) == 0
+        samples.append(capsys.readouterr().out)
+    assert samples[0] == samples[1] != samples[2]
 
 
 def test_pack_applies_to_weights_that_hold_only_ternary_levels(checkpoints, tmp_path):
@@ -102,5 +128,18 @@ def test_pack_applies_to_weights_that_hold_only_ternary_levels(checkpoints, tmp_
     assert json.loads((out / "config.json").read_text())["quantization"]["packed"] == {}
     loaded, _ = load_exported(out)
     trained, _ = model_from_checkpoint(checkpoints["bitnet-4bit"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(TOKENS), trained(TOKENS), rtol=1e-5, atol=1e-5)
+
+
+def test_a_schedule_run_exports_the_grid_it_ended_on(checkpoints, tmp_path):
+    # Its config.yaml says 8 bits; from step 3 of 4 its weights are ternary, and the export must say so.
+    out = export(checkpoints["8-to-ternary"], tmp_path / "export", pack=True)
+    quantization = json.loads((out / "config.json").read_text())["quantization"]
+    assert quantization["bits"] == 8.0 and set(quantization["integer_weights"].values()) == {1.58}
+    assert set(quantization["packed"]) == set(quantization["integer_weights"])
+    loaded, _ = load_exported(out)
+    trained, _ = model_from_checkpoint(checkpoints["8-to-ternary"])
+    assert all(layer.grid.is_ternary for layer in trained.modules() if isinstance(layer, DQTLinear))
     with torch.no_grad():
         torch.testing.assert_close(loaded(TOKENS), trained(TOKENS), rtol=1e-5, atol=1e-5)
