@@ -448,8 +448,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, metavar="PATH.png",
                         help="also draw tokens/s and memory by component per recipe into this PNG")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or (args.threads is not None and args.threads < 1):
-        parser.error("--steps, --repeats and --threads must be >= 1 and --warmup >= 0")
+    counts = {"--steps": args.steps, "--repeats": args.repeats, "--threads": args.threads or 1,
+              "--batch-size": args.batch_size, "--seq-len": args.seq_len, "--vocab-size": args.vocab_size}
+    for flag, value in counts.items():
+        if value < 1:
+            parser.error(f"{flag} must be >= 1; got {value}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0; got {args.warmup}")
     if args.plot is not None and args.plot.suffix.lower() != ".png":
         parser.error(f"--plot writes a PNG, so its path must end in .png; got {args.plot}")
     if args.threads:

@@ -266,6 +266,8 @@ def prepare(  # noqa: PLR0913 - the data section's fields
     shard_dtype(vocab_size, dtype)  # a dtype that cannot hold the asked-for vocabulary fails before any work
     directory = Path(shard_dir).expanduser() if shard_dir is not None else default_shard_dir(
         source, tokenizer, vocab_size, shard_tokens, dtype, bpe_train_documents, cache_dir)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"data.shard_dir={directory} is a file; give a directory for the shards")
     fingerprint = source.fingerprint()
     text_tokenizer = resolve_tokenizer(
         tokenizer, vocab_size, lambda: itertools.islice(source.documents("train"), bpe_train_documents), cache_dir,

@@ -260,6 +260,16 @@ def test_plot_must_be_a_png_path(capsys) -> None:
     assert "--plot writes a PNG" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--seq-len", "0"), ("--steps", "0"),
+                                        ("--vocab-size", "-1"), ("--warmup", "-1")])
+def test_counts_out_of_range_are_one_line_naming_the_flag(capsys, flag, value) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--recipes", "fp", flag, value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {flag} must be >= {0 if flag == '--warmup' else 1}; "
+                                                    f"got {value}")
+
+
 def test_cli_rejects_unknown_recipes() -> None:
     with pytest.raises(SystemExit):
         main(["--recipes", "int4"])

@@ -382,6 +382,14 @@ def test_shards_of_another_tokenizer_are_refused(workdir: Path, reference: tuple
     assert make_module(workdir, directory, tokenizer=str(tmp_path / "same.json")).vocab_size == VOCAB
 
 
+def test_a_shard_dir_that_is_a_file_is_refused_and_kept(workdir: Path, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError) as error:
+        run_prepare(workdir, tmp_path / "notes.txt")
+    assert one_line(error) == f"data.shard_dir={tmp_path / 'notes.txt'} is a file; give a directory for the shards"
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_vocabulary_larger_than_the_dtype_is_refused(workdir: Path, reference: tuple[Path, Manifest],
                                                      tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
