@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -31,6 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from dqt_lightning.checkpoint import AtomicCheckpointIO
 from dqt_lightning.errors import ConfigError, TrainingStopped
+from dqt_lightning.precision import PRECISIONS
 
 RUNS_DIR = "runs"
 FLOAT32_MATMUL_PRECISIONS = ("highest", "high", "medium")
@@ -102,12 +104,36 @@ class _SaveConfig(SaveConfigCallback):
             if trainer.logger is not None and trainer.logger.log_dir and Path(trainer.logger.log_dir) == run_dir:
                 with contextlib.suppress(OSError):  # not empty: something else lives there
                     run_dir.rmdir()
+                    run_dir.parent.rmdir()  # the config's name directory, when this was its only run
+
+
+def _move_trainer_precision_into_the_plugin(trainer: Namespace) -> None:
+    """``--trainer.precision bf16-mixed``, the Lightning way, sets the plugin's precision: Lightning itself refuses a
+    Trainer given both a precision and a precision plugin."""
+    wanted = trainer.get("precision")
+    plugins = trainer.get("plugins")
+    plugins = plugins if isinstance(plugins, list) else [plugins]
+    ours = [p for p in plugins if isinstance(p, Namespace) and str(p.get("class_path", "")).endswith("QuantPrecision")]
+    if wanted is None or not ours:
+        return
+    value = {"32": "32-true", "bf16": "bf16-mixed"}.get(str(wanted), str(wanted))
+    if value not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={wanted} is not one the DQT precision plugin runs; choose from "
+                          f"{', '.join(PRECISIONS)} (it sets trainer.plugins.init_args.precision)")
+    ours[0].init_args.precision = value
+    trainer.precision = None
 
 
 class DQTLightningCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", _SaveConfig)
         super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # No predict: the model has no predict_step (sampling text is `generate`), and Lightning would refuse it only
+        # after opening a run directory.
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
@@ -145,6 +171,7 @@ class DQTLightningCLI(LightningCLI):
                 f"trainer.strategy={name} is not supported: FSDP shards float parameters and insists on its own "
                 "precision plugin, while DQT weights are integer buffers; use trainer.strategy: ddp"
             )
+        _move_trainer_precision_into_the_plugin(config.trainer)
         if config.trainer.logger in (None, True):
             files = [Path(str(c)).stem for c in (config.get("config") or [])]
             config.trainer.logger = Namespace(
@@ -153,7 +180,16 @@ class DQTLightningCLI(LightningCLI):
             )
 
     def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except RuntimeError as error:
+            # An overlay that lists a callback the base config already has: Lightning refuses two of one kind whose
+            # checkpoint states would collide, with a paragraph about state_key.
+            twice = re.search(r"more than one stateful callback of type `(\w+)`", str(error))
+            if twice is None:
+                raise
+            raise ConfigError(f"trainer.callbacks lists {twice.group(1)} more than once (a --config overlay or "
+                              "--trainer.callbacks+= may add one the base config has already); keep one") from error
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default, not a user's choice
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer

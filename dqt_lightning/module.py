@@ -24,6 +24,7 @@ from dqt_lightning.optim import default_adamw
 from dqt_lightning.schedule import BitWidthSchedule
 from dqt_lightning.ternary import TernaryWeights
 from dqt_lightning.tokenizer import TextTokenizer
+from dqt_lightning.update import QuantizedUpdate
 
 
 # Hyper-parameters hold the Config dataclass; allowing it keeps checkpoints loadable with torch's weights_only=True.
@@ -112,6 +113,12 @@ class LanguageModel(pl.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
+        # Without the callback the optimizer would step the layers' placeholder parameters and the integer weights
+        # would never move: a traceback from inside torch.optim at the first step, or worse, a run that learns nothing.
+        if any(isinstance(m, DQTWeight) for m in self.modules()) and not any(
+                isinstance(c, QuantizedUpdate) for c in self.trainer.callbacks):
+            raise ConfigError("trainer.plugins.mode=dqt needs the callback that updates the integer weights: add "
+                              "'- class_path: dqt_lightning.QuantizedUpdate' to trainer.callbacks")
         # The run directory keeps the tokenizer beside config.yaml, so `export` and `generate` need nothing else.
         tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
         if self.trainer.logger is None or tokenizer is None:

@@ -63,6 +63,17 @@ def test_the_tf32_overlay_sets_the_float32_matmul_precision_of_the_run(tmp_path,
         torch.set_float32_matmul_precision("highest")
 
 
+@pytest.mark.parametrize("given,runs", [("bf16-mixed", "bf16-mixed"), ("bf16", "bf16-mixed"), ("32", "32-true")])
+def test_trainer_precision_the_lightning_way_sets_the_plugins_precision(tmp_path, monkeypatch, given, runs):
+    # Lightning alone would refuse a Trainer given both a precision and a precision plugin.
+    monkeypatch.chdir(tmp_path)
+    cli = DQTLightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                          run=False, args=["--config", str(CONFIGS / "ternary.yaml"), "--trainer.precision", given])
+    assert type(cli.trainer.precision_plugin).__name__ == "QuantPrecision"
+    assert cli.trainer.precision_plugin.precision == runs
+    assert cli.config.trainer.plugins.init_args.precision == runs  # and so says the run's config.yaml
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_overlay_merges_onto_the_base(overlay):
     base, merged = parse("ternary.yaml"), parse("ternary.yaml", overlay)
@@ -100,8 +111,11 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     # Lightning's own refusal (the base config has a ModelCheckpoint), as one line too
     (["--trainer.enable_checkpointing", "false"], "enable_checkpointing"),
     (["--float32_matmul_precision", "fast"], "float32_matmul_precision"),
+    (["--trainer.callbacks+=dqt_lightning.QuantizedUpdate"], "trainer.callbacks lists QuantizedUpdate more than once"),
+    (["--trainer.callbacks=[]"], "mode=dqt needs the callback"),
+    (["--trainer.precision", "16-mixed"], "trainer.precision=16-mixed is not one the DQT precision plugin runs"),
 ], ids=["bits0", "bits9", "mode-foo", "negative-lr", "seq-len-too-long", "checkpointing-off-with-a-checkpoint",
-        "matmul-precision"])
+        "matmul-precision", "update-callback-twice", "update-callback-missing", "fp16-precision"])
 def test_user_mistakes_end_in_one_line(args, names, tmp_path, data_cache):
     result = _run(tmp_path, *args, "--data.init_args.cache_dir", data_cache, "--trainer.max_steps", "1")
     assert result.returncode == 2, result.stderr[-2000:]
@@ -158,6 +172,13 @@ def test_a_run_refused_at_its_start_leaves_no_run_directory_behind(tmp_path, dat
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert sorted(p.name for p in (tmp_path / "runs" / "ternary").iterdir()) == ["version_0"]
     assert sorted(p.name for p in (tmp_path / "runs" / "ternary" / "version_0").iterdir()) == ["notes.txt"]
+    # A config's first run, refused, leaves not even the config's name directory for `compare runs/` to find.
+    overlay = tmp_path / "no-callbacks.yaml"
+    overlay.write_text("trainer:\n  callbacks: []\n")
+    refused = _run(tmp_path, "--config", str(overlay), "--trainer.max_steps", "2", "--data.init_args.cache_dir",
+                   data_cache)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ternary"]
 
 
 @pytest.mark.parametrize("content,says", [
@@ -207,3 +228,11 @@ def test_the_help_names_the_commands_beside_the_trainer_ones(capsys):
     assert done.value.code == 0 and out.startswith("usage: python -m dqt_lightning ")
     for command in ("fit", "validate", "prepare", "compare", "export", "generate", "bench", "reproduce"):
         assert f"{command} " in out, command
+
+
+def test_predict_is_not_offered_since_sampling_is_generate(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["predict", "--config", str(CONFIGS / "ternary.yaml")])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.startswith("error: ") and "invalid choice: 'predict'" in err
+    assert err.count("\n") == 1
