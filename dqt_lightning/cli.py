@@ -29,6 +29,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 
 from dqt_lightning.checkpoint import AtomicCheckpointIO
 from dqt_lightning.errors import ConfigError, TrainingStopped
@@ -107,6 +108,18 @@ class _SaveConfig(SaveConfigCallback):
                     run_dir.parent.rmdir()  # the config's name directory, when this was its only run
 
 
+def _run_name(config: Namespace) -> str:
+    """The default logger's directory under runs/: the names of the config files, joined."""
+    return "+".join(Path(str(c)).stem for c in (config.get("config") or [])) or "default"
+
+
+def _newest_last_checkpoint(runs: Path) -> Path | None:
+    versions = [(int(d.name[len("version_"):]), d / "checkpoints" / "last.ckpt") for d in runs.glob("version_*")
+                if d.name[len("version_"):].isdigit()]
+    found = [(version, ckpt) for version, ckpt in versions if ckpt.is_file()]
+    return max(found)[1] if found else None
+
+
 def _move_trainer_precision_into_the_plugin(trainer: Namespace) -> None:
     """``--trainer.precision bf16-mixed``, the Lightning way, sets the plugin's precision: Lightning itself refuses a
     Trainer given both a precision and a precision plugin."""
@@ -148,6 +161,14 @@ class DQTLightningCLI(LightningCLI):
         # wrong path or a file that is not a checkpoint ends here, as a traceback unless caught.
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path == "last" and self.config[subcommand].trainer.logger in (None, True):
+            # Lightning looks for "last" in this run's own checkpoint directory, which the default logger has just
+            # made new, so it would never resume anything: look in the runs of this config before it.
+            runs = Path(RUNS_DIR) / _run_name(self.config[subcommand])
+            found = _newest_last_checkpoint(runs)
+            if found is not None:
+                rank_zero_info(f"ckpt_path last: {found}, the newest last.ckpt under {runs}")
+                self.config[subcommand].ckpt_path = path = str(found)
         named = path and (path in ("best", "last", "hpc") or str(path).startswith("registry") or "://" in str(path))
         if path and not named and not Path(path).is_file():
             raise ConfigError(f"ckpt_path {path} " + ("is a directory, not a checkpoint file" if Path(path).is_dir()
@@ -173,10 +194,9 @@ class DQTLightningCLI(LightningCLI):
             )
         _move_trainer_precision_into_the_plugin(config.trainer)
         if config.trainer.logger in (None, True):
-            files = [Path(str(c)).stem for c in (config.get("config") or [])]
             config.trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                init_args=Namespace(save_dir=RUNS_DIR, name="+".join(files) or "default", default_hp_metric=False),
+                init_args=Namespace(save_dir=RUNS_DIR, name=_run_name(config), default_hp_metric=False),
             )
 
     def instantiate_trainer(self, **kwargs):

@@ -181,6 +181,25 @@ def test_a_run_refused_at_its_start_leaves_no_run_directory_behind(tmp_path, dat
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ternary"]
 
 
+def test_ckpt_path_last_resumes_the_newest_run_of_the_config(tmp_path, data_cache):
+    # Lightning would look for "last" only in the new run's own directory and start from scratch.
+    args = ["--trainer.limit_val_batches", "1", "--data.init_args.vocab_size", "512", "--data.init_args.cache_dir",
+            data_cache]
+    assert _run(tmp_path, *args, "--trainer.max_steps", "2").returncode == 0
+    runs = tmp_path / "runs" / "ternary"
+    saved = (runs / "version_0" / "checkpoints" / "last.ckpt").read_bytes()
+    for version in ("version_9", "version_10"):  # by number, not by name: version_10 is the newest
+        (runs / version / "checkpoints").mkdir(parents=True)
+        (runs / version / "checkpoints" / "last.ckpt").write_bytes(saved)
+    (runs / "version_12").mkdir()  # newer, without a checkpoint
+    resumed = _run(tmp_path, *args, "--trainer.max_steps", "3", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    said = resumed.stdout + resumed.stderr
+    assert "ckpt_path last: runs/ternary/version_10/checkpoints/last.ckpt" in said
+    assert "Restored all states from the checkpoint at runs/ternary/version_10/checkpoints/last.ckpt" in said
+    assert torch.load(runs / "version_13/checkpoints/last.ckpt", weights_only=False)["global_step"] == 3
+
+
 @pytest.mark.parametrize("content,says", [
     (None, "does not exist"), (b"not a checkpoint", "cannot be read as a checkpoint"), ("dir", "is a directory"),
 ], ids=["missing", "not-a-checkpoint", "a-directory"])
