@@ -166,6 +166,10 @@ class DQTLightningCLI(LightningCLI):
             # made new, so it would never resume anything: look in the runs of this config before it.
             runs = Path(RUNS_DIR) / _run_name(self.config[subcommand])
             found = _newest_last_checkpoint(runs)
+            # With none, fit starts from scratch (Lightning's rule, for jobs that may or may not be resuming);
+            # validate and test would score an untrained model.
+            if found is None and subcommand != "fit":
+                raise ConfigError(f"ckpt_path last: no {runs}/version_N/checkpoints/last.ckpt to {subcommand}")
             if found is not None:
                 rank_zero_info(f"ckpt_path last: {found}, the newest last.ckpt under {runs}")
                 self.config[subcommand].ckpt_path = path = str(found)

@@ -200,6 +200,17 @@ def test_ckpt_path_last_resumes_the_newest_run_of_the_config(tmp_path, data_cach
     assert torch.load(runs / "version_13/checkpoints/last.ckpt", weights_only=False)["global_step"] == 3
 
 
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_ckpt_path_last_with_no_run_to_evaluate_is_one_line(tmp_path, monkeypatch, capsys, subcommand):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main([subcommand, "--config", str(CONFIGS / "ternary.yaml"), "--ckpt_path", "last"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1
+    assert err == f"error: ckpt_path last: no runs/ternary/version_N/checkpoints/last.ckpt to {subcommand}\n"
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("content,says", [
     (None, "does not exist"), (b"not a checkpoint", "cannot be read as a checkpoint"), ("dir", "is a directory"),
 ], ids=["missing", "not-a-checkpoint", "a-directory"])
