@@ -44,6 +44,19 @@ def _plugin(mode: str, bits: float, quantize_embeddings: bool, per_row_scale: bo
     return QuantPrecision(mode=mode, bits=bits, quantize_embeddings=quantize_embeddings, per_row_scale=per_row_scale)
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory (or its ``checkpoints/``) standing for the ``last.ckpt`` in it."""
+    path = Path(path)
+    if path.is_dir():
+        found = next((c for c in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if c.is_file()), None)
+        if found is None:
+            raise ConfigError(f"checkpoint {path} is a directory without checkpoints/last.ckpt; name a .ckpt file")
+        return found
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    return path
+
+
 def model_from_checkpoint(ckpt_path: str | Path) -> tuple[LLaMA, dict]:
     """The trained model of a Lightning checkpoint, converted the way its run trained it.
 
@@ -53,9 +66,7 @@ def model_from_checkpoint(ckpt_path: str | Path) -> tuple[LLaMA, dict]:
     Returns:
         The model (DQT, BitNet or float layers, weights loaded) and the plugin settings it was trained with.
     """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist")
+    path = resolve_checkpoint(ckpt_path)
     import dqt_lightning.module  # noqa: F401, PLC0415 - registers Config as safe for weights_only loading
 
     try:
@@ -119,6 +130,7 @@ def export(ckpt_path: str | Path, output: str | Path, pack: bool = False) -> Pat
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output {out} is a file; give a directory to write the export into")
+    ckpt_path = resolve_checkpoint(ckpt_path)
     model, settings = model_from_checkpoint(ckpt_path)
     tensors, integer = integer_state(model)
     packed = {}
@@ -133,7 +145,7 @@ def export(ckpt_path: str | Path, output: str | Path, pack: bool = False) -> Pat
     config = {**asdict(model.config), "quantization": {**settings, "integer_weights": integer, "packed": packed}}
     atomic_write(out / "model.safetensors", lambda f: f.write(save(tensors, metadata={"format": "pt"})))
     atomic_write(out / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
-    run_dir = Path(ckpt_path).parent.parent
+    run_dir = ckpt_path.parent.parent
     for name in TOKENIZER_FILES:
         if (run_dir / name).is_file():
             data = (run_dir / name).read_bytes()
@@ -179,13 +191,14 @@ def tokenizer_beside(directory: Path, vocab_size: int) -> TextTokenizer | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dqt_lightning export",
                                      description="Export a checkpoint to safetensors with integer weights.")
-    parser.add_argument("ckpt", help="a checkpoint written by fit: runs/<name>/version_N/checkpoints/*.ckpt")
+    parser.add_argument("ckpt", help="a checkpoint written by fit (runs/<name>/version_N/checkpoints/*.ckpt), or a "
+                        "run directory for its checkpoints/last.ckpt")
     parser.add_argument("--output", help="directory to write (default: <run dir>/export)")
     parser.add_argument("--pack", action="store_true", help="store weights that hold only -1, 0 and 1 four per byte")
     args = parser.parse_args(argv)
-    output = args.output or Path(args.ckpt).parent.parent / "export"
     try:
-        out = export(args.ckpt, output, pack=args.pack)
+        ckpt = resolve_checkpoint(args.ckpt)
+        out = export(ckpt, args.output or ckpt.parent.parent / "export", pack=args.pack)
     except ConfigError as error:
         sys.stderr.write(f"error: {error}\n")
         return 2

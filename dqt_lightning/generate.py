@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.export import load_exported, model_from_checkpoint, tokenizer_beside
+from dqt_lightning.export import load_exported, model_from_checkpoint, resolve_checkpoint, tokenizer_beside
 from dqt_lightning.model import LLaMA
 from dqt_lightning.ternary import TernaryWeights
 from dqt_lightning.tokenizer import TextTokenizer
@@ -61,9 +61,13 @@ def sample(model: LLaMA, prompt: list[int], max_new_tokens: int, temperature: fl
 def load(path: str | Path) -> tuple[LLaMA, TextTokenizer]:
     """The model and tokenizer of a checkpoint (its run directory keeps the tokenizer) or of an export directory."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and (path / "config.json").is_file():
         model, tokenizer = load_exported(path)
+    elif path.is_dir() and not any((path / c).is_file() for c in ("checkpoints/last.ckpt", "last.ckpt")):
+        raise ConfigError(f"{path} is neither an export (config.json and model.safetensors) nor a run directory "
+                          "(checkpoints/last.ckpt)")
     else:
+        path = resolve_checkpoint(path)
         model, _ = model_from_checkpoint(path)
         tokenizer = tokenizer_beside(path.parent.parent, model.config.vocab_size)
     if tokenizer is None:
@@ -74,7 +78,8 @@ def load(path: str | Path) -> tuple[LLaMA, TextTokenizer]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dqt_lightning generate", description=__doc__.split("\n")[0])
-    parser.add_argument("model", help="a checkpoint (runs/<name>/version_N/checkpoints/*.ckpt) or an export directory")
+    parser.add_argument("model", help="a checkpoint (runs/<name>/version_N/checkpoints/*.ckpt), a run directory (its "
+                        "checkpoints/last.ckpt) or an export directory")
     parser.add_argument("--prompt", default="", help="text to continue (default: start from an end-of-text token)")
     parser.add_argument("--max-new-tokens", type=int, default=100, help="at most this many tokens (>= 1)")
     parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0: always the most "

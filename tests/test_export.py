@@ -86,12 +86,34 @@ def test_generate_samples_reproducibly_from_a_checkpoint_and_an_export(checkpoin
     assert capsys.readouterr().out.startswith("The")
 
 
+def test_a_run_directory_stands_for_its_last_checkpoint(checkpoints, capsys):
+    ckpt = checkpoints["ternary"]  # runs/ternary/version_0/checkpoints/last.ckpt
+    run_dir = ckpt.parent.parent
+    texts = []
+    for model in (ckpt, run_dir, ckpt.parent):
+        assert generate([str(model), "--prompt", "The", "--max-new-tokens", "8", "--seed", "1"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] == texts[2]
+    with pytest.raises(SystemExit) as done:
+        main(["export", str(run_dir)])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"[export] {run_dir / 'export'}: model.safetensors")
+    assert generate([str(run_dir / "export"), "--prompt", "The", "--max-new-tokens", "8", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == texts[0]
+
+
 def test_bad_paths_are_one_line_errors(tmp_path, capsys):
     assert generate([str(tmp_path / "missing.ckpt")]) == 2
     assert capsys.readouterr().err.strip() == f"error: checkpoint {tmp_path / 'missing.ckpt'} does not exist"
     (tmp_path / "not-an-export").mkdir()
     assert generate([str(tmp_path / "not-an-export")]) == 2
-    assert "is not an export" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'not-an-export'} is neither an export (config.json "
+                                               "and model.safetensors) nor a run directory (checkpoints/last.ckpt)")
+    with pytest.raises(SystemExit) as done:
+        main(["export", str(tmp_path / "not-an-export")])
+    assert done.value.code == 2 and capsys.readouterr().err.strip() == (
+        f"error: checkpoint {tmp_path / 'not-an-export'} is a directory without checkpoints/last.ckpt; "
+        "name a .ckpt file")
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as done:
         main(["export", str(tmp_path / "junk.ckpt")])
