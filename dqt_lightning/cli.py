@@ -60,6 +60,8 @@ class _OneLineErrorParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None):
         found = _user_facing_error_in(ex) or ConfigError.latest_in(message)
         line = str(found) if found else _first_reason(message)
+        if "arguments are required" in line and "model" in line:
+            line += " (start from a config that names them: --config configs/ternary.yaml)"
         sys.stderr.write(f"error: {line}\n")
         sys.exit(2)
 

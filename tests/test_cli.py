@@ -266,3 +266,12 @@ def test_predict_is_not_offered_since_sampling_is_generate(capsys):
     err = capsys.readouterr().err
     assert done.value.code == 2 and err.startswith("error: ") and "invalid choice: 'predict'" in err
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "prepare"])
+def test_no_config_at_all_says_where_to_start(capsys, subcommand):
+    with pytest.raises(SystemExit) as done:
+        main([subcommand])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1 and "arguments are required" in err
+    assert err.rstrip().endswith("--config configs/ternary.yaml)")
