@@ -107,7 +107,8 @@ class _SaveConfig(SaveConfigCallback):
             if trainer.logger is not None and trainer.logger.log_dir and Path(trainer.logger.log_dir) == run_dir:
                 with contextlib.suppress(OSError):  # not empty: something else lives there
                     run_dir.rmdir()
-                    run_dir.parent.rmdir()  # the config's name directory, when this was its only run
+                    if trainer.logger.name and run_dir.parent.name == trainer.logger.name:  # not save_dir itself
+                        run_dir.parent.rmdir()  # the config's name directory, when this was its only run
 
 
 def _run_name(config: Namespace) -> str:
