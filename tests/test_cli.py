@@ -183,7 +183,7 @@ def test_a_run_refused_at_its_start_leaves_no_run_directory_behind(tmp_path, dat
 
 def test_ckpt_path_last_resumes_the_newest_run_of_the_config(tmp_path, data_cache):
     # Lightning would look for "last" only in the new run's own directory and start from scratch.
-    args = ["--trainer.limit_val_batches", "1", "--data.init_args.vocab_size", "512", "--data.init_args.cache_dir",
+    args = ["--trainer.limit_val_batches", "2", "--data.init_args.vocab_size", "512", "--data.init_args.cache_dir",
             data_cache]
     assert _run(tmp_path, *args, "--trainer.max_steps", "2").returncode == 0
     runs = tmp_path / "runs" / "ternary"

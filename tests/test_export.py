@@ -16,7 +16,7 @@ from dqt_lightning.generate import main as generate
 from dqt_lightning.layers import DQTLinear
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY = ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+TINY = ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--model.init_args.config.n_layer", "1",
         "--model.init_args.config.n_embd", "32", "--model.init_args.config.n_head", "2",
         "--model.init_args.config.intermediate_size", "64", "--data.init_args.vocab_size", "512",

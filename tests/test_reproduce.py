@@ -13,7 +13,7 @@ from dqt_lightning.compare import Run
 from dqt_lightning.reproduce import (ARMS, CONFIGS, ArmPrecision, Job, arm_command, judge, main, mean_run,
                                     precision_of, report)
 
-TINY = ["--", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+TINY = ["--", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
         "--trainer.enable_progress_bar", "false", "--model.init_args.config.n_layer", "1",
         "--model.init_args.config.n_embd", "32", "--model.init_args.config.n_head", "2",
         "--model.init_args.config.intermediate_size", "64", "--model.init_args.warmup_steps", "1",
