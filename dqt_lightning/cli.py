@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from dqt_lightning.checkpoint import AtomicCheckpointIO
 from dqt_lightning.errors import ConfigError, TrainingStopped
+from dqt_lightning.files import atomic_write
 from dqt_lightning.precision import PRECISIONS
 
 RUNS_DIR = "runs"
@@ -91,6 +92,8 @@ class _SaveConfig(SaveConfigCallback):
                               "trainer.default_root_dir to a new directory (or keep the default logger, which gives "
                               "every run its own)") from error
         self._written = path if trainer.is_global_zero else None
+        if self._written is not None:
+            _record_integer_ones(path, trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # A run refused before its first step (fp8 on a CPU, settings that contradict each other) takes its
@@ -123,6 +126,56 @@ def _newest_last_checkpoint(runs: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+# The Trainer types these Union[float, int], float first, so jsonargparse reads an integer 1 as the float 1.0: for the
+# limits, every batch instead of one; for val_check_interval, once an epoch instead of every batch.
+BATCH_COUNTS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+                "val_check_interval")
+
+
+def _written_batch_counts(args: list[str]) -> dict[str, object]:
+    """The value each of ``BATCH_COUNTS`` was last given, as written (YAML scalar or flag text), in argument order."""
+    import yaml  # noqa: PLC0415 - jsonargparse's own YAML library
+
+    written: dict[str, object] = {}
+    for i, token in enumerate(args):
+        if token in ("-c", "--config") and i + 1 < len(args):
+            try:
+                data = yaml.safe_load(Path(args[i + 1]).read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError, UnicodeDecodeError):
+                continue  # jsonargparse reports it
+            trainer = data.get("trainer") if isinstance(data, dict) else None
+            if isinstance(trainer, dict):
+                written.update({key: trainer[key] for key in BATCH_COUNTS if key in trainer})
+        for key in BATCH_COUNTS:
+            if token == f"--trainer.{key}" and i + 1 < len(args):
+                written[key] = args[i + 1]
+            elif token.startswith(f"--trainer.{key}="):
+                written[key] = token.split("=", 1)[1]
+    return written
+
+
+def _keep_integer_one(trainer: Namespace, args: list[str] | None) -> None:
+    """A 1 written as an integer stays the integer 1 (one batch), as Lightning documents it."""
+    for key, value in _written_batch_counts(args or []).items():
+        integer_one = (type(value) is int and value == 1) or (isinstance(value, str) and value.strip() == "1")
+        if integer_one and trainer.get(key) == 1.0:
+            trainer[key] = 1
+
+
+def _record_integer_ones(path: Path, trainer) -> None:
+    """jsonargparse writes the 1 that the run took as one batch (``_keep_integer_one``) as 1.0 into config.yaml,
+    which would mean every batch when the file is run again."""
+    import yaml  # noqa: PLC0415 - jsonargparse's own YAML library
+
+    ones = [key for key in BATCH_COUNTS if type(getattr(trainer, key, None)) is int and getattr(trainer, key) == 1]
+    config = yaml.safe_load(path.read_text(encoding="utf-8")) if ones and path.is_file() else None
+    section = config.get("trainer") if isinstance(config, dict) else None
+    if not isinstance(section, dict) or all(section.get(key) == 1 and type(section.get(key)) is int for key in ones):
+        return
+    section.update({key: 1 for key in ones})
+    atomic_write(path, lambda f: f.write(yaml.safe_dump(config, sort_keys=False).encode()))
+
+
 def _move_trainer_precision_into_the_plugin(trainer: Namespace) -> None:
     """``--trainer.precision bf16-mixed``, the Lightning way, sets the plugin's precision: Lightning itself refuses a
     Trainer given both a precision and a precision plugin."""
@@ -141,6 +194,7 @@ def _move_trainer_precision_into_the_plugin(trainer: Namespace) -> None:
 
 
 class DQTLightningCLI(LightningCLI):
+    _raw_args: list[str] | None = None  # the command line as written, for what parsing does not keep
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", _SaveConfig)
         super().__init__(*args, **kwargs)
@@ -158,6 +212,10 @@ class DQTLightningCLI(LightningCLI):
         parser.add_argument("--float32_matmul_precision", choices=FLOAT32_MATMUL_PRECISIONS, default="highest",
                             help="torch.set_float32_matmul_precision for this run: highest (float32, torch's "
                             "default), high (TF32 on NVIDIA GPUs since Ampere), medium (bf16 passes)")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        self._raw_args = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:] if args is None else None
+        super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
         # Lightning's own method loads the checkpoint at parse time (for the model hyper-parameters it holds), so a
@@ -207,6 +265,9 @@ class DQTLightningCLI(LightningCLI):
             )
 
     def instantiate_trainer(self, **kwargs):
+        # Here, not before instantiating the classes: that pass types every value again, and 1 would be 1.0 again.
+        _keep_integer_one((self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"],
+                          self._raw_args)
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except RuntimeError as error:

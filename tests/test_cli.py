@@ -275,3 +275,30 @@ def test_no_config_at_all_says_where_to_start(capsys, subcommand):
     err = capsys.readouterr().err
     assert done.value.code == 2 and err.count("\n") == 1 and "arguments are required" in err
     assert err.rstrip().endswith("--config configs/ternary.yaml)")
+
+
+@pytest.mark.parametrize("written,runs", [
+    (["--trainer.limit_val_batches", "1"], 1), (["--trainer.limit_val_batches=1"], 1),
+    (["--trainer.limit_val_batches", "1.0"], 1.0), (["--config", "one.yaml"], 1), (["--config", "all.yaml"], 1.0),
+    (["--config", "one.yaml", "--trainer.limit_val_batches", "1.0"], 1.0),
+    (["--trainer.limit_val_batches", "1.0", "--config", "one.yaml"], 1), ([], 25),
+], ids=["flag", "flag=", "flag-float", "yaml", "yaml-float", "flag-after-yaml", "yaml-after-flag", "base"])
+def test_a_limit_written_as_the_integer_1_is_one_batch(tmp_path, monkeypatch, written, runs):
+    # jsonargparse reads 1 for the Trainer's Union[float, int] as 1.0, which Lightning takes as every batch.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "one.yaml").write_text("trainer:\n  limit_val_batches: 1\n")
+    (tmp_path / "all.yaml").write_text("trainer:\n  limit_val_batches: 1.0\n")
+    cli = DQTLightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                          run=False, args=["--config", str(CONFIGS / "ternary.yaml"), *written])
+    assert cli.trainer.limit_val_batches == runs and type(cli.trainer.limit_val_batches) is type(runs)
+
+
+def test_config_yaml_records_the_integer_1_so_that_a_rerun_takes_one_batch_too(tmp_path):
+    from types import SimpleNamespace
+
+    from dqt_lightning.cli import _record_integer_ones
+
+    path = tmp_path / "config.yaml"
+    path.write_text("seed_everything: 3\ntrainer:\n  limit_train_batches: 1.0\n  limit_val_batches: 1.0\n")
+    _record_integer_ones(path, SimpleNamespace(limit_train_batches=1.0, limit_val_batches=1))
+    assert path.read_text() == "seed_everything: 3\ntrainer:\n  limit_train_batches: 1.0\n  limit_val_batches: 1\n"
