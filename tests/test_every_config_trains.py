@@ -24,7 +24,6 @@ OVERLAYS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/*.yaml") 
 FP8_OVERLAY = "precision/fp8.yaml"
 # Checked on the device the Trainer's "auto" accelerator picks for these runs.
 FP8_REFUSED_BECAUSE = fp8_unsupported_reason(torch.device("cuda:0" if torch.cuda.is_available() else "cpu"))
-# limit_val_batches 2, not 1: jsonargparse reads 1 for the Trainer's Union[float, int] as the float 1.0, every batch.
 SHRINK = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
           "--trainer.accumulate_grad_batches", "1", "--trainer.enable_progress_bar", "false",
           "--trainer.enable_model_summary", "false",
