@@ -120,9 +120,9 @@ def _run_name(config: Namespace) -> str:
 
 
 def _newest_last_checkpoint(runs: Path) -> Path | None:
-    versions = [(int(d.name[len("version_"):]), d / "checkpoints" / "last.ckpt") for d in runs.glob("version_*")
-                if d.name[len("version_"):].isdigit()]
-    found = [(version, ckpt) for version, ckpt in versions if ckpt.is_file()]
+    """``checkpoints/last.ckpt`` of the highest-numbered ``version_N`` under ``runs`` that has one."""
+    found = [(int(d.name.removeprefix("version_")), d / "checkpoints" / "last.ckpt") for d in runs.glob("version_*")
+             if d.name.removeprefix("version_").isdigit() and (d / "checkpoints" / "last.ckpt").is_file()]
     return max(found)[1] if found else None
 
 
@@ -195,6 +195,7 @@ def _move_trainer_precision_into_the_plugin(trainer: Namespace) -> None:
 
 class DQTLightningCLI(LightningCLI):
     _raw_args: list[str] | None = None  # the command line as written, for what parsing does not keep
+
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", _SaveConfig)
         super().__init__(*args, **kwargs)
@@ -214,7 +215,10 @@ class DQTLightningCLI(LightningCLI):
                             "default), high (TF32 on NVIDIA GPUs since Ampere), medium (bf16 passes)")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        self._raw_args = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:] if args is None else None
+        if args is None:
+            self._raw_args = sys.argv[1:]
+        elif isinstance(args, (list, tuple)):
+            self._raw_args = list(args)
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:

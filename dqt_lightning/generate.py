@@ -63,11 +63,14 @@ def load(path: str | Path) -> tuple[LLaMA, TextTokenizer]:
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
         model, tokenizer = load_exported(path)
-    elif path.is_dir() and not any((path / c).is_file() for c in ("checkpoints/last.ckpt", "last.ckpt")):
-        raise ConfigError(f"{path} is neither an export (config.json and model.safetensors) nor a run directory "
-                          "(checkpoints/last.ckpt)")
     else:
-        path = resolve_checkpoint(path)
+        try:
+            path = resolve_checkpoint(path)
+        except ConfigError as error:
+            if not path.is_dir():
+                raise
+            raise ConfigError(f"{path} is neither an export (config.json and model.safetensors) nor a run directory "
+                              "(checkpoints/last.ckpt)") from error
         model, _ = model_from_checkpoint(path)
         tokenizer = tokenizer_beside(path.parent.parent, model.config.vocab_size)
     if tokenizer is None:
