@@ -46,7 +46,7 @@ else
 fi
 
 # 1. One layer's update: the fused kernel as Triton against the usual path.
-stage update 80 $PYTHON -m dqt_lightning.updatebench --shapes "${SHAPES[@]}"
+stage update 80 $PYTHON -m dqt_lightning.tools.updatebench --shapes "${SHAPES[@]}"
 # 2. Issue 5's throughput targets at 134M, torchao's recipes beside ours. Recipes in the order of what the targets
 #    need, since a stage stopped at its limit keeps only the recipes done (bench rewrites its --out file after each).
 stage bench134m 270 $PYTHON -m dqt_lightning bench "${SIZE[@]}" --precision bf16-mixed --recipes fp dqt-8-fused \

@@ -31,16 +31,16 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
-from dqt_lightning.checkpoint import AtomicCheckpointIO
+from dqt_lightning.train.checkpoint import AtomicCheckpointIO
 from dqt_lightning.errors import ConfigError, TrainingStopped
 from dqt_lightning.files import atomic_write
-from dqt_lightning.precision import PRECISIONS
+from dqt_lightning.train.precision import PRECISIONS
 
 RUNS_DIR = "runs"
 FLOAT32_MATMUL_PRECISIONS = ("highest", "high", "medium")
 # Commands beside LightningCLI's, each a module with a main(argv) -> exit code; imported only when used.
-TOOLS = {"compare": "dqt_lightning.compare", "export": "dqt_lightning.export", "generate": "dqt_lightning.generate",
-         "bench": "dqt_lightning.bench", "reproduce": "dqt_lightning.reproduce"}
+TOOLS = {"compare": "dqt_lightning.tools.compare", "export": "dqt_lightning.tools.export", "generate": "dqt_lightning.tools.generate",
+         "bench": "dqt_lightning.tools.bench", "reproduce": "dqt_lightning.tools.reproduce"}
 
 
 def _user_facing_error_in(error: BaseException | None) -> Exception | None:
@@ -331,7 +331,7 @@ class _ParseOnly(DQTLightningCLI):
 
 
 def _prepare(args: list[str]) -> None:
-    """``prepare --config ...``: tokenize the ``data`` section's source into shards (see ``dqt_lightning.shards``)."""
+    """``prepare --config ...``: tokenize the ``data`` section's source into shards (see ``dqt_lightning.data.shards``)."""
     try:
         with warnings.catch_warnings():  # that args and sys.argv differ is the point here: "prepare" is not fit's
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -339,7 +339,7 @@ def _prepare(args: list[str]) -> None:
                              subclass_mode_data=True, parser_class=_OneLineErrorParser, run=False, args=args,
                              parser_kwargs={"prog": "python -m dqt_lightning prepare"})
         config = cli.config
-        from dqt_lightning.shards import TokenShards, prepare_from_config  # noqa: PLC0415 - only prepare needs it
+        from dqt_lightning.data.shards import TokenShards, prepare_from_config  # noqa: PLC0415 - only prepare needs it
 
         wanted = f"{TokenShards.__module__}.{TokenShards.__name__}"
         if config.data.class_path != wanted:

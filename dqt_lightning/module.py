@@ -15,16 +15,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.text import Perplexity
 from typing_extensions import override
 
-from dqt_lightning.checkpoint import (GRIDS_KEY, PACKED_KEY, check_checkpoint_fits, dqt_grids, pack_ternary_weights,
+from dqt_lightning.train.checkpoint import (GRIDS_KEY, PACKED_KEY, check_checkpoint_fits, dqt_grids, pack_ternary_weights,
                                      unpack_ternary_weights)
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.layers import DQTWeight, quantized_parameters
+from dqt_lightning.quant.layers import DQTWeight, quantized_parameters
 from dqt_lightning.model import LLaMA, Config
-from dqt_lightning.optim import default_adamw
-from dqt_lightning.schedule import BitWidthSchedule
-from dqt_lightning.ternary import TernaryWeights
-from dqt_lightning.tokenizer import TextTokenizer
-from dqt_lightning.update import QuantizedUpdate
+from dqt_lightning.train.optim import default_adamw
+from dqt_lightning.train.schedule import BitWidthSchedule
+from dqt_lightning.quant.ternary import TernaryWeights
+from dqt_lightning.data.tokenizer import TextTokenizer
+from dqt_lightning.train.update import QuantizedUpdate
 
 
 # Hyper-parameters hold the Config dataclass; allowing it keeps checkpoints loadable with torch's weights_only=True.
@@ -53,7 +53,7 @@ class LanguageModel(pl.LightningModule):
         warmup_steps: Linear warm-up from 0 to the optimizer's learning rate.
         min_lr_ratio: Cosine decay ends at this fraction of the peak learning rate, at the last training step.
         ternary_eval: Validation and test also run the model with its quantized weights re-quantized to ternary
-            (:class:`~dqt_lightning.ternary.TernaryWeights`) and log ``val/loss_ternary`` beside ``val/loss``.
+            (:class:`~dqt_lightning.quant.ternary.TernaryWeights`) and log ``val/loss_ternary`` beside ``val/loss``.
     """
 
     def __init__(self, config: Config | None = None, vocab_size: int = 4096, optimizer: OptimizerCallable | None = None,

@@ -74,7 +74,7 @@ def one_thread():
 @pytest.fixture
 def rounding_calls(monkeypatch) -> list[int]:
     """Sizes of the tensors every call of ``quant.round_to_grid`` rounds, in call order, for invariant 3."""
-    from dqt_lightning import quant
+    from dqt_lightning.quant import grid as quant
 
     calls: list[int] = []
     original = quant.round_to_grid

@@ -5,7 +5,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from dqt_lightning.layers import DQTLinear
+from dqt_lightning.quant.layers import DQTLinear
 
 
 class SaveReplica(pl.Callback):

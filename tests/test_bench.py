@@ -11,12 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from dqt_lightning import bench, cli
-from dqt_lightning.bench import TORCHAO, Row, _torchao, main, optimizer_for, plot, run_benchmark, table
+from dqt_lightning import cli
+
+from dqt_lightning.tools import bench
+from dqt_lightning.tools.bench import TORCHAO, Row, _torchao, main, optimizer_for, plot, run_benchmark, table
 from dqt_lightning.model import Config
 from dqt_lightning.module import LanguageModel
-from dqt_lightning.optim import default_adamw
-from dqt_lightning.precision import is_projection
+from dqt_lightning.train.optim import default_adamw
+from dqt_lightning.train.precision import is_projection
 
 RECIPES = ("fp", "ste", "dqt-1.58", "dqt-8", "dqt-1.58-lean", "dqt-1.58-lean-qemb", "torchao-int8", "torchao-bitnet")
 SMALL = dict(size="tiny", vocab_size=512, batch_size=2, seq_len=16, steps=2, warmup=1, precision="32-true")
@@ -159,7 +161,7 @@ def test_on_a_gpu_the_float32_adamw_is_the_fused_one(monkeypatch) -> None:
 
 def test_torchao_import_prints_nothing() -> None:
     # A fresh process, since torchao logs its unloadable CUDA kernels only on its first import.
-    code = ("from dqt_lightning.bench import _torchao; from dqt_lightning.module import LanguageModel; "
+    code = ("from dqt_lightning.tools.bench import _torchao; from dqt_lightning.module import LanguageModel; "
             "from dqt_lightning.model import Config; "
             "_torchao('torchao-int8', LanguageModel(Config.from_name('tiny'), vocab_size=64), '32-true')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

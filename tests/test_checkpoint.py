@@ -12,12 +12,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from dqt_lightning import LanguageModel, QuantizedUpdate, QuantPrecision
-from dqt_lightning.checkpoint import FORMATS, GRIDS_KEY, AtomicCheckpointIO
+from dqt_lightning.tools.checkpoint_sizes import FORMATS, measure_checkpoint_sizes
+from dqt_lightning.train.checkpoint import GRIDS_KEY, AtomicCheckpointIO
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.layers import dqt_layers
-from dqt_lightning.optim import AdamW
-from dqt_lightning.schedule import BitWidthSchedule
-from dqt_lightning.sampling import ResumableSampler, training_position
+from dqt_lightning.quant.layers import dqt_layers
+from dqt_lightning.train.optim import AdamW
+from dqt_lightning.train.schedule import BitWidthSchedule
+from dqt_lightning.data.sampling import ResumableSampler, training_position
 from tests.conftest import SMALL, TokenWindows, make_model
 
 
@@ -66,8 +67,6 @@ def test_packed_ternary_checkpoints_are_smaller_and_restore_exactly(tmp_path):
 
 
 def test_checkpoint_size_command_ranks_the_formats(tmp_path):
-    from dqt_lightning.checkpoint import measure_checkpoint_sizes
-
     sizes = measure_checkpoint_sizes("tiny", 512, tmp_path)
     assert list(sizes) == list(FORMATS)
     weights = {label: w for label, (_, w) in sizes.items()}

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from dqt_lightning.cli import main
-from dqt_lightning.compare import find_runs, load_run
-from dqt_lightning.compare import main as compare
+from dqt_lightning.tools.compare import find_runs, load_run
+from dqt_lightning.tools.compare import main as compare
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",

@@ -10,8 +10,8 @@ import pytest
 import torch
 from pydoc_data.topics import topics
 
-from dqt_lightning import data
-from dqt_lightning.data import EmbeddedDocs, build_corpus, cache_key
+from dqt_lightning.data import embedded as data
+from dqt_lightning.data.embedded import EmbeddedDocs, build_corpus, cache_key
 from dqt_lightning.errors import ConfigError
 
 VOCAB = 512  # small, so the one tokenizer training the fixture pays for is fast

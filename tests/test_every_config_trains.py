@@ -16,7 +16,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 
 from dqt_lightning.cli import DQTLightningCLI
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.fp8 import fp8_unsupported_reason
+from dqt_lightning.quant.fp8 import fp8_unsupported_reason
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASES = sorted(p.name for p in CONFIGS.glob("*.yaml"))

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 
 from dqt_lightning.cli import main
-from dqt_lightning.export import export, load_exported, model_from_checkpoint
-from dqt_lightning.generate import main as generate
-from dqt_lightning.layers import DQTLinear
+from dqt_lightning.tools.export import export, load_exported, model_from_checkpoint
+from dqt_lightning.tools.generate import main as generate
+from dqt_lightning.quant.layers import DQTLinear
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dqt_lightning import fp8
+from dqt_lightning.quant import fp8
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.fp8 import convert_fp_linears, fp8_linear, fp8_matmul, fp8_unsupported_reason
-from dqt_lightning.layers import BitLinear, DQTLinear
-from dqt_lightning.precision import PROJECTIONS, QuantPrecision, is_projection
-from dqt_lightning.quant import Grid
+from dqt_lightning.quant.fp8 import convert_fp_linears, fp8_linear, fp8_matmul, fp8_unsupported_reason
+from dqt_lightning.quant.layers import BitLinear, DQTLinear
+from dqt_lightning.train.precision import PROJECTIONS, QuantPrecision, is_projection
+from dqt_lightning.quant.grid import Grid
 from tests.conftest import fit, make_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,7 +168,7 @@ def test_fp_mode_conversion_leaves_unaligned_widths_alone():
 @pytest.mark.parametrize("mode", ["fp", "ste", "dqt"])
 def test_every_mode_trains_with_fp8_matmuls_where_the_hardware_check_passes(mode, monkeypatch, one_thread):
     # CPU stands in for an FP8 GPU: only the device check is bypassed, every matmul below is a real _scaled_mm.
-    monkeypatch.setattr("dqt_lightning.precision.fp8_unsupported_reason", lambda device: None)
+    monkeypatch.setattr("dqt_lightning.train.precision.fp8_unsupported_reason", lambda device: None)
     scaled_mm_calls = []
     scaled_mm = torch._scaled_mm
 

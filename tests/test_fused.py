@@ -12,15 +12,19 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from dqt_lightning import QuantizedUpdate, optim, updatebench
+from dqt_lightning import QuantizedUpdate
+
+from dqt_lightning.train import optim
+
+from dqt_lightning.tools import updatebench
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.fused import (EXP_AVG, EXP_AVG_SQ, WEIGHTS, adamw_scalars, compiled_dqt_adamw_step, counter_bits,
+from dqt_lightning.train.fused import (EXP_AVG, EXP_AVG_SQ, WEIGHTS, adamw_scalars, compiled_dqt_adamw_step, counter_bits,
                                  counter_uniform, dqt_adamw_step, noise_keys)
-from dqt_lightning.layers import dqt_layers
-from dqt_lightning.optim import dequantize_blockwise, quantize_blockwise, stochastic_round_bf16
-from dqt_lightning.precision import QuantPrecision
-from dqt_lightning.quant import step_seed
-from dqt_lightning.telemetry import WeightTelemetry
+from dqt_lightning.quant.layers import dqt_layers
+from dqt_lightning.train.optim import dequantize_blockwise, quantize_blockwise, stochastic_round_bf16
+from dqt_lightning.train.precision import QuantPrecision
+from dqt_lightning.quant.grid import step_seed
+from dqt_lightning.train.telemetry import WeightTelemetry
 from tests.conftest import TokenWindows, fit, make_model
 from tests.test_checkpoint import ResumableWindows, StopAfter
 
@@ -97,7 +101,7 @@ def _reference(levels, scale, grad, state_dtype, steps, stochastic, qmin, qmax, 
         param.grad = grad * t
         if adamw is not None:
             adamw.step()
-        else:  # dqt_lightning.optim.AdamW's arithmetic, with the moments rounded by the keys' noise
+        else:  # dqt_lightning.train.optim.AdamW's arithmetic, with the moments rounded by the keys' noise
             m = torch.zeros_like(param) if m is None else m
             v = torch.zeros_like(param) if v is None else v
             param.data.mul_(1 - 1e-2 * 0.1)
@@ -368,7 +372,7 @@ def test_updatebench_times_each_shape_and_state_dtype(capsys):
 
 
 def test_a_machine_that_cannot_compile_is_told_in_one_line(monkeypatch, one_thread):
-    from dqt_lightning import fused
+    from dqt_lightning.train import fused
 
     monkeypatch.setenv("CXX", "")
     monkeypatch.setattr(fused.shutil, "which", lambda name: None)

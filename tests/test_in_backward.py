@@ -9,9 +9,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from dqt_lightning import optim
+from dqt_lightning.train import optim
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.layers import dqt_layers
+from dqt_lightning.quant.layers import dqt_layers
 from tests.conftest import fit, make_model
 
 

@@ -8,8 +8,8 @@ import torch
 
 from dqt_lightning import QuantPrecision
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.layers import DQTLinear, dqt_layers
-from dqt_lightning.quant import Grid, TernaryGrid
+from dqt_lightning.quant.layers import DQTLinear, dqt_layers
+from dqt_lightning.quant.grid import Grid, TernaryGrid
 from tests.conftest import fit, make_model
 
 

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import dqt_lightning.layers as layers_module
+import dqt_lightning.quant.layers as layers_module
 from dqt_lightning import QuantizedUpdate, QuantPrecision
-from dqt_lightning.bench import state_bytes
+from dqt_lightning.tools.bench import state_bytes
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.layers import (
+from dqt_lightning.quant.layers import (
     BitEmbedding,
     BitLinear,
     DQTEmbedding,
@@ -19,9 +19,9 @@ from dqt_lightning.layers import (
     dqt_layers,
     quantized_parameters,
 )
-from dqt_lightning.memory import quantized_state_bytes
+from dqt_lightning.tools.memory import quantized_state_bytes
 from dqt_lightning.model import LLaMA, Config
-from dqt_lightning.quant import Grid, absmean_quantize
+from dqt_lightning.quant.grid import Grid, absmean_quantize
 from tests.conftest import TokenWindows, fit, make_model
 
 

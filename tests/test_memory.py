@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dqt_lightning.memory import StateBytes, measure, quantized_state_bytes, storage_bytes
+from dqt_lightning.tools.memory import StateBytes, measure, quantized_state_bytes, storage_bytes
 from dqt_lightning.model import LLaMA, Config
-from dqt_lightning.precision import QuantPrecision
+from dqt_lightning.train.precision import QuantPrecision
 
 REL = 1e-3  # AdamW's 0-dim step counters add 4 bytes per tensor: ~1e-4 bytes per parameter on the tiny model
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.layers import quantized_parameters
-from dqt_lightning.memory import quantized_state_bytes
+from dqt_lightning.quant.layers import quantized_parameters
+from dqt_lightning.tools.memory import quantized_state_bytes
 from dqt_lightning.model import LLaMA
-from dqt_lightning.optim import (
+from dqt_lightning.train.optim import (
     SIGNED_RANGE_LOG2,
     SIGNED_TOP,
     UNSIGNED_RANGE_LOG2,

@@ -9,9 +9,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dqt_lightning import QuantPrecision
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.layers import DQTLinear, dqt_layers
-from dqt_lightning.memory import measure
-from dqt_lightning.quant import TernaryGrid
+from dqt_lightning.quant.layers import DQTLinear, dqt_layers
+from dqt_lightning.tools.memory import measure
+from dqt_lightning.quant.grid import TernaryGrid
 from tests.test_checkpoint import ResumableWindows, StopAfter, _fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,7 +88,7 @@ def test_a_packed_layer_computes_what_its_int8_twin_computes():
 
 
 def test_ternary_evaluation_of_packed_weights_is_that_of_their_int8_twin(tmp_path):
-    from dqt_lightning.ternary import TernaryWeights
+    from dqt_lightning.quant.ternary import TernaryWeights
 
     _, plain = _fit(tmp_path / "plain", 3, pack=False)
     _, packed = _fit(tmp_path / "packed", 3, pack=False, pack_in_memory=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.quant import (
+from dqt_lightning.quant.grid import (
     Grid,
     TernaryGrid,
     absmean_quantize,

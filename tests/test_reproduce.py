@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from dqt_lightning.compare import Run
-from dqt_lightning.reproduce import (ARMS, CONFIGS, ArmPrecision, Job, arm_command, judge, main, mean_run,
+from dqt_lightning.tools.compare import Run
+from dqt_lightning.tools.reproduce import (ARMS, CONFIGS, ArmPrecision, Job, arm_command, judge, main, mean_run,
                                     precision_of, report)
 
 TINY = ["--", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",

@@ -17,7 +17,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dqt_lightning import LanguageModel, QuantizedUpdate, QuantPrecision
-from dqt_lightning.text import TextCorpus, TextSource
+from dqt_lightning.data.text import TextCorpus, TextSource
 from tests.conftest import SMALL
 from tests.test_checkpoint import StopAfter
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from torch.utils.data import DistributedSampler
 
-from dqt_lightning.sampling import ResumableSampler
+from dqt_lightning.data.sampling import ResumableSampler
 
 
 @pytest.mark.parametrize("n,replicas", [(1000, 1), (1001, 2), (200_003, 3)])

@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader
 
 from dqt_lightning import ConfigError, QuantizedUpdate, QuantPrecision
 from dqt_lightning.cli import _ParseOnly
-from dqt_lightning.layers import DQTLinear, dqt_layers
-from dqt_lightning.quant import Grid, TernaryGrid
-from dqt_lightning.schedule import BitWidthSchedule
+from dqt_lightning.quant.layers import DQTLinear, dqt_layers
+from dqt_lightning.quant.grid import Grid, TernaryGrid
+from dqt_lightning.train.schedule import BitWidthSchedule
 from tests.conftest import TokenWindows, make_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -222,7 +222,7 @@ def test_schedule_overlays_keep_the_base_callbacks(overlay):
                                       "--config", str(CONFIGS / "schedule" / overlay)])
     classes = [c.class_path for c in cli.config.trainer.callbacks]
     assert classes == ["dqt_lightning.QuantizedUpdate", "lightning.pytorch.callbacks.ModelCheckpoint",
-                       "dqt_lightning.schedule.BitWidthSchedule"]
+                       "dqt_lightning.train.schedule.BitWidthSchedule"]
     schedule = cli.config.trainer.callbacks[2].init_args.schedule
     assert schedule[0] == [0.0, 8.0] and schedule[-1][1] == 1.58
     BitWidthSchedule(schedule)  # valid as written
@@ -257,7 +257,7 @@ def test_checkpoint_callback_is_unaffected(tmp_path):
 def test_compare_shows_where_a_schedule_ended_and_the_ternary_loss(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
-    from dqt_lightning.compare import load_run, table
+    from dqt_lightning.tools.compare import load_run, table
 
     run_dir = tmp_path / "runs" / "dqt-8bit+8-to-ternary" / "version_0"
     run_dir.mkdir(parents=True)

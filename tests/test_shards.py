@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from dqt_lightning import shard_files
+from dqt_lightning.data import shard_files
 from dqt_lightning.cli import main
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.sampling import ResumableSampler
-from dqt_lightning.shard_files import MANIFEST, Manifest, default_shard_dir, prepare, shard_dtype
-from dqt_lightning.shards import TokenShards, prepare_from_config
-from dqt_lightning.text import TextSource
-from dqt_lightning.tokenizer import resolve_tokenizer, train_bpe
+from dqt_lightning.data.sampling import ResumableSampler
+from dqt_lightning.data.shard_files import MANIFEST, Manifest, default_shard_dir, prepare, shard_dtype
+from dqt_lightning.data.shards import TokenShards, prepare_from_config
+from dqt_lightning.data.text import TextSource
+from dqt_lightning.data.tokenizer import resolve_tokenizer, train_bpe
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -171,7 +171,7 @@ def test_damaged_shard_is_written_again_with_the_ones_after_it(
 
 PREPARE_SLOWLY = """
 import signal, sys, time
-from dqt_lightning import shard_files
+from dqt_lightning.data import shard_files
 from dqt_lightning.cli import main
 
 # Ctrl-C as in a terminal, even when the test runs in a background job, which starts children with SIGINT ignored.
@@ -359,7 +359,7 @@ def test_prepare_needs_the_shards_data_module(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         main(["prepare", "--config", str(CONFIGS / "ternary.yaml")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "data.class_path: dqt_lightning.shards.TokenShards" in err[0]
+    assert len(err) == 1 and "data.class_path: dqt_lightning.data.shards.TokenShards" in err[0]
 
 
 def test_shards_of_another_tokenizer_are_refused(workdir: Path, reference: tuple[Path, Manifest],

@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch.loggers import Logger
 
 from dqt_lightning import ConfigError, QuantizedUpdate, QuantPrecision
-from dqt_lightning.layers import DQTWeight
-from dqt_lightning.telemetry import WeightTelemetry
+from dqt_lightning.quant.layers import DQTWeight
+from dqt_lightning.train.telemetry import WeightTelemetry
 from tests.conftest import TokenWindows, make_model
 
 LR = 0.01

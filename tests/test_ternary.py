@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from dqt_lightning.cli import main
-from dqt_lightning.layers import BitLinear, DQTWeight
-from dqt_lightning.precision import QuantPrecision
-from dqt_lightning.ternary import TernaryWeights
+from dqt_lightning.quant.layers import BitLinear, DQTWeight
+from dqt_lightning.train.precision import QuantPrecision
+from dqt_lightning.quant.ternary import TernaryWeights
 from tests.conftest import make_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests for dqt_lightning.text: every source (txt, jsonl, json, parquet, embedded, streaming, hub offline), the
+"""Tests for dqt_lightning.data.text: every source (txt, jsonl, json, parquet, embedded, streaming, hub offline), the
 seeded validation split, token caching, packing, resume, the data configs, and one-line errors for bad input."""
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ import pytest
 import torch
 import yaml
 
-from dqt_lightning import data, text, tokenizer as tok
+from dqt_lightning.data import embedded as data
+
+from dqt_lightning.data import text
+
+from dqt_lightning.data import tokenizer as tok
 from dqt_lightning.cli import main
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.text import StreamedWindows, TextCorpus, TextSource
+from dqt_lightning.data.text import StreamedWindows, TextCorpus, TextSource
 from tests.test_tokenizer import make_docs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,7 +228,7 @@ def test_data_overlays_keep_the_training_configs_sizes(overlay: str, capsys: pyt
                              "--data.init_args.source.path", "/data/corpus", "--print_config"], capsys)
     assert code == 0
     init = yaml.safe_load(out)["data"]["init_args"]
-    assert yaml.safe_load(out)["data"]["class_path"] == "dqt_lightning.text.TextCorpus"
+    assert yaml.safe_load(out)["data"]["class_path"] == "dqt_lightning.data.text.TextCorpus"
     assert (init["seq_len"], init["batch_size"], init["vocab_size"]) == (512, 32, 32000)  # 130m's, kept
     assert init["source"]["path"] == "/data/corpus"
 

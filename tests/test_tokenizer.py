@@ -1,4 +1,4 @@
-"""Tests for dqt_lightning.tokenizer: trained BPE (and its cache), tokenizer.json, SentencePiece, hub names offline."""
+"""Tests for dqt_lightning.data.tokenizer: trained BPE (and its cache), tokenizer.json, SentencePiece, hub names offline."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from dqt_lightning import data, tokenizer as tok
+from dqt_lightning.data import embedded as data
+
+from dqt_lightning.data import tokenizer as tok
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.tokenizer import EOT, TextTokenizer, resolve_tokenizer, tokenizer_vocab_size
+from dqt_lightning.data.tokenizer import EOT, TextTokenizer, resolve_tokenizer, tokenizer_vocab_size
 
 VOCAB = 300
 WORDS = "the quick brown fox jumps over lazy dogs while seven wizards quietly hex jovial kings near old river".split()

@@ -6,7 +6,7 @@ import torch
 
 from dqt_lightning import QuantizedUpdate, QuantPrecision
 from dqt_lightning.errors import TrainingStopped
-from dqt_lightning.layers import DQTLinear, dqt_layers
+from dqt_lightning.quant.layers import DQTLinear, dqt_layers
 from tests.conftest import TokenWindows, fit, make_model
 
 

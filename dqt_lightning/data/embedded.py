@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
-from dqt_lightning.sampling import ResumablePosition, TrainEvalLoaders
-from dqt_lightning.tokenizer import EOT
-from dqt_lightning.tokenizer import train_bpe as _train_tokenizer  # the one BPE recipe; tests patch this name
+from dqt_lightning.data.sampling import ResumablePosition, TrainEvalLoaders
+from dqt_lightning.data.tokenizer import EOT
+from dqt_lightning.data.tokenizer import train_bpe as _train_tokenizer  # the one BPE recipe; tests patch this name
 
 FORMAT_VERSION = 1  # bump whenever corpus selection, tokenizer recipe or file layout changes, so old caches are ignored
 MIN_DOC_CHARS = 200

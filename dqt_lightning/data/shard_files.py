@@ -11,7 +11,7 @@ A shard directory holds
 Every shard is written under a temporary name, fsynced and renamed into place, and the manifest is rewritten the
 same way after each one. So an interrupted ``prepare`` (Ctrl-C or SIGKILL) leaves only whole shards that the
 manifest lists, and running it again skips them (checked by file size) and continues after the last one's documents.
-The training side lives in :mod:`dqt_lightning.shards`.
+The training side lives in :mod:`dqt_lightning.data.shards`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import numpy as np
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
-from dqt_lightning.text import TextSource
-from dqt_lightning.tokenizer import TextTokenizer, resolve_tokenizer
+from dqt_lightning.data.text import TextSource
+from dqt_lightning.data.tokenizer import TextTokenizer, resolve_tokenizer
 
 FORMAT_VERSION = 1  # bump whenever the file layout or the token stream's definition changes
 MANIFEST = "manifest.json"
@@ -240,7 +240,7 @@ def prepare(  # noqa: PLR0913 - the data section's fields
         shard_dir: Directory of the shards and the manifest, created when needed; None: :func:`default_shard_dir`.
         source: Where the documents come from; None is the embedded corpus.
         tokenizer: None/``"bpe"`` (train a byte-level BPE on the training documents, cached), a ``tokenizer.json``,
-            a SentencePiece ``.model`` or a hub name; see :func:`dqt_lightning.tokenizer.resolve_tokenizer`.
+            a SentencePiece ``.model`` or a hub name; see :func:`dqt_lightning.data.tokenizer.resolve_tokenizer`.
         vocab_size: Vocabulary size of a trained BPE.
         shard_tokens: A shard is closed at the first document end at or past this many tokens.
         dtype: ``uint16``/``uint32``; None picks ``uint16`` when the vocabulary fits.

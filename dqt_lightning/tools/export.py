@@ -27,15 +27,15 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from dqt_lightning.checkpoint import GRIDS_KEY, PACKED_KEY, check_checkpoint_fits, unpack_ternary_weights
-from dqt_lightning.compare import plugin_args, run_config
+from dqt_lightning.train.checkpoint import GRIDS_KEY, PACKED_KEY, check_checkpoint_fits, unpack_ternary_weights
+from dqt_lightning.tools.compare import plugin_args, run_config
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
-from dqt_lightning.layers import BitEmbedding, BitLinear, DQTWeight
+from dqt_lightning.quant.layers import BitEmbedding, BitLinear, DQTWeight
 from dqt_lightning.model import LLaMA, Config
-from dqt_lightning.precision import QuantPrecision
-from dqt_lightning.quant import Grid, absmean_quantize, pack_ternary, unpack_ternary
-from dqt_lightning.tokenizer import TextTokenizer, resolve_tokenizer
+from dqt_lightning.train.precision import QuantPrecision
+from dqt_lightning.quant.grid import Grid, absmean_quantize, pack_ternary, unpack_ternary
+from dqt_lightning.data.tokenizer import TextTokenizer, resolve_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 

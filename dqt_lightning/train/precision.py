@@ -14,9 +14,9 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.fp8 import convert_fp_linears, fp8_unsupported_reason
-from dqt_lightning.layers import GRAD_DTYPES, BitEmbedding, BitLinear, DQTEmbedding, DQTLinear, DQTWeight
-from dqt_lightning.quant import ROUNDINGS, Grid
+from dqt_lightning.quant.fp8 import convert_fp_linears, fp8_unsupported_reason
+from dqt_lightning.quant.layers import GRAD_DTYPES, BitEmbedding, BitLinear, DQTEmbedding, DQTLinear, DQTWeight
+from dqt_lightning.quant.grid import ROUNDINGS, Grid
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,13 @@ class QuantPrecision(Precision):
 
     Args:
         mode: ``fp`` leaves ``nn.Linear`` alone; ``ste`` swaps in BitNet b1.58 layers (float master weight, STE);
-            ``dqt`` swaps in integer-only layers updated by :class:`~dqt_lightning.update.QuantizedUpdate`.
+            ``dqt`` swaps in integer-only layers updated by :class:`~dqt_lightning.train.update.QuantizedUpdate`.
         bits: 1.58 (ternary) or an integer 2..8; ignored for ``fp``.
         rounding: ``stochastic`` (DQT) or ``nearest`` (the ablation that loses sub-step updates).
         symmetric: Use the symmetric grid [-(2^(n-1)-1), 2^(n-1)-1] instead of the official asymmetric one.
         per_row_scale: One DQT scale per output row instead of one per tensor.
         precision: ``32-true``, ``bf16-mixed`` (autocast in forward; weights, grads and states stay float32) or
-            ``fp8``: ``bf16-mixed`` plus FP8 matmuls in the projections (see :mod:`dqt_lightning.fp8`), on NVIDIA
+            ``fp8``: ``bf16-mixed`` plus FP8 matmuls in the projections (see :mod:`dqt_lightning.quant.fp8`), on NVIDIA
             GPUs of compute capability 8.9+ only; never yet run on a GPU in this project.
         pack_ternary: Store ternary DQT weights in checkpoints 4 per byte instead of one int8 each.
         pack_in_memory: Keep ternary DQT weights packed 4 per byte in memory too (0.25 bytes per weight instead of
@@ -65,7 +65,7 @@ class QuantPrecision(Precision):
             the backward is the same.
         quantize_embeddings: Also quantize the token embedding and the output head (``embed_tokens``, ``lm_head``),
             as the official DQT code does; off by default, as in BitNet and torchao. ``dqt``: a
-            :class:`~dqt_lightning.layers.DQTEmbedding` and a :class:`~dqt_lightning.layers.DQTLinear` head (8-bit
+            :class:`~dqt_lightning.quant.layers.DQTEmbedding` and a :class:`~dqt_lightning.quant.layers.DQTLinear` head (8-bit
             activations); ``ste``: their BitNet counterparts (float masters behind an STE).
         grad_dtype: ``float32`` or ``bfloat16``: the gradient buffer of DQT weights. The optimizer step itself stays
             float32 (the gradient is widened inside the step), so bf16 costs gradient precision, not update precision.
@@ -77,8 +77,8 @@ class QuantPrecision(Precision):
             optimizer, learning rate and rounding as the usual path, with the same results, but gradient
             accumulation and clipping cannot work (both need every gradient before any update) and are refused.
         fused_update: Step the DQT weights with AdamW and round them in one pass per layer, from int8 levels to int8
-            levels, with no float weight in memory (:mod:`dqt_lightning.fused`); the optimizer (``torch.optim.AdamW``
-            or :class:`~dqt_lightning.optim.AdamW`, any state dtype) then steps the float parameters alone. Same
+            levels, with no float weight in memory (:mod:`dqt_lightning.train.fused`); the optimizer (``torch.optim.AdamW``
+            or :class:`~dqt_lightning.train.optim.AdamW`, any state dtype) then steps the float parameters alone. Same
             arithmetic as the usual path; the rounding noise is counter-based, so the numbers drawn differ. Fixed
             scales only. Works with ``update_in_backward``.
         compile_fused_update: Compile the fused update with ``torch.compile`` (one kernel per layer: Triton on a GPU,

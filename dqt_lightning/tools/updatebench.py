@@ -1,10 +1,10 @@
 """Time of one DQT layer's update: the usual path against the fused one, eager and compiled.
 
-    python -m dqt_lightning.updatebench [--shapes 256x256 768x2048] [--state-dtypes float32 bfloat16 int8]
+    python -m dqt_lightning.tools.updatebench [--shapes 256x256 768x2048] [--state-dtypes float32 bfloat16 int8]
 
 For each weight shape and AdamW state dtype it times one optimizer step of one ternary layer, stochastic rounding
 included: the usual path (materialize ``alpha * q``, the optimizer's step, ``quantized_step``, release) and
-:func:`~dqt_lightning.fused.dqt_adamw_step` run eagerly and compiled. On a GPU (when one is present) the kernels are
+:func:`~dqt_lightning.train.fused.dqt_adamw_step` run eagerly and compiled. On a GPU (when one is present) the kernels are
 timed with the device synchronized. The first compiled call compiles and is not timed. A benchmark, not a test.
 """
 
@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 import torch
 
-from dqt_lightning.fused import adamw_scalars, compiled_dqt_adamw_step, dqt_adamw_step, noise_keys
-from dqt_lightning.layers import DQTWeight
-from dqt_lightning.optim import STATE_DTYPES, _init_state, default_adamw
-from dqt_lightning.quant import TernaryGrid, quantized_step
+from dqt_lightning.train.fused import adamw_scalars, compiled_dqt_adamw_step, dqt_adamw_step, noise_keys
+from dqt_lightning.quant.layers import DQTWeight
+from dqt_lightning.train.optim import STATE_DTYPES, _init_state, default_adamw
+from dqt_lightning.quant.grid import TernaryGrid, quantized_step
 
 LR, BETAS, EPS, WEIGHT_DECAY, BLOCK = 1e-3, (0.9, 0.95), 1e-8, 0.01, 256
 
@@ -84,7 +84,7 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dqt_lightning.updatebench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dqt_lightning.tools.updatebench", description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", type=_shape, default=[(256, 256), (768, 2048)])
     parser.add_argument("--state-dtypes", nargs="+", choices=STATE_DTYPES, default=list(STATE_DTYPES))
     parser.add_argument("--repeats", type=int, default=10)

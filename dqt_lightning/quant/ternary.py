@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dqt_lightning.layers import BitEmbedding, BitLinear, DQTWeight
-from dqt_lightning.precision import is_projection
-from dqt_lightning.quant import TernaryGrid, absmean_quantize
+from dqt_lightning.quant.layers import BitEmbedding, BitLinear, DQTWeight
+from dqt_lightning.train.precision import is_projection
+from dqt_lightning.quant.grid import TernaryGrid, absmean_quantize
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.quant import step_seed
+from dqt_lightning.quant.grid import step_seed
 
 STATE_DTYPES = ("float32", "bfloat16", "int8")
 
@@ -203,7 +203,7 @@ class AdamW(torch.optim.Optimizer):
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
-                    raise RuntimeError("dqt_lightning.optim.AdamW does not support sparse gradients")
+                    raise RuntimeError("dqt_lightning.train.optim.AdamW does not support sparse gradients")
                 self._step_param(param, group, index)
         return loss
 

@@ -3,7 +3,7 @@
 Every DQT layer derives from :class:`DQTWeight`: the weight lives only as an int8 buffer ``weight`` plus a float32
 ``scale``; its gradient goes to a separate ``update_param`` whose storage is a single number between optimizer steps.
 That parameter exists so the optimizer configured in YAML (its hyper-parameters, state and LR schedule) and gradient
-clipping treat quantized and float weights alike; :class:`dqt_lightning.update.QuantizedUpdate` fills it with
+clipping treat quantized and float weights alike; :class:`dqt_lightning.train.update.QuantizedUpdate` fills it with
 ``alpha * q`` just before the step and rounds the result back onto the grid just after. :class:`DQTLinear` (the
 projections, and optionally the output head) and :class:`DQTEmbedding` (optionally the token embedding) differ only
 in their forward.
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dqt_lightning.fp8 import fp8_linear, fp8_matmul
-from dqt_lightning.quant import (Grid, absmean_quantize, activation_levels, fake_quantize_activations, pack_ternary,
+from dqt_lightning.quant.fp8 import fp8_linear, fp8_matmul
+from dqt_lightning.quant.grid import (Grid, absmean_quantize, activation_levels, fake_quantize_activations, pack_ternary,
                                  quantize_activations, round_to_grid, ste_quantize, unpack_ternary)
 
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -202,7 +202,7 @@ class _SharedInputQuantizer:
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype):
         """``x_q`` in ``dtype``; or, for ``dtype=torch.int8``, the int8 levels and their scale
-        (:func:`~dqt_lightning.quant.activation_levels`)."""
+        (:func:`~dqt_lightning.quant.grid.activation_levels`)."""
         if torch.compiler.is_compiling() or x.is_inference():
             # The compiler dedupes on its own; inference tensors carry no version counter to key on.
             return self._quantize(x, dtype)
@@ -230,7 +230,7 @@ class _DQTLinearFn(torch.autograd.Function):
     there), and the straight-through gradient of the activation quantizer, ``grad_x = g @ (alpha * q)``.
 
     ``x_q`` is ``x`` quantized to 8 bits per token, already in the compute dtype; ``x`` only receives the gradient.
-    With ``fp8`` the forward matmul runs on FP8 tensor cores (:func:`~dqt_lightning.fp8.fp8_matmul`); the backward
+    With ``fp8`` the forward matmul runs on FP8 tensor cores (:func:`~dqt_lightning.quant.fp8.fp8_matmul`); the backward
     is the same either way.
     """
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,9 +14,8 @@ from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
-from dqt_lightning.layers import DQTWeight
-from dqt_lightning.optim import default_adamw
-from dqt_lightning.quant import Grid, pack_ternary, unpack_ternary
+from dqt_lightning.quant.layers import DQTWeight
+from dqt_lightning.quant.grid import Grid, pack_ternary, unpack_ternary
 
 PACKED_KEY = "dqt_packed_ternary"
 # {layer name: [qmin, qmax]}: the grid each DQT weight's levels were on when saved. Levels alone cannot say it: an
@@ -118,86 +116,3 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], module: nn.Module, source:
                           f"{'has' if missing else 'does not have'} ({len(missing)} missing, {len(unexpected)} "
                           f"unexpected tensors: trainer.plugins.quantize_embeddings or the model's norm_layout "
                           f"differ?); {_WHERE_FROM}")
-
-
-FP_FORMAT = "fp (float32)"
-# label: (QuantPrecision arguments, AdamW state dtype). The fp baseline is plain torch.optim.AdamW with float32 moments.
-FORMATS: dict[str, tuple[dict[str, Any], str]] = {
-    FP_FORMAT: (dict(mode="fp"), "float32"),
-    "DQT 8-bit (int8)": (dict(mode="dqt", bits=8), "float32"),
-    "DQT ternary (int8)": (dict(mode="dqt", bits=1.58), "float32"),
-    "DQT ternary (packed 2-bit)": (dict(mode="dqt", bits=1.58, pack_ternary=True), "float32"),
-    "DQT ternary packed + quantized embeddings/head": (
-        dict(mode="dqt", bits=1.58, pack_ternary=True, quantize_embeddings=True), "float32"),
-    "DQT ternary packed + int8 AdamW states": (dict(mode="dqt", bits=1.58, pack_ternary=True), "int8"),
-    "DQT ternary packed + quantized embeddings/head + int8 AdamW states": (
-        dict(mode="dqt", bits=1.58, pack_ternary=True, quantize_embeddings=True), "int8"),
-    "DQT 8-bit + quantized embeddings/head + int8 AdamW states": (
-        dict(mode="dqt", bits=8, quantize_embeddings=True), "int8"),
-}
-
-
-def measure_checkpoint_sizes(size: str, vocab_size: int, directory: Path) -> dict[str, tuple[int, int]]:
-    """Train ``size`` one step on random tokens in each storage format of :data:`FORMATS` and save it as Lightning does.
-
-    Returns ``{label: (full checkpoint bytes, weights-only checkpoint bytes)}``; a full checkpoint also holds the
-    optimizer states, scheduler, loops and callbacks needed to resume.
-    """
-    # Imported here: module.py imports this file for the checkpoint hooks.
-    from dqt_lightning.memory import fit_on_tokens
-    from dqt_lightning.model import Config
-    from dqt_lightning.module import LanguageModel
-    from dqt_lightning.precision import QuantPrecision
-
-    tokens = torch.randint(0, vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
-    sizes = {}
-    for label, (plugin_args, state_dtype) in FORMATS.items():
-        torch.manual_seed(0)
-        model = LanguageModel(Config.from_name(size), vocab_size=vocab_size, optimizer=default_adamw(state_dtype),
-                              warmup_steps=0)
-        plugins = [QuantPrecision(**plugin_args), AtomicCheckpointIO()]
-        trainer = fit_on_tokens(model, tokens, batch_size=2, plugins=plugins)
-        full, weights = directory / "full.ckpt", directory / "weights.ckpt"
-        trainer.save_checkpoint(full)
-        trainer.save_checkpoint(weights, weights_only=True)
-        sizes[label] = (full.stat().st_size, weights.stat().st_size)
-        full.unlink()
-        weights.unlink()
-        # Trainer and model reference each other: without a collection every format's 130m model and optimizer
-        # states would stay alive until the end (over 12 GB at a 32k vocabulary).
-        del model, trainer
-        gc.collect()
-    return sizes
-
-
-def main() -> None:
-    """Print checkpoint sizes of the 130m model per storage format: ``python -m dqt_lightning.checkpoint``."""
-    import argparse
-    import datetime
-    import logging
-    import platform
-    import time
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--size", default="130m")
-    parser.add_argument("--vocab-size", type=int, nargs="+", default=[32000, 4096])
-    args = parser.parse_args()
-    # Lightning's "GPU available / TPU available" banners are noise in a table meant for pasting.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    started = time.perf_counter()
-    print("| model | vocab | format | full checkpoint (MB) | ratio to fp | weights only (MB) | ratio to fp |")
-    print("|---|---:|---|---:|---:|---:|---:|")
-    for vocab in args.vocab_size:
-        with tempfile.TemporaryDirectory() as tmp:
-            sizes = measure_checkpoint_sizes(args.size, vocab, Path(tmp))
-        fp_full, fp_weights = sizes[FP_FORMAT]
-        for label, (full, weights) in sizes.items():
-            print(f"| {args.size} | {vocab} | {label} | {full / 1e6:.1f} | {full / fp_full:.2f} | "
-                  f"{weights / 1e6:.1f} | {weights / fp_weights:.2f} |")
-    print(f"\nMeasured with torch {torch.__version__} on {platform.machine()} CPU, {datetime.date.today()}, in "
-          f"{time.perf_counter() - started:.0f} s: "
-          f"`python -m dqt_lightning.checkpoint --size {args.size} --vocab-size {' '.join(map(str, args.vocab_size))}`")
-
-
-if __name__ == "__main__":
-    main()

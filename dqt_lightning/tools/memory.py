@@ -4,7 +4,7 @@ DQT's claim is memory: its weights live only as int8 levels plus a scale, with n
 measures what a real Lightning run actually keeps allocated between optimizer steps for the seven projections of
 every block (the only layers a mode changes), by reading tensor storage sizes rather than trusting shapes.
 
-Run ``python -m dqt_lightning.memory`` for the Markdown table of fp / BitNet STE / DQT ternary / DQT 8-bit, and of
+Run ``python -m dqt_lightning.tools.memory`` for the Markdown table of fp / BitNet STE / DQT ternary / DQT 8-bit, and of
 DQT ternary with bf16 or 8-bit AdamW states.
 """
 
@@ -24,14 +24,14 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dqt_lightning.layers import DQTWeight
+from dqt_lightning.quant.layers import DQTWeight
 from dqt_lightning.model import Config
 from dqt_lightning.module import LanguageModel
-from dqt_lightning.optim import default_adamw
-from dqt_lightning.precision import PROJECTIONS, QuantPrecision, is_projection
-from dqt_lightning.update import QuantizedUpdate
+from dqt_lightning.train.optim import default_adamw
+from dqt_lightning.train.precision import PROJECTIONS, QuantPrecision, is_projection
+from dqt_lightning.train.update import QuantizedUpdate
 
-COMMAND = "python -m dqt_lightning.memory"
+COMMAND = "python -m dqt_lightning.tools.memory"
 VOCAB, SEQ_LEN, BATCH = 512, 32, 4  # windows of SEQ_LEN + 1 tokens; tiny, since only byte counts matter
 
 
@@ -162,12 +162,12 @@ def measure(mode: str, bits: float = 1.58, steps: int = 2, state_dtype: str = "f
     Random tokens are enough: the byte counts do not depend on what the model learns.
 
     Args:
-        mode: ``fp``, ``ste`` or ``dqt`` (see :class:`~dqt_lightning.precision.QuantPrecision`).
+        mode: ``fp``, ``ste`` or ``dqt`` (see :class:`~dqt_lightning.train.precision.QuantPrecision`).
         bits: Weight bits for ``ste`` and ``dqt``; 1.58 is ternary.
         steps: Optimizer steps to run first, so that gradients and optimizer states exist.
         state_dtype: AdamW's moments: ``float32`` (``torch.optim.AdamW``), or ``bfloat16`` / ``int8``
-            (:class:`dqt_lightning.optim.AdamW`), with the same hyper-parameters.
-        **plugin: Further :class:`~dqt_lightning.precision.QuantPrecision` options (``grad_dtype``,
+            (:class:`dqt_lightning.train.optim.AdamW`), with the same hyper-parameters.
+        **plugin: Further :class:`~dqt_lightning.train.precision.QuantPrecision` options (``grad_dtype``,
             ``update_in_backward``, ...).
 
     Returns:

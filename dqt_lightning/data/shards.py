@@ -2,7 +2,7 @@
 
 ``TokenShards`` takes the same arguments as :func:`prepare` (source, tokenizer, vocabulary, shard directory), so one
 YAML file serves both ``python -m dqt_lightning prepare`` and ``fit``; training itself reads only the shard directory.
-The shard format and the writer live in :mod:`dqt_lightning.shard_files`.
+The shard format and the writer live in :mod:`dqt_lightning.data.shard_files`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.sampling import ResumablePosition, TrainEvalLoaders
-from dqt_lightning.shard_files import BPE_SPECS, PREPARE_HINT, Manifest, default_shard_dir, prepare
-from dqt_lightning.text import TextSource
-from dqt_lightning.tokenizer import TextTokenizer, resolve_tokenizer
+from dqt_lightning.data.sampling import ResumablePosition, TrainEvalLoaders
+from dqt_lightning.data.shard_files import BPE_SPECS, PREPARE_HINT, Manifest, default_shard_dir, prepare
+from dqt_lightning.data.text import TextSource
+from dqt_lightning.data.tokenizer import TextTokenizer, resolve_tokenizer
 
 __all__ = ["ShardWindows", "TokenShards", "prepare", "prepare_from_config"]
 

@@ -1,6 +1,6 @@
 """Data throughput benchmark: tokens/s each DataModule delivers to the training loop, and ``prepare``'s tokens/s.
 
-    python -m dqt_lightning.databench [--epochs 3] [--cache-dir .cache/dqt_lightning/databench] [--shard-dir DIR]
+    python -m dqt_lightning.tools.databench [--epochs 3] [--cache-dir .cache/dqt_lightning/tools/databench] [--shard-dir DIR]
 
 For every DataModule (``EmbeddedDocs``, ``TextCorpus``, ``TokenShards``) and batch shape it builds the module on the
 embedded corpus (the same 4096-token BPE for all; caches are built before timing) and iterates its training
@@ -25,11 +25,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from dqt_lightning.data import EmbeddedDocs
-from dqt_lightning.shard_files import Manifest, document_batches
-from dqt_lightning.shards import TokenShards, prepare
-from dqt_lightning.text import TextSource
-from dqt_lightning.tokenizer import TextTokenizer, resolve_tokenizer
+from dqt_lightning.data.embedded import EmbeddedDocs
+from dqt_lightning.data.shard_files import Manifest, document_batches
+from dqt_lightning.data.shards import TokenShards, prepare
+from dqt_lightning.data.text import TextSource
+from dqt_lightning.data.tokenizer import TextTokenizer, resolve_tokenizer
 
 VOCAB = 4096
 SHAPES = ((16, 128), (8, 2048))  # the demo configs' batch, and the SPEC's H100 measurement batch
@@ -55,7 +55,7 @@ def _modules(cache_dir: Path, shard_dir: Path) -> dict[str, Callable[[int, int],
                                                 cache_dir=str(cache_dir)),
     }
     try:
-        from dqt_lightning.text import TextCorpus  # noqa: PLC0415 - optional: written alongside this module
+        from dqt_lightning.data.text import TextCorpus  # noqa: PLC0415 - optional: written alongside this module
 
         builders["TextCorpus"] = lambda b, s: TextCorpus(seq_len=s, batch_size=b, vocab_size=VOCAB,
                                                          cache_dir=str(cache_dir))
@@ -103,9 +103,9 @@ def encode_tokens_per_second(tokenizer_file: Path, docs: list[str]) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dqt_lightning.databench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dqt_lightning.tools.databench", description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="passes over the training windows per measurement")
-    parser.add_argument("--cache-dir", default=".cache/dqt_lightning/databench")
+    parser.add_argument("--cache-dir", default=".cache/dqt_lightning/tools/databench")
     parser.add_argument("--shard-dir", action="append", default=[],
                         help="also measure TokenShards on this prepared directory (repeatable)")
     args = parser.parse_args(argv)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from dqt_lightning.compare import Run, load_run, plot, plugin_args, run_config, table
+from dqt_lightning.tools.compare import Run, load_run, plot, plugin_args, run_config, table
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
 

@@ -2,7 +2,7 @@
 
 DQT weights are integers on a grid, so the grid itself can be coarsened mid-run: 8 bits for most of the run, then
 ternary (in one step or through 4 and 2 bits), with training continuing under stochastic rounding on the coarser
-grid. At a switch every DQT layer is moved with :meth:`~dqt_lightning.layers.DQTWeight.regrid`: a new absmean scale
+grid. At a switch every DQT layer is moved with :meth:`~dqt_lightning.quant.layers.DQTWeight.regrid`: a new absmean scale
 and one (by default stochastic) rounding of ``alpha * q`` onto the new levels. No full-precision weight is ever
 stored: the float ``alpha * q`` exists only inside that call, as it does inside every DQT update.
 
@@ -25,8 +25,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.layers import DQTWeight
-from dqt_lightning.quant import ROUNDINGS, Grid, step_seed
+from dqt_lightning.quant.layers import DQTWeight
+from dqt_lightning.quant.grid import ROUNDINGS, Grid, step_seed
 
 # Added to the run seed for the switch's noise, so that it is independent of the update's noise at the same step.
 _SWITCH_SEED_OFFSET = 104_729

@@ -5,7 +5,7 @@ torchao's quantized training when it is installed) trains a few steps on random 
 the ratio to the fp recipe, and the memory of weights, gradients and optimizer states of all parameters;
 ``--plot`` draws both as a PNG.
 
-Run ``python -m dqt_lightning bench --help`` (or ``python -m dqt_lightning.bench --help``) for the options.
+Run ``python -m dqt_lightning bench --help`` (or ``python -m dqt_lightning.tools.bench --help``) for the options.
 """
 
 from __future__ import annotations
@@ -31,19 +31,19 @@ import torch
 from torch import nn
 
 from dqt_lightning.files import atomic_write
-from dqt_lightning.layers import dqt_layers
-from dqt_lightning.memory import fit_on_tokens, unique_storage_bytes
+from dqt_lightning.quant.layers import dqt_layers
+from dqt_lightning.tools.memory import fit_on_tokens, unique_storage_bytes
 from dqt_lightning.model import SIZES, Config
 from dqt_lightning.module import LanguageModel
-from dqt_lightning.optim import default_adamw
-from dqt_lightning.precision import QuantPrecision, is_projection
+from dqt_lightning.train.optim import default_adamw
+from dqt_lightning.train.precision import QuantPrecision, is_projection
 
 RECIPES = ("fp", "ste", "dqt-1.58", "dqt-2", "dqt-3", "dqt-4", "dqt-8", "dqt-1.58-lean", "dqt-8-lean")
 # Lean-state options a DQT recipe can add as suffixes, e.g. `dqt-1.58-packed-inbwd` (SPEC §4): weights packed four per
 # byte in memory (ternary only), the update inside backward (no gradient buffer), AdamW with 8-bit moments; `lean`
 # is all three. `qemb` also puts the token embedding and the output head on the grid (as the official DQT code);
 # `int8mm` runs the forward matmuls on integers (torch._int_mm); `fused` steps and rounds each DQT layer in one
-# compiled pass (dqt_lightning.fused; the first warm-up step compiles).
+# compiled pass (dqt_lightning.train.fused; the first warm-up step compiles).
 OPTIONS = ("packed", "inbwd", "adam8", "lean", "qemb", "int8mm", "fused")
 LEAN = ("packed", "inbwd", "adam8")
 TORCHAO = {"torchao-int8": "torchao int8 QT", "torchao-bitnet": "torchao BitNet"}

@@ -13,11 +13,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError, TrainingStopped
-from dqt_lightning.fused import (adamw_scalars, compile_unavailable_reason, compiled_dqt_adamw_step, dqt_adamw_step,
+from dqt_lightning.train.fused import (adamw_scalars, compile_unavailable_reason, compiled_dqt_adamw_step, dqt_adamw_step,
                                  noise_keys)
-from dqt_lightning.layers import DQTWeight
-from dqt_lightning.optim import AdamW, _init_state, parameter_stepper
-from dqt_lightning.quant import quantized_step, rescaled_step, step_seed
+from dqt_lightning.quant.layers import DQTWeight
+from dqt_lightning.train.optim import AdamW, _init_state, parameter_stepper
+from dqt_lightning.quant.grid import quantized_step, rescaled_step, step_seed
 
 # What observers of the update receive: (layer name, layer, global step, (sum of |y - q|, count below half a step))
 # where the fused update computed those statistics itself; ``None`` where the float step is in ``update_param``.
@@ -51,7 +51,7 @@ class HookOwner(Callback):
 class QuantizedUpdate(HookOwner):
     """Runs the configured optimizer on ``alpha * q`` of every DQT layer and rounds the result back onto the grid.
 
-    Every :class:`~dqt_lightning.layers.DQTWeight` takes part: the projections, and the embedding and output head
+    Every :class:`~dqt_lightning.quant.layers.DQTWeight` takes part: the projections, and the embedding and output head
     when they are quantized too. Order within one optimizer step (after gradient accumulation):
     ``on_before_optimizer_step`` fills each layer's ``update_param`` with a float32 ``alpha * q`` (and widens a bf16
     gradient buffer to float32 for the step); Lightning clips all gradients, float and quantized together; the optimizer
@@ -71,10 +71,10 @@ class QuantizedUpdate(HookOwner):
     already moved.
 
     Under the ``absmax`` scale policy the rounding also re-derives each layer's scale from the stepped weight
-    (:func:`~dqt_lightning.quant.rescaled_step`).
+    (:func:`~dqt_lightning.quant.grid.rescaled_step`).
 
     With ``QuantPrecision(fused_update=True)`` (AdamW only) no float weight is materialized: after clipping, each
-    layer's levels, gradient and moments go through :func:`~dqt_lightning.fused.dqt_adamw_step`, compiled into one
+    layer's levels, gradient and moments go through :func:`~dqt_lightning.train.fused.dqt_adamw_step`, compiled into one
     kernel, and the optimizer then steps the float parameters alone. Its rounding noise is counter-based (same
     seeds, other numbers than the usual path's generator); the moments stay in ``optimizer.state`` in the
     optimizer's own format, so checkpoints resume either way. Inside backward too, when both options are on; there
@@ -168,7 +168,7 @@ class QuantizedUpdate(HookOwner):
             raise ConfigError(f"{field} needs exactly one optimizer; got {len(trainer.optimizers)}")
         optimizer = trainer.optimizers[0]
         if not isinstance(optimizer, (torch.optim.AdamW, AdamW)):
-            raise ConfigError(f"{field} fuses AdamW (torch.optim.AdamW or dqt_lightning.optim.AdamW) into the "
+            raise ConfigError(f"{field} fuses AdamW (torch.optim.AdamW or dqt_lightning.train.optim.AdamW) into the "
                               f"update; the optimizer is {type(optimizer).__name__}")
         for group in optimizer.param_groups:
             for option in ("amsgrad", "maximize"):

@@ -1,6 +1,6 @@
 """The DQT update with AdamW as one elementwise pass: dequantize, AdamW, stochastic rounding, back to int8.
 
-The usual path (:class:`~dqt_lightning.update.QuantizedUpdate` around any optimizer) materializes a float32
+The usual path (:class:`~dqt_lightning.train.update.QuantizedUpdate` around any optimizer) materializes a float32
 ``alpha * q`` per layer, lets the optimizer step it in a dozen separate passes over memory, then rounds it back in a
 few more. For AdamW, the one optimizer this project trains with, all of that is elementwise per weight, so it can be
 written as one function of ``(levels, scale, grad, moments)`` and compiled (``torch.compile``: Triton on a GPU, C++
@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from dqt_lightning.optim import quantize_blockwise, read_moment, stochastic_round_bf16
+from dqt_lightning.train.optim import quantize_blockwise, read_moment, stochastic_round_bf16
 
 _MASK32 = 0xFFFFFFFF
 # The noise streams of one layer at one step: its weights, its first moment, its second moment.
@@ -65,7 +65,7 @@ def _key_rows(seed: int) -> list[list[int]]:
 
 def noise_keys(seed: int | Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
     """The key of each noise stream (weights, first moment, second moment) of one layer at one step, from a seed such
-    as :func:`~dqt_lightning.quant.step_seed`: an int64 tensor ``[3, 2]`` of 32-bit halves; ``[len(seed), 3, 2]`` for
+    as :func:`~dqt_lightning.quant.grid.step_seed`: an int64 tensor ``[3, 2]`` of 32-bit halves; ``[len(seed), 3, 2]`` for
     a sequence of seeds (every layer of a step at once).
 
     On a GPU the keys travel in one copy from pinned memory that does not wait for the device: a plain host-to-device
@@ -130,12 +130,12 @@ def dqt_adamw_step(levels: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor
     The arithmetic is that of the usual path, operation for operation: ``W = alpha * q`` in float32;
     ``torch.optim.AdamW``'s single-tensor step on it (``decay = 1 - lr * weight_decay``, ``step_size = lr /
     (1 - beta1**t)``, ``bias_correction2_sqrt = sqrt(1 - beta2**t)``); then
-    :func:`~dqt_lightning.quant.quantized_step`'s ``y = q + (W' - alpha*q) / alpha`` and one rounding,
+    :func:`~dqt_lightning.quant.grid.quantized_step`'s ``y = q + (W' - alpha*q) / alpha`` and one rounding,
     ``floor(y + u)`` with ``u`` from :func:`counter_uniform` (or ``round(y)``), clipped to ``[qmin, qmax]``. Run
     eagerly with ``nearest`` rounding and float32 moments it gives the usual path's results bit for bit.
 
     Moments are float32, bfloat16 (written back with stochastic rounding) or 8-bit block codes with their scales
-    (:mod:`dqt_lightning.optim`), their noise drawn from the second and third rows of ``keys``.
+    (:mod:`dqt_lightning.train.optim`), their noise drawn from the second and third rows of ``keys``.
 
     With ``skip_nonfinite`` a gradient holding NaN or inf leaves levels and moments exactly as they were, decided
     on the device: no host sync, which inside backward would stall the launch of every later layer's kernels.

@@ -1,5 +1,5 @@
 """Training text from anywhere ``datasets`` reads: local ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` files, a
-Hugging Face hub dataset, or (with neither) the embedded corpus, tokenized by any :mod:`dqt_lightning.tokenizer`.
+Hugging Face hub dataset, or (with neither) the embedded corpus, tokenized by any :mod:`dqt_lightning.data.tokenizer`.
 
 :class:`TextSource` says where the documents are and which are held out; :class:`TextCorpus` is the DataModule that
 tokenizes them (cached), separates documents with the end-of-text id and packs them into training windows, either
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dqt_lightning.data import PackedWindows, _corpus
+from dqt_lightning.data.embedded import PackedWindows, _corpus
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
-from dqt_lightning.sampling import ResumablePosition, streamed_start
-from dqt_lightning.tokenizer import TextTokenizer, require_hub, resolve_tokenizer, tokenizer_vocab_size
+from dqt_lightning.data.sampling import ResumablePosition, streamed_start
+from dqt_lightning.data.tokenizer import TextTokenizer, require_hub, resolve_tokenizer, tokenizer_vocab_size
 
 FORMAT_VERSION = 1  # bump whenever document selection, splitting or the cache layout changes
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}

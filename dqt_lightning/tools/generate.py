@@ -1,7 +1,7 @@
 """``python -m dqt_lightning generate MODEL --prompt TEXT``: sample text from a checkpoint or an export.
 
 ``MODEL`` is a checkpoint written by ``fit`` or a directory written by ``export``; ``--ternary`` runs it with its
-quantized weights re-quantized to ternary (:class:`~dqt_lightning.ternary.TernaryWeights`). The sampler is the plain
+quantized weights re-quantized to ternary (:class:`~dqt_lightning.quant.ternary.TernaryWeights`). The sampler is the plain
 one: temperature, then top-k, one token at a time over the whole context (no KV cache: these models are small and
 this is for looking at what a model learned, not for serving).
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.export import load_exported, model_from_checkpoint, resolve_checkpoint, tokenizer_beside
+from dqt_lightning.tools.export import load_exported, model_from_checkpoint, resolve_checkpoint, tokenizer_beside
 from dqt_lightning.model import LLaMA
-from dqt_lightning.ternary import TernaryWeights
-from dqt_lightning.tokenizer import TextTokenizer
+from dqt_lightning.quant.ternary import TernaryWeights
+from dqt_lightning.data.tokenizer import TextTokenizer
 
 
 @torch.no_grad()

@@ -1,0 +1,1 @@
+"""Where tokens come from: the embedded corpus, text corpora, pre-tokenized shards, samplers and tokenizers."""

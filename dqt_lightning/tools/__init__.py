@@ -1,0 +1,1 @@
+"""The commands beside training: compare, export, generate, reproduce and the benchmarks."""
