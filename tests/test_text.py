@@ -16,7 +16,7 @@ import yaml
 
 from dqt_lightning.data import embedded as data
 
-from dqt_lightning.data import text
+from dqt_lightning.data import text, text_source
 
 from dqt_lightning.data import tokenizer as tok
 from dqt_lightning.cli import main
@@ -68,7 +68,7 @@ def test_each_local_format_gives_every_document_once(fmt: str, tmp_path: Path) -
     assert sorted(train + val) == sorted(DOCS)
     assert train == [doc for doc in DOCS if doc not in val]  # corpus order kept
     # The hold-out depends on positions and the seed only, so every format holds out the same documents.
-    expected = [DOCS[i] for i in text.held_out_documents(len(DOCS), 0.1, 2000, seed=3)]
+    expected = [DOCS[i] for i in text_source.held_out_documents(len(DOCS), 0.1, 2000, seed=3)]
     assert val == expected
 
 

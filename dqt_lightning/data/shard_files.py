@@ -29,7 +29,7 @@ import numpy as np
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
-from dqt_lightning.data.text import TextSource
+from dqt_lightning.data.text_source import TextSource
 from dqt_lightning.data.tokenizer import TextTokenizer, resolve_tokenizer
 
 FORMAT_VERSION = 1  # bump whenever the file layout or the token stream's definition changes

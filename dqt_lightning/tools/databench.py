@@ -1,6 +1,6 @@
 """Data throughput benchmark: tokens/s each DataModule delivers to the training loop, and ``prepare``'s tokens/s.
 
-    python -m dqt_lightning.tools.databench [--epochs 3] [--cache-dir .cache/dqt_lightning/tools/databench] [--shard-dir DIR]
+    python -m dqt_lightning.tools.databench [--epochs 3] [--cache-dir .cache/dqt_lightning/databench] [--shard-dir DIR]
 
 For every DataModule (``EmbeddedDocs``, ``TextCorpus``, ``TokenShards``) and batch shape it builds the module on the
 embedded corpus (the same 4096-token BPE for all; caches are built before timing) and iterates its training
@@ -28,7 +28,7 @@ import torch
 from dqt_lightning.data.embedded import EmbeddedDocs
 from dqt_lightning.data.shard_files import Manifest, document_batches
 from dqt_lightning.data.shards import TokenShards, prepare
-from dqt_lightning.data.text import TextSource
+from dqt_lightning.data.text_source import TextSource
 from dqt_lightning.data.tokenizer import TextTokenizer, resolve_tokenizer
 
 VOCAB = 4096
@@ -105,7 +105,7 @@ def encode_tokens_per_second(tokenizer_file: Path, docs: list[str]) -> dict[str,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dqt_lightning.tools.databench", description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="passes over the training windows per measurement")
-    parser.add_argument("--cache-dir", default=".cache/dqt_lightning/tools/databench")
+    parser.add_argument("--cache-dir", default=".cache/dqt_lightning/databench")
     parser.add_argument("--shard-dir", action="append", default=[],
                         help="also measure TokenShards on this prepared directory (repeatable)")
     args = parser.parse_args(argv)
