@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6, item 7 as one device call: the paper's claims (SPEC §6) at the 130m model on a real offline corpus, every
+# The paper's claims as one device call, at the 130m model on a real offline corpus: every
 # arm on the same tokens in the same order, with `reproduce`. Run it with timeout_s 600:
 #
 #   bash benchmarks/device_wheels.sh && bash benchmarks/device_data.sh      # here, once: .whl and .data/docs-32k
@@ -13,7 +13,7 @@
 # 130m arm at 32-true holds ~0.85 GB more per 512-token sequence of its micro-batch (peak RSS of a one-step `fit` at
 # micro-batches of 4 and 8 on this CPU: fp +3.3 GB, BitNet +3.65 GB, DQT 8-bit +3.45 GB per 4 sequences), so ~16 GB
 # at 16 and four arms ~65 GB of 139 GiB; at 32, four would need ~120 GB. An arm's checkpoint (1.35 GB DQT, 1.6 GB
-# fp/BitNet) cannot come back, so an arm unfinished after LIMIT seconds is lost: MAX_STEPS is set for SPEC §5's
+# fp/BitNet) cannot come back, so an arm unfinished after LIMIT seconds is lost: MAX_STEPS is set for the published H100
 # throughput with room to spare. Back under $OUT: env.txt, run.log, gpu.csv (utilization and memory every 5 s),
 # results.md and val_loss.png (the report) and reproduce.tgz (the runs without checkpoints: TensorBoard events,
 # configs, logs; `tar xzf` it here, then `reproduce --out runs/reproduce-130m --report` or `compare` read it).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything issue 5 and 6 still need from an H100/H200, as one device call (run it with timeout_s 600): each stage
+# Every GPU measurement of docs/benchmarks.md from an H100/H200, as one device call (run it with timeout_s 600): each stage
 # under its own time limit (80 + 270 + 120 + 100 s, 9.5 minutes at most), its log and tables written under $OUT as it
 # goes (eight files at most, as many as a call brings back), so a stage that runs out of time costs only itself. A
 # session is lent 15 minutes of device time in all, start-up included; see docs/results.md, "On a GPU".
@@ -38,7 +38,7 @@ if [ "$SMOKE" = 1 ]; then
     SHAPES=(64x64 64x192)
     FIT_STEPS=2
 else
-    # SPEC §5: LLaMA 134M, vocab 32000, batch 8 x 2048; LLaMA 1.36B at batch 1 x 2048.
+    # The published peer shapes: LLaMA 134M, vocab 32000, batch 8 x 2048; LLaMA 1.36B at batch 1 x 2048.
     SIZE=(--size 130m --vocab-size 32000 --batch-size 8 --seq-len 2048 --steps 5 --warmup 2)
     BIG=(--size 1b --vocab-size 32000 --batch-size 1 --seq-len 2048 --steps 3 --warmup 2)
     SHAPES=(768x768 768x2048 2048x5632)
@@ -47,12 +47,12 @@ fi
 
 # 1. One layer's update: the fused kernel as Triton against the usual path.
 stage update 80 $PYTHON -m dqt_lightning.tools.updatebench --shapes "${SHAPES[@]}"
-# 2. Issue 5's throughput targets at 134M, torchao's recipes beside ours. Recipes in the order of what the targets
+# 2. The throughput targets at 134M, torchao's recipes beside ours. Recipes in the order of what the targets
 #    need, since a stage stopped at its limit keeps only the recipes done (bench rewrites its --out file after each).
 stage bench134m 270 $PYTHON -m dqt_lightning bench "${SIZE[@]}" --precision bf16-mixed --recipes fp dqt-8-fused \
     dqt-1.58-fused ste torchao-int8 dqt-8 dqt-1.58 dqt-1.58-fused-int8mm dqt-8-fused-int8mm dqt-1.58-lean-fused \
     torchao-bitnet --out "$OUT/bench134m.md" --plot "$OUT/bench134m.png"
-# 3. Issue 5's memory targets at 1.36B: peak against the bf16 baseline, bytes per quantized parameter.
+# 3. The memory targets at 1.36B: peak against the bf16 baseline, bytes per quantized parameter.
 stage memory1b 120 $PYTHON -m dqt_lightning bench "${BIG[@]}" --precision bf16-mixed --recipes fp \
     dqt-1.58-lean-fused dqt-8-fused dqt-1.58-fused --out "$OUT/memory1b.md"
 # 4. The fp8 overlay's first run on FP8 hardware: a few steps of the tiny model in each mode (on a CPU, and on a GPU

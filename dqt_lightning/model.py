@@ -77,7 +77,7 @@ SIZES = {
     # The DQT paper's 130M recipe (as the official code: d 768, 12 layers, 12 heads, FFN 2048).
     "130m": Config("130m", n_layer=12, n_head=12, n_embd=768, intermediate_size=2048),
     "320m": Config("320m", n_layer=24, n_head=16, n_embd=1024, intermediate_size=2816),
-    # LLaMA 1B-class shape as in SPEC §5 (d 2048, 24 layers, 16 heads, FFN 5632).
+    # LLaMA 1B-class shape (d 2048, 24 layers, 16 heads, FFN 5632), the 1.36B model peers measure memory on.
     "1b": Config("1b", n_layer=24, n_head=16, n_embd=2048, intermediate_size=5632),
 }
 

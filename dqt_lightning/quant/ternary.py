@@ -1,5 +1,5 @@
 """Ternary inference: run any model (fp, BitNet STE, DQT at any bit width) with its quantized weights re-quantized to
-ternary, as SPEC §2 describes: BitNet's absmean quantizer per tensor, levels {-1, 0, 1}, and 8-bit activations.
+ternary, as BitNet b1.58 does: BitNet's absmean quantizer per tensor, levels {-1, 0, 1}, and 8-bit activations.
 
 The paper's claim 4 is that an 8-bit DQT model keeps most of its quality this way. :class:`TernaryWeights` computes
 the ternary levels once (for example at the start of a validation epoch) and then swaps them in and out around each

@@ -39,7 +39,7 @@ from dqt_lightning.train.optim import default_adamw
 from dqt_lightning.train.precision import QuantPrecision, is_projection
 
 RECIPES = ("fp", "ste", "dqt-1.58", "dqt-2", "dqt-3", "dqt-4", "dqt-8", "dqt-1.58-lean", "dqt-8-lean")
-# Lean-state options a DQT recipe can add as suffixes, e.g. `dqt-1.58-packed-inbwd` (SPEC §4): weights packed four per
+# Lean-state options a DQT recipe can add as suffixes, e.g. `dqt-1.58-packed-inbwd`: weights packed four per
 # byte in memory (ternary only), the update inside backward (no gradient buffer), AdamW with 8-bit moments; `lean`
 # is all three. `qemb` also puts the token embedding and the output head on the grid (as the official DQT code);
 # `int8mm` runs the forward matmuls on integers (torch._int_mm); `fused` steps and rounds each DQT layer in one
@@ -169,7 +169,7 @@ def _torchao(recipe: str, model: LanguageModel, precision: str) -> None:
         # its autograd functions ignore autocast, and an int8 weight quantized from float32 (float32 scale) gives a
         # float32 output whose gradient then meets a bf16 input in the weight-gradient matmul and fails. So under
         # bf16-mixed these rows train torchao's way, every weight and state in bf16, against our bf16-autocast
-        # baseline, as the peers' measurements (SPEC §5) compare them.
+        # baseline, as the published peer measurements (docs/benchmarks.md) compare them.
         model.to(torch.bfloat16)
     config = int8_weight_only_quantized_training() if recipe == "torchao-int8" else bitnet_training()
     projections = {name: m for name, m in model.model.named_modules()
@@ -185,7 +185,7 @@ def optimizer_for(recipe: str) -> Callable[..., torch.optim.Optimizer] | None:
     AdamW's decoupled decay applies to the weight, and the step fails with ``NotImplementedError``.
     ``torchao-bitnet`` keeps a float master weight and takes the decay.
 
-    On a GPU the float32-moment AdamW is ``torch.optim.AdamW(fused=True)``, the baseline SPEC §5's peers measured
+    On a GPU the float32-moment AdamW is ``torch.optim.AdamW(fused=True)``, the baseline the published peer measurements use
     (torch's default there is the slower ``foreach`` form, which would flatter every ratio to fp); torchao's int8
     weights keep the default form, as the peers ran them.
 

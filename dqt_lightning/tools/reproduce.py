@@ -1,6 +1,6 @@
-"""``python -m dqt_lightning reproduce``: the paper's claims (SPEC §6) checked at equal tokens and data, in one command.
+"""``python -m dqt_lightning reproduce``: the paper's four claims checked at equal tokens and data, in one command.
 
-Trains every arm of the comparison (issue 6, item 7) with the same configs stacked on top of its own (model size,
+Trains every arm of the comparison with the same configs stacked on top of its own (model size,
 data, precision, ...), the same seed, data order and number of steps, each as an ordinary ``fit`` whose
 validations also log the loss with weights re-quantized to ternary. Then it writes ``results.md`` (the ``compare``
 table, each claim with the numbers behind it and the rule that judged it, the commands, device and date) and
@@ -164,7 +164,7 @@ def _unigram_entropy(logs: Path) -> float | None:
 
 @dataclass
 class Claim:
-    """One claim of SPEC §6, and what the runs say about it."""
+    """One of the paper's claims, and what the runs say about it."""
 
     text: str
     verdict: str  # supported | not supported | not tested
@@ -193,7 +193,7 @@ def precision_of(run_dir: Path) -> ArmPrecision:
 
 def judge(runs: dict[str, Run], precisions: dict[str, ArmPrecision],
           unigram_entropy: float | None = None) -> list[Claim]:
-    """Each claim of SPEC §6 against the finished arms, by the rules stated in its evidence.
+    """Each of the paper's claims against the finished arms, by the rules stated in its evidence.
 
     Args:
         runs: The finished arms.
@@ -340,7 +340,7 @@ def report(runs: dict[Job, Run], invocations: list[str], max_steps: int, png: Pa
              "## Results", "", table(list(runs.values())), ""]
     if several:
         lines += ["Across seeds:", "", seed_table(grouped), ""]
-    lines += [f"![validation loss against tokens]({png.name})", "", "## The claims of SPEC §6", ""]
+    lines += [f"![validation loss against tokens]({png.name})", "", "## The paper's claims", ""]
     claims = judge(means, precisions, unigram_entropy)
     if several:
         per_seed = [judge({job.arm: run for job, run in runs.items() if job.seed == seed}, precisions,
