@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -32,6 +32,7 @@ from torch import nn
 
 from dqt_lightning.files import atomic_write
 from dqt_lightning.quant.layers import dqt_layers
+from dqt_lightning.tools.bench_report import TORCHAO, Row, fmt, plot, table
 from dqt_lightning.tools.memory import fit_on_tokens, unique_storage_bytes
 from dqt_lightning.model import SIZES, Config
 from dqt_lightning.module import LanguageModel
@@ -46,43 +47,11 @@ RECIPES = ("fp", "ste", "dqt-1.58", "dqt-2", "dqt-3", "dqt-4", "dqt-8", "dqt-1.5
 # compiled pass (dqt_lightning.train.fused; the first warm-up step compiles).
 OPTIONS = ("packed", "inbwd", "adam8", "lean", "qemb", "int8mm", "fused")
 LEAN = ("packed", "inbwd", "adam8")
-TORCHAO = {"torchao-int8": "torchao int8 QT", "torchao-bitnet": "torchao BitNet"}
 MIB, GIB = 2**20, 2**30
 PROG = "python -m dqt_lightning bench"
 # torchao's import logs a warning per CUDA kernel library it cannot load (always, on a CPU-only torch) and torch logs
 # a deprecation of how torchao registers an enum; neither says anything about the benchmark.
 TORCHAO_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree")
-
-
-@dataclass
-class Row:
-    """One recipe's measurements; ``None`` means not measurable here (printed as n/a).
-
-    Attributes:
-        recipe: Label of the recipe.
-        tokens_per_s: Training tokens per second over the measured steps.
-        ratio: ``tokens_per_s`` relative to the fp recipe's under the same precision.
-        peak_gib: Allocator peak during the run (CUDA only).
-        weights_mib: Weights of all parameters as kept between steps.
-        grads_mib: Their gradients.
-        states_mib: Their optimizer states.
-        activations_mib: ``peak - (weights + grads + states)`` (CUDA only).
-        skipped: Why the recipe did not run, if it did not.
-        measured_steps: Steps the throughput was timed over (the warm-up excluded).
-        tokens_per_s_range: Lowest and highest tokens/s over repeated runs (``None`` for a single run).
-    """
-
-    recipe: str
-    tokens_per_s: float | None = None
-    ratio: float | None = None
-    peak_gib: float | None = None
-    weights_mib: float | None = None
-    grads_mib: float | None = None
-    states_mib: float | None = None
-    activations_mib: float | None = None
-    skipped: str | None = None
-    measured_steps: int = 0
-    tokens_per_s_range: tuple[float, float] | None = None
 
 
 class StepTimer(pl.Callback):
@@ -323,104 +292,6 @@ def run_benchmark(recipes: Sequence[str] = RECIPES, repeats: int = 1,
     return merged
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def table(rows: Sequence[Row]) -> str:
-    """The Markdown table of ``rows``: a header, a separator and one line per row."""
-    lines = ["| recipe | tokens/s | × fp (same precision) | peak GiB | weights MiB | grads MiB | optimizer states MiB "
-             "| activations MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        if r.skipped:
-            lines.append(f"| {r.recipe} | skipped: {r.skipped} |  |  |  |  |  |  |")
-            continue
-        speed = _fmt(r.tokens_per_s, ',.0f')
-        if r.tokens_per_s_range:
-            speed += f" ({r.tokens_per_s_range[0]:,.0f}-{r.tokens_per_s_range[1]:,.0f})"
-        lines.append(f"| {r.recipe} | {speed} | {_fmt(r.ratio, '.2f')} | "
-                     f"{_fmt(r.peak_gib, '.2f')} | {_fmt(r.weights_mib, '.2f')} | {_fmt(r.grads_mib, '.2f')} | "
-                     f"{_fmt(r.states_mib, '.2f')} | {_fmt(r.activations_mib, '.1f')} |")
-    return "\n".join(lines)
-
-
-# Memory columns of a row, bottom to top in the stacked bars, with their legend labels and colours (none of them
-# the throughput panel's, so that a colour means one thing in the figure).
-MEMORY_PARTS = (("weights_mib", "weights", "#1b9e77"), ("grads_mib", "gradients", "#e7298a"),
-                ("states_mib", "optimizer states", "#7570b3"),
-                ("activations_mib", "activations / other (peak - the rest)", "#bbbbbb"))
-RECIPE_COLORS = {"fp": "#888888", "torchao": "#e6ab02", "ours": "#4c72b0"}
-
-
-def plot(rows: Sequence[Row], output: Path, title: str) -> None:
-    """Write a PNG of two panels: tokens/s per recipe, each bar labelled with its ratio to fp (whiskers: the range
-    over repeated rounds), and memory by component per recipe, stacked, with the total on top. A skipped recipe keeps
-    its place, marked.
-
-    Activations (peak minus weights, gradients and optimizer states) exist only where the allocator reports a peak
-    (CUDA); on CPU the stack holds the three measured components and the panel says so.
-
-    Args:
-        rows: Rows from :func:`run_benchmark`.
-        output: Where to write the PNG (atomically: a reader never sees half a file).
-        title: The figure's title (model, batch, precision, device).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a training machine
-    import matplotlib.pyplot as plt
-
-    x = list(range(len(rows)))
-    fig, (speed_ax, memory_ax) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=120)
-    speeds = [r.tokens_per_s or 0.0 for r in rows]
-    low = [s - r.tokens_per_s_range[0] if r.tokens_per_s_range else 0.0 for s, r in zip(speeds, rows)]
-    high = [r.tokens_per_s_range[1] - s if r.tokens_per_s_range else 0.0 for s, r in zip(speeds, rows)]
-    colors = [RECIPE_COLORS["fp" if r.recipe == "fp" else "torchao" if r.recipe in TORCHAO.values() else "ours"]
-              for r in rows]
-    whiskers = any(low + high)
-    speed_ax.bar(x, speeds, color=colors, yerr=[low, high] if whiskers else None, capsize=3)
-    for i, row in enumerate(rows):
-        # Above the whisker, so that the two never overlap.
-        text = "skipped" if row.skipped else "" if row.ratio is None else f"{row.ratio:.2f}×"
-        speed_ax.annotate(text, (i, speeds[i] + high[i]), xytext=(0, 3), textcoords="offset points", ha="center",
-                          va="bottom", fontsize=9, fontweight="bold")
-    speed_ax.set_ylabel("training tokens/s")
-    # With rounds, the label is the median of the per-round ratios (as in the table), not the ratio of the medians.
-    speed_ax.set_title("Throughput; label: tokens/s relative to fp" if not whiskers else
-                       "Throughput, median of rounds (whiskers: range); label: median per-round ratio to fp",
-                       fontsize=10)
-    speed_ax.set_ylim(0, max([s + h for s, h in zip(speeds, high)] + [1.0]) * 1.12)
-
-    bottom = [0.0] * len(rows)
-    for field, label, color in MEMORY_PARTS:
-        values = [max(getattr(r, field) or 0.0, 0.0) for r in rows]
-        if any(values):
-            memory_ax.bar(x, values, bottom=bottom, label=label, color=color)
-            bottom = [b + v for b, v in zip(bottom, values)]
-    for i, row in enumerate(rows):
-        text = "skipped" if row.skipped else f"{bottom[i]:.1f}"
-        memory_ax.annotate(text, (i, bottom[i]), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
-                           fontsize=9)
-    memory_ax.set_ylabel("MiB")
-    no_peak = all(r.activations_mib is None for r in rows)
-    memory_ax.set_title("Memory by component, between steps" + (" (no allocator peak on CPU: activations n/a)"
-                                                                if no_peak else "; whole stack: allocator peak"),
-                        fontsize=10)
-    memory_ax.set_ylim(0, max(bottom + [1.0]) * 1.3)  # headroom for the legend above the bars
-    if any(bottom):
-        memory_ax.legend(fontsize=8, loc="upper center", ncol=2)
-    for ax in (speed_ax, memory_ax):
-        ax.set_xticks(x, [r.recipe for r in rows], rotation=30, ha="right")
-        ax.grid(True, axis="y", alpha=0.3)
-        ax.set_axisbelow(True)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    try:
-        atomic_write(output, lambda f: fig.savefig(f, format="png"))
-    finally:
-        plt.close(fig)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run the benchmark, print the report (and write it and the chart when asked).
 
@@ -494,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One line per recipe as it finishes, and with --out the first round's table so far, rewritten each time: a
         # run stopped from outside (a device call's time limit) keeps what it measured.
         row = rows[-1]
-        result = f"skipped ({row.skipped})" if row.skipped else f"{_fmt(row.tokens_per_s, ',.0f')} tokens/s" + (
+        result = f"skipped ({row.skipped})" if row.skipped else f"{fmt(row.tokens_per_s, ',.0f')} tokens/s" + (
             f", peak {row.peak_gib:.2f} GiB" if row.peak_gib is not None else "")
         sys.stderr.write(f"bench: round {index + 1}, {len(rows)} of {len(recipes)}: {row.recipe}: {result} "
                          f"[{time.perf_counter() - started:.0f} s]\n")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.resources
 import json
 import math
 import platform
@@ -39,7 +40,8 @@ from dqt_lightning.tools.compare import Run, load_run, plot, plugin_args, run_co
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# The configs directory of the checkout, or its copy inside an installed package: the same files either way.
+CONFIGS = Path(str(importlib.resources.files("dqt_lightning.configs")))
 
 # Arm name: the configs that make it, before the stack the user adds (base first, then the arm's overlays, which
 # are applied after the stack so that an arm's own choice, nearest rounding say, always holds).
