@@ -15,8 +15,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.text import Perplexity
 from typing_extensions import override
 
-from dqt_lightning.train.checkpoint import (GRIDS_KEY, PACKED_KEY, check_checkpoint_fits, dqt_grids, pack_ternary_weights,
-                                     unpack_ternary_weights)
+from dqt_lightning.train.checkpoint import (GRIDS_KEY, PACKED_KEY, TOKENIZER_KEY, check_checkpoint_fits, dqt_grids,
+                                           pack_ternary_weights, tokenizer_record, unpack_ternary_weights)
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.quant.layers import DQTWeight, quantized_parameters
 from dqt_lightning.model import LLaMA, Config
@@ -95,6 +95,9 @@ class LanguageModel(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
         checkpoint[GRIDS_KEY] = dqt_grids(self)
+        tokenizer = self._training_tokenizer()
+        if tokenizer is not None:  # so that the checkpoint alone decodes: no run directory needed beside it
+            checkpoint[TOKENIZER_KEY] = tokenizer_record(tokenizer)
         plugin = self.trainer.precision_plugin
         if getattr(plugin, "pack_ternary", False) or getattr(plugin, "pack_in_memory", False):
             checkpoint[PACKED_KEY] = pack_ternary_weights(self, checkpoint["state_dict"])
@@ -119,15 +122,20 @@ class LanguageModel(pl.LightningModule):
                 isinstance(c, QuantizedUpdate) for c in self.trainer.callbacks):
             raise ConfigError("trainer.plugins.mode=dqt needs the callback that updates the integer weights: add "
                               "'- class_path: dqt_lightning.QuantizedUpdate' to trainer.callbacks")
-        # The run directory keeps the tokenizer beside config.yaml, so `export` and `generate` need nothing else.
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        # The run directory keeps the tokenizer beside config.yaml, for people and for tools that read a run.
+        tokenizer = self._training_tokenizer()
         if self.trainer.logger is None or tokenizer is None:
             return
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks, rank 0 writes
         if log_dir and self.trainer.is_global_zero:
-            if not isinstance(tokenizer, TextTokenizer):
-                tokenizer = TextTokenizer(tokenizer, origin="the training data module")
             tokenizer.save(Path(log_dir))
+
+    def _training_tokenizer(self) -> TextTokenizer | None:
+        trainer = self._trainer
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer is not None else None
+        if tokenizer is None or isinstance(tokenizer, TextTokenizer):
+            return tokenizer
+        return TextTokenizer(tokenizer, origin="the training data module")
 
     @override
     def setup(self, stage: str) -> None:

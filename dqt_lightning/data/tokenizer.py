@@ -114,10 +114,28 @@ class TextTokenizer:
                 directory, which then receives ``tokenizer.json`` or ``tokenizer.model``.
         """
         path = Path(path).expanduser()
+        name, data = self.definition()
         if path.is_dir():
-            path = path / ("tokenizer.model" if self.is_sentencepiece else "tokenizer.json")
-        data = self.backend.serialized_model_proto() if self.is_sentencepiece else self.backend.to_str().encode()
+            path = path / name
         atomic_write(path, lambda f: f.write(data))
+
+    def definition(self) -> tuple[str, bytes]:
+        """The file name and bytes that :meth:`save` writes: what a checkpoint keeps, so that it needs no file
+        beside it."""
+        if self.is_sentencepiece:
+            return "tokenizer.model", self.backend.serialized_model_proto()
+        return "tokenizer.json", self.backend.to_str().encode()
+
+    @classmethod
+    def from_definition(cls, name: str, data: bytes, origin: str, vocab_size: int | None = None) -> TextTokenizer:
+        """The tokenizer :meth:`definition` described, without touching the file system."""
+        if name.endswith(".model"):
+            import sentencepiece  # noqa: PLC0415 - only needed for SentencePiece models
+
+            processor = sentencepiece.SentencePieceProcessor()
+            processor.LoadFromSerializedProto(data)
+            return cls(processor, origin, vocab_size)
+        return cls(Tokenizer.from_str(data.decode()), origin, vocab_size)
 
     def __repr__(self) -> str:
         kind = "sentencepiece" if self.is_sentencepiece else "tokenizers"

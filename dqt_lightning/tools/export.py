@@ -7,7 +7,7 @@ An export is a directory a Hugging Face user recognises:
   everything else in float32.
 - ``config.json``: the model sizes (:class:`~dqt_lightning.model.Config`) and a ``quantization`` entry (mode, bits,
   which weights are integers, packed shapes).
-- ``tokenizer.json`` (or ``tokenizer.model``) when the run directory kept one.
+- ``tokenizer.json`` (or ``tokenizer.model``): the one the checkpoint keeps, or else its run directory's.
 
 A DQT checkpoint already holds integers, so they are written as they are. A BitNet (STE) checkpoint holds float
 masters: they are quantized with the absmean rule the model was trained with, which is how BitNet b1.58 is deployed.
@@ -27,7 +27,8 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from dqt_lightning.train.checkpoint import GRIDS_KEY, PACKED_KEY, check_checkpoint_fits, unpack_ternary_weights
+from dqt_lightning.train.checkpoint import (GRIDS_KEY, METHOD_KEY, PACKED_KEY, check_checkpoint_fits,
+                                           tokenizer_from_checkpoint, unpack_ternary_weights)
 from dqt_lightning.tools.compare import plugin_args, run_config
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
@@ -60,7 +61,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def model_from_checkpoint(ckpt_path: str | Path) -> tuple[LLaMA, dict]:
     """The trained model of a Lightning checkpoint, converted the way its run trained it.
 
-    The training mode comes from the ``config.yaml`` that the CLI saved in the run directory
+    The training mode comes from the checkpoint itself (the precision plugin's saved state), or, for a checkpoint
+    written before checkpoints recorded it, from the ``config.yaml`` that the CLI saved in the run directory
     (``runs/<name>/version_N/config.yaml``, two levels above ``checkpoints/``).
 
     Returns:
@@ -80,10 +82,11 @@ def model_from_checkpoint(ckpt_path: str | Path) -> tuple[LLaMA, dict]:
     sizes = asdict(sizes) if is_dataclass(sizes) else dict(sizes)
     # The vocabulary size is linked in from the data module, so the hyper-parameter, not the config, holds it.
     config = Config(**{**sizes, "vocab_size": hparams.get("vocab_size", sizes.get("vocab_size"))})
-    args = plugin_args(run_config(path.parent.parent))
-    settings = {"mode": args.get("mode", "fp"), "bits": float(args.get("bits", 1.58)),
-                "quantize_embeddings": bool(args.get("quantize_embeddings", False)),
-                "per_row_scale": bool(args.get("per_row_scale", False))}
+    # The method the plugin saved into the checkpoint; a checkpoint from before it did has its run's config.yaml.
+    method = (ckpt.get(METHOD_KEY) or {}).get("method") or plugin_args(run_config(path.parent.parent))
+    settings = {"mode": method.get("mode", "fp"), "bits": float(method.get("bits") or 1.58),
+                "quantize_embeddings": bool(method.get("quantize_embeddings", False)),
+                "per_row_scale": bool(method.get("per_row_scale", False))}
     model = LLaMA(config)
     if settings["mode"] != "fp":
         _plugin(**settings).convert_module(model)
@@ -95,6 +98,13 @@ def model_from_checkpoint(ckpt_path: str | Path) -> tuple[LLaMA, dict]:
                           [Grid.from_levels(*levels) for levels in grids.values()])
     model.load_state_dict(state)
     return model.eval(), settings
+
+
+def tokenizer_of_checkpoint(path: Path, vocab_size: int) -> TextTokenizer | None:
+    """The tokenizer a checkpoint keeps inside it, or else the one its run directory keeps beside ``config.yaml``."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    inside = tokenizer_from_checkpoint(ckpt, vocab_size, f"checkpoint {path}")
+    return inside if inside is not None else tokenizer_beside(path.parent.parent, vocab_size)
 
 
 def integer_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -145,11 +155,10 @@ def export(ckpt_path: str | Path, output: str | Path, pack: bool = False) -> Pat
     config = {**asdict(model.config), "quantization": {**settings, "integer_weights": integer, "packed": packed}}
     atomic_write(out / "model.safetensors", lambda f: f.write(save(tensors, metadata={"format": "pt"})))
     atomic_write(out / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
-    run_dir = ckpt_path.parent.parent
-    for name in TOKENIZER_FILES:
-        if (run_dir / name).is_file():
-            data = (run_dir / name).read_bytes()
-            atomic_write(out / name, lambda f, data=data: f.write(data))
+    tokenizer = tokenizer_of_checkpoint(ckpt_path, model.config.vocab_size)
+    if tokenizer is not None:
+        name, data = tokenizer.definition()
+        atomic_write(out / name, lambda f: f.write(data))
     return out
 
 
@@ -188,17 +197,25 @@ def tokenizer_beside(directory: Path, vocab_size: int) -> TextTokenizer | None:
     return resolve_tokenizer(str(found), vocab_size, lambda: [], directory, "")
 
 
+def default_output(ckpt: Path) -> Path:
+    """``<run dir>/export`` for a checkpoint in a run's ``checkpoints/``; ``<name>-export`` beside any other."""
+    if ckpt.parent.name == "checkpoints":
+        return ckpt.parent.parent / "export"
+    return ckpt.with_name(f"{ckpt.stem}-export")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dqt_lightning export",
                                      description="Export a checkpoint to safetensors with integer weights.")
     parser.add_argument("ckpt", help="a checkpoint written by fit (runs/<name>/version_N/checkpoints/*.ckpt), or a "
                         "run directory for its checkpoints/last.ckpt")
-    parser.add_argument("--output", help="directory to write (default: <run dir>/export)")
+    parser.add_argument("--output", help="directory to write (default: <run dir>/export, or <checkpoint name>-export "
+                        "beside a checkpoint outside a run directory)")
     parser.add_argument("--pack", action="store_true", help="store weights that hold only -1, 0 and 1 four per byte")
     args = parser.parse_args(argv)
     try:
         ckpt = resolve_checkpoint(args.ckpt)
-        out = export(ckpt, args.output or ckpt.parent.parent / "export", pack=args.pack)
+        out = export(ckpt, args.output or default_output(ckpt), pack=args.pack)
     except ConfigError as error:
         sys.stderr.write(f"error: {error}\n")
         return 2

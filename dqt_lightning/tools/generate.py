@@ -1,9 +1,9 @@
 """``python -m dqt_lightning generate MODEL --prompt TEXT``: sample text from a checkpoint or an export.
 
 ``MODEL`` is a checkpoint written by ``fit`` or a directory written by ``export``; ``--ternary`` runs it with its
-quantized weights re-quantized to ternary (:class:`~dqt_lightning.quant.ternary.TernaryWeights`). The sampler is the plain
-one: temperature, then top-k, one token at a time over the whole context (no KV cache: these models are small and
-this is for looking at what a model learned, not for serving).
+quantized weights re-quantized to ternary (:class:`~dqt_lightning.quant.ternary.TernaryWeights`). The sampler is
+the plain one: temperature, then top-k, one token at a time over the whole context (no KV cache: these models are
+small and this is for looking at what a model learned, not for serving).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.tools.export import load_exported, model_from_checkpoint, resolve_checkpoint, tokenizer_beside
+from dqt_lightning.tools.export import load_exported, model_from_checkpoint, resolve_checkpoint, tokenizer_of_checkpoint
 from dqt_lightning.model import LLaMA
 from dqt_lightning.quant.ternary import TernaryWeights
 from dqt_lightning.data.tokenizer import TextTokenizer
@@ -59,7 +59,8 @@ def sample(model: LLaMA, prompt: list[int], max_new_tokens: int, temperature: fl
 
 
 def load(path: str | Path) -> tuple[LLaMA, TextTokenizer]:
-    """The model and tokenizer of a checkpoint (its run directory keeps the tokenizer) or of an export directory."""
+    """The model and tokenizer of a checkpoint (it keeps its tokenizer, as does its run directory) or of an export
+    directory."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
         model, tokenizer = load_exported(path)
@@ -72,10 +73,10 @@ def load(path: str | Path) -> tuple[LLaMA, TextTokenizer]:
             raise ConfigError(f"{path} is neither an export (config.json and model.safetensors) nor a run directory "
                               "(checkpoints/last.ckpt)") from error
         model, _ = model_from_checkpoint(path)
-        tokenizer = tokenizer_beside(path.parent.parent, model.config.vocab_size)
+        tokenizer = tokenizer_of_checkpoint(path, model.config.vocab_size)
     if tokenizer is None:
-        raise ConfigError(f"{path} has no tokenizer beside it (tokenizer.json or tokenizer.model in the run or export "
-                          "directory); runs trained by this version of fit keep one")
+        raise ConfigError(f"{path} has no tokenizer inside it or beside it (tokenizer.json or tokenizer.model in the "
+                          "run or export directory); checkpoints written by this version of fit keep one inside")
     return model, tokenizer
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
+from dqt_lightning.data.tokenizer import TextTokenizer
 from dqt_lightning.quant.layers import DQTWeight
 from dqt_lightning.quant.grid import Grid, pack_ternary, unpack_ternary
 
@@ -21,6 +21,12 @@ PACKED_KEY = "dqt_packed_ternary"
 # {layer name: [qmin, qmax]}: the grid each DQT weight's levels were on when saved. Levels alone cannot say it: an
 # 8-bit layer whose levels all happen to be small looks ternary.
 GRIDS_KEY = "dqt_grids"
+# {"file": "tokenizer.json" or "tokenizer.model", "data": its bytes as a uint8 tensor}: the training tokenizer, so
+# that a checkpoint copied alone anywhere still decodes (export, generate).
+TOKENIZER_KEY = "dqt_tokenizer"
+# Where the precision plugin's state_dict (the method a checkpoint was trained with) lands: Lightning stores it under
+# the plugin class's name.
+METHOD_KEY = "QuantPrecision"
 _WHERE_FROM = "the config of the run that saved it (config.yaml in its run directory) says how it was trained"
 
 
@@ -53,6 +59,20 @@ def pack_ternary_weights(module: torch.nn.Module, state_dict: dict[str, torch.Te
 def unpack_ternary_weights(state_dict: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> None:
     for key, shape in shapes.items():
         state_dict[key] = unpack_ternary(state_dict[key], tuple(shape))
+
+
+def tokenizer_record(tokenizer: TextTokenizer) -> dict[str, Any]:
+    """What :data:`TOKENIZER_KEY` holds for ``tokenizer``: loadable with ``torch.load(weights_only=True)``."""
+    name, data = tokenizer.definition()
+    return {"file": name, "data": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
+
+
+def tokenizer_from_checkpoint(checkpoint: dict[str, Any], vocab_size: int, source: str) -> TextTokenizer | None:
+    """The tokenizer a checkpoint keeps (see :func:`tokenizer_record`), or None for a checkpoint without one."""
+    record = checkpoint.get(TOKENIZER_KEY)
+    if record is None:
+        return None
+    return TextTokenizer.from_definition(record["file"], record["data"].numpy().tobytes(), source, vocab_size)
 
 
 def dqt_grids(module: nn.Module) -> dict[str, list[int]]:
