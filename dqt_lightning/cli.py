@@ -309,6 +309,10 @@ class DQTLightningCLI(LightningCLI):
             loss = metrics["val/loss_ternary"]
             lines.append(f"[{stage}] with weights re-quantized to ternary {loss:.4f} nats/token "
                          f"(perplexity {math.exp(loss):.2f})")
+        if "val/loss_ternary_absmean" in metrics:
+            loss = metrics["val/loss_ternary_absmean"]
+            lines.append(f"[{stage}] the same with BitNet's absmean scale {loss:.4f} nats/token "
+                         f"(perplexity {math.exp(loss):.2f})")
         if hasattr(data, "unigram_entropy"):
             lines.append(f"[{stage}] unigram entropy of the training tokens {data.unigram_entropy():.4f} nats/token")
         print("\n".join(lines), flush=True)

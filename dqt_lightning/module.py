@@ -53,7 +53,9 @@ class LanguageModel(pl.LightningModule):
         warmup_steps: Linear warm-up from 0 to the optimizer's learning rate.
         min_lr_ratio: Cosine decay ends at this fraction of the peak learning rate, at the last training step.
         ternary_eval: Validation and test also run the model with its quantized weights re-quantized to ternary
-            (:class:`~dqt_lightning.quant.ternary.TernaryWeights`) and log ``val/loss_ternary`` beside ``val/loss``.
+            (:class:`~dqt_lightning.quant.ternary.TernaryWeights`) and log ``val/loss_ternary`` beside ``val/loss``
+            (DQT weights with the least-squares scale), and for a DQT model ``val/loss_ternary_absmean`` (BitNet's
+            absmean scale) too.
     """
 
     def __init__(self, config: Config | None = None, vocab_size: int = 4096, optimizer: OptimizerCallable | None = None,
@@ -75,7 +77,7 @@ class LanguageModel(pl.LightningModule):
         self.optimizer_factory = optimizer or default_adamw()
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.ternary_eval = ternary_eval
-        self._ternary: TernaryWeights | None = None
+        self._ternary: dict[str, TernaryWeights] = {}  # metric name: the weights it is measured with
         self.val_perplexity = Perplexity()
         self._step_started = 0.0
         self.tokens_seen = 0  # all ranks together; saved in checkpoints so a resumed run keeps counting
@@ -173,14 +175,19 @@ class LanguageModel(pl.LightningModule):
         self.log("train/peak_memory_mb", peak_memory_mb(batch.device))
 
     def _start_ternary_eval(self) -> None:
-        # Ternary levels are computed once per evaluation pass, from the weights as they are now.
-        self._ternary = TernaryWeights(self.model) if self.ternary_eval else None
+        # Ternary levels are computed once per evaluation pass, from the weights as they are now: with the
+        # least-squares scale, and for a DQT model also with BitNet's absmean scale (the two differ only there).
+        self._ternary = {}
+        if self.ternary_eval:
+            self._ternary["loss_ternary"] = TernaryWeights(self.model)
+            if any(isinstance(m, DQTWeight) for m in self.model.modules()):
+                self._ternary["loss_ternary_absmean"] = TernaryWeights(self.model, scale="absmean")
 
     def _log_ternary_loss(self, stage: str, batch: torch.Tensor) -> None:
-        if self._ternary is not None:
-            with self._ternary:
+        for name, weights in self._ternary.items():
+            with weights:
                 loss, _ = self._loss(batch)
-            self.log(f"{stage}/loss_ternary", loss, sync_dist=True)
+            self.log(f"{stage}/{name}", loss, sync_dist=True)
 
     @override
     def on_validation_epoch_start(self) -> None:
@@ -192,11 +199,11 @@ class LanguageModel(pl.LightningModule):
 
     @override
     def on_validation_epoch_end(self) -> None:
-        self._ternary = None  # training resumes after validation: no ternary copy stays allocated
+        self._ternary = {}  # training resumes after validation: no ternary copy stays allocated
 
     @override
     def on_test_epoch_end(self) -> None:
-        self._ternary = None
+        self._ternary = {}
 
     @override
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:

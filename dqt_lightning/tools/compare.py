@@ -35,6 +35,7 @@ class Run:
     tokens_per_sec: float | None
     peak_memory_mb: float | None
     val_loss_ternary: float | None = None  # the last val/loss_ternary (ternary_eval runs only)
+    val_loss_ternary_absmean: float | None = None  # the same with BitNet's absmean scale (DQT runs with ternary_eval)
 
     @property
     def final_val_loss(self) -> float | None:
@@ -95,7 +96,7 @@ def load_run(run_dir: Path) -> Run:
     final_bits = series("dqt/bits")  # a bit-width schedule logs the grid it is on: show where the run ended
     if final_bits and _bits(round(final_bits[-1][1], 2)) != bits:
         bits = f"{bits}→{_bits(round(final_bits[-1][1], 2))}"
-    ternary = series("val/loss_ternary")
+    ternary, ternary_absmean = series("val/loss_ternary"), series("val/loss_ternary_absmean")
     return Run(
         path=run_dir,
         mode=mode,
@@ -107,6 +108,7 @@ def load_run(run_dir: Path) -> Run:
         tokens_per_sec=statistics.median(throughput) if throughput else None,
         peak_memory_mb=max(memory) if memory else None,
         val_loss_ternary=ternary[-1][1] if ternary else None,
+        val_loss_ternary_absmean=ternary_absmean[-1][1] if ternary_absmean else None,
     )
 
 

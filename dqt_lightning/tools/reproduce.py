@@ -252,8 +252,13 @@ def judge(runs: dict[str, Run], precisions: dict[str, ArmPrecision],
     else:
         claims.append(Claim(text, "not tested", "needs arms dqt-8bit (at precision 32-true) and dqt-8bit-bf16"))
 
-    claims.append(versus_bitnet("An 8-bit DQT model runs with ternary weights and stays close to BitNet b1.58.",
-                                "dqt-8bit", ternary, "8-bit DQT evaluated with ternary weights"))
+    claim = versus_bitnet("An 8-bit DQT model runs with ternary weights and stays close to BitNet b1.58.",
+                          "dqt-8bit", ternary, "8-bit DQT evaluated with ternary weights (least-squares scale)")
+    absmean = runs["dqt-8bit"].val_loss_ternary_absmean if "dqt-8bit" in runs else None
+    if absmean is not None and "bitnet" in loss:
+        claim = replace(claim, evidence=f"{claim.evidence}; with BitNet's absmean scale {absmean:.4f} "
+                                        f"({_gap(absmean, loss['bitnet']):+.1%})")
+    claims.append(claim)
     return claims
 
 
@@ -284,9 +289,12 @@ def mean_run(runs: list[Run]) -> Run:
         return runs[0]
     points = min(len(run.val_curve) for run in runs)
     curve = [(runs[0].val_curve[i][0], statistics.fmean(run.val_curve[i][1] for run in runs)) for i in range(points)]
-    ternary = [run.val_loss_ternary for run in runs if run.val_loss_ternary is not None]
+    def mean_of_all(values: list[float | None]) -> float | None:
+        return statistics.fmean(values) if all(v is not None for v in values) else None
+
     return replace(runs[0], path=runs[0].path.parent / f"mean of {len(runs)} seeds", val_curve=curve,
-                   val_loss_ternary=statistics.fmean(ternary) if len(ternary) == len(runs) else None)
+                   val_loss_ternary=mean_of_all([run.val_loss_ternary for run in runs]),
+                   val_loss_ternary_absmean=mean_of_all([run.val_loss_ternary_absmean for run in runs]))
 
 
 def by_arm(runs: dict[Job, Run]) -> dict[str, list[Run]]:
