@@ -116,6 +116,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+class KVCache(nn.Module):
+    """The keys and values of one attention layer for every position so far, preallocated to the block size: a new
+    token attends to the cached ones instead of recomputing the whole context (as litgpt's ``KVCache``).
+
+    Args:
+        batch: Sequences decoded together.
+        config: Model sizes (heads, head size, block size).
+        device: Where the buffers live.
+        dtype: Their dtype (the model's compute dtype).
+    """
+
+    def __init__(self, batch: int, config: Config, device: torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        shape = (batch, config.n_head, config.block_size, config.head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` (``[batch, heads, T, head_size]``) at positions ``pos .. pos+T-1`` and return the keys
+        and values of every position up to there."""
+        end = pos + k.shape[2]
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class Attention(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -127,12 +154,21 @@ class Attention(nn.Module):
         self.sub_norm = RMSNorm(d, config.norm_eps) if config.norm_layout == "subln" else nn.Identity()
         self.o_proj = _projection(config, d, d)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                pos: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         heads = (B, T, self.n_head, self.head_size)
         q, k, v = (p(x).view(heads).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None or pos == 0:
+            if cache is not None:
+                cache.update(0, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = cache.update(pos, k, v)
+            # Query i (at position pos + i) sees keys 0 .. pos + i: all cached ones, and the new ones up to itself.
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.o_proj(self.sub_norm(y))
 
@@ -160,8 +196,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps) if pre_norm else nn.Identity()
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                pos: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -183,15 +220,22 @@ class LLaMA(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
+        """Logits for every position of ``idx``. With ``caches`` (one per layer, :meth:`kv_caches`), ``idx`` holds
+        the tokens at positions ``pos .. pos+T-1`` and attends to the cached keys and values of the ones before."""
         T = idx.shape[1]
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.embed_tokens(idx)
-        for block in self.layers:
-            x = block(x, cos, sin)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, caches[i] if caches is not None else None, pos)
         return self.lm_head(self.norm(x))
+
+    def kv_caches(self, batch: int = 1, dtype: torch.dtype = torch.float32) -> list[KVCache]:
+        """One empty :class:`KVCache` per layer, on the model's device."""
+        device = self.rope_cos.device
+        return [KVCache(batch, self.config, device, dtype) for _ in self.layers]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

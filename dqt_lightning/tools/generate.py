@@ -2,8 +2,8 @@
 
 ``MODEL`` is a checkpoint written by ``fit`` or a directory written by ``export``; ``--ternary`` runs it with its
 quantized weights re-quantized to ternary (:class:`~dqt_lightning.quant.ternary.TernaryWeights`). The sampler is
-the plain one: temperature, then top-k, one token at a time over the whole context (no KV cache: these models are
-small and this is for looking at what a model learned, not for serving).
+the plain one: temperature, then top-k, one token at a time, with every layer's keys and values cached so that each
+new token runs through the model alone. The text is written as it is produced, and tokens/s at the end (on stderr).
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
 from pathlib import Path
 
 import torch
@@ -24,25 +27,36 @@ from dqt_lightning.data.tokenizer import TextTokenizer
 
 @torch.no_grad()
 def sample(model: LLaMA, prompt: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50,
-           generator: torch.Generator | None = None, stop_id: int | None = None) -> list[int]:
+           generator: torch.Generator | None = None, stop_id: int | None = None, kv_cache: bool = True,
+           on_token: Callable[[list[int]], None] | None = None) -> list[int]:
     """Continue ``prompt`` by up to ``max_new_tokens`` sampled tokens; stops early at ``stop_id``.
 
     Args:
         model: The model, in eval mode.
         prompt: Token ids to continue (at least one).
-        max_new_tokens: How many tokens to add at most.
+        max_new_tokens: How many tokens to add at most; the prompt and they must fit in the block size.
         temperature: Softmax temperature; 0 picks the most likely token every time.
         top_k: Sample only among the ``top_k`` most likely tokens (None: all).
         generator: Random generator, for reproducible samples.
         stop_id: A token (end of text) that ends the sample; it is not included.
+        kv_cache: Keep every layer's keys and values (:class:`~dqt_lightning.model.KVCache`), so that each new token
+            runs through the model alone; ``False`` recomputes the whole context for every token (same tokens).
+        on_token: Called with the new ids so far after each one, for streaming.
 
     Returns:
         The new token ids.
     """
-    idx = torch.tensor([prompt], dtype=torch.long)
+    if len(prompt) + max_new_tokens > model.config.block_size:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} with a prompt of {len(prompt)} tokens is more than the "
+                          f"model's block size of {model.config.block_size} tokens")
+    device = model.rope_cos.device
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)
+    caches = model.kv_caches() if kv_cache else None
+    done = 0  # positions whose keys and values are in the caches
     new: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(idx[:, -model.config.block_size:])[0, -1].float()
+        logits = (model(idx) if caches is None else model(idx[:, done:], caches, done))[0, -1].float()
+        done = idx.shape[1]
         if temperature <= 0:
             token = int(logits.argmax())
         else:
@@ -54,8 +68,32 @@ def sample(model: LLaMA, prompt: list[int], max_new_tokens: int, temperature: fl
         if token == stop_id:
             break
         new.append(token)
-        idx = torch.cat([idx, torch.tensor([[token]])], dim=1)
+        if on_token is not None:
+            on_token(new)
+        idx = torch.cat([idx, torch.tensor([[token]], device=device)], dim=1)
     return new
+
+
+class TextStream:
+    """Writes a sample's text as its tokens arrive: each time, the part of the decoded text not written yet. Waits
+    while the text ends in an incomplete character (a multi-byte character split across byte-level tokens)."""
+
+    def __init__(self, tokenizer: TextTokenizer, out: TextIO) -> None:
+        self.tokenizer, self.out, self.written = tokenizer, out, ""
+
+    def __call__(self, ids: list[int]) -> None:
+        text = self.tokenizer.decode(ids)
+        if text.endswith("\ufffd") or not text.startswith(self.written):
+            return
+        self.out.write(text[len(self.written):])
+        self.out.flush()
+        self.written = text
+
+    def finish(self, ids: list[int]) -> None:
+        text = self.tokenizer.decode(ids)
+        self.out.write(text[len(self.written):] if text.startswith(self.written) else "")
+        self.out.write("\n")
+        self.out.flush()
 
 
 def load(path: str | Path) -> tuple[LLaMA, TextTokenizer]:
@@ -85,12 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="a checkpoint (runs/<name>/version_N/checkpoints/*.ckpt), a run directory (its "
                         "checkpoints/last.ckpt) or an export directory")
     parser.add_argument("--prompt", default="", help="text to continue (default: start from an end-of-text token)")
-    parser.add_argument("--max-new-tokens", type=int, default=100, help="at most this many tokens (>= 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="at most this many tokens (>= 1); the "
+                        "prompt and they must fit in the model's block size (no sliding window)")
     parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0: always the most "
                         "likely token")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0: among all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ternary", action="store_true", help="re-quantize the quantized weights to ternary")
+    parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context for every new token "
+                        "instead of caching keys and values (slower; the same tokens)")
     args = parser.parse_args(argv)
     for flag, value, ok in (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1),
                             ("--temperature", args.temperature, args.temperature >= 0),
@@ -105,10 +146,21 @@ def main(argv: list[str] | None = None) -> int:
     prompt = tokenizer.encode_batch([args.prompt])[0] if args.prompt else []
     prompt = prompt or [tokenizer.eot_id]
     context = TernaryWeights(model) if args.ternary else contextlib.nullcontext()
-    with context:
-        new = sample(model, prompt, args.max_new_tokens, args.temperature, args.top_k or None,
-                     torch.Generator().manual_seed(args.seed), stop_id=tokenizer.eot_id)
-    print(args.prompt + tokenizer.decode(new))
+    sys.stdout.write(args.prompt)
+    stream = TextStream(tokenizer, sys.stdout)
+    started = time.perf_counter()
+    try:
+        with context:
+            new = sample(model, prompt, args.max_new_tokens, args.temperature, args.top_k or None,
+                         torch.Generator().manual_seed(args.seed), stop_id=tokenizer.eot_id,
+                         kv_cache=not args.no_kv_cache, on_token=stream)
+    except ConfigError as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 2
+    seconds = time.perf_counter() - started
+    stream.finish(new)
+    sys.stderr.write(f"[generate] {len(new)} tokens in {seconds:.2f} s ({len(new) / max(seconds, 1e-9):.1f} "
+                     "tokens/s)\n")
     return 0
 
 
