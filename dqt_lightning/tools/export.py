@@ -31,7 +31,7 @@ from dqt_lightning.train.checkpoint import (GRIDS_KEY, METHOD_KEY, PACKED_KEY, c
                                            tokenizer_from_checkpoint, unpack_ternary_weights)
 from dqt_lightning.tools.compare import plugin_args, run_config
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.files import atomic_write
+from dqt_lightning.files import atomic_directory
 from dqt_lightning.quant.layers import BitEmbedding, BitLinear, DQTWeight
 from dqt_lightning.model import LLaMA, Config
 from dqt_lightning.train.precision import QuantPrecision
@@ -39,6 +39,7 @@ from dqt_lightning.quant.grid import Grid, absmean_quantize, pack_ternary, unpac
 from dqt_lightning.data.tokenizer import TextTokenizer, resolve_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+EXPORT_FILES = ("model.safetensors", "config.json", *TOKENIZER_FILES)
 
 
 def _plugin(mode: str, bits: float, quantize_embeddings: bool, per_row_scale: bool) -> QuantPrecision:
@@ -131,7 +132,8 @@ def export(ckpt_path: str | Path, output: str | Path, pack: bool = False) -> Pat
 
     Args:
         ckpt_path: A checkpoint written by ``fit`` (``runs/<name>/version_N/checkpoints/*.ckpt``).
-        output: Directory to write; created when needed. Files are written atomically.
+        output: Directory to write; created when needed, replaced whole when it exists (written beside it first,
+            then renamed into place).
         pack: Store ternary levels four per byte.
 
     Returns:
@@ -140,6 +142,10 @@ def export(ckpt_path: str | Path, output: str | Path, pack: bool = False) -> Pat
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output {out} is a file; give a directory to write the export into")
+    others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES) if out.is_dir() else []
+    if others:  # an earlier export is replaced whole; anything else there is the user's, and stays
+        raise ConfigError(f"--output {out} holds files that are not an export's ({', '.join(others[:3])}"
+                          f"{', ...' if len(others) > 3 else ''}); give a new directory or an earlier export")
     ckpt_path = resolve_checkpoint(ckpt_path)
     model, settings = model_from_checkpoint(ckpt_path)
     tensors, integer = integer_state(model)
@@ -153,12 +159,14 @@ def export(ckpt_path: str | Path, output: str | Path, pack: bool = False) -> Pat
                 packed[name] = list(q.shape)
                 tensors[f"{name}.weight_packed"] = pack_ternary(tensors.pop(f"{name}.weight"))
     config = {**asdict(model.config), "quantization": {**settings, "integer_weights": integer, "packed": packed}}
-    atomic_write(out / "model.safetensors", lambda f: f.write(save(tensors, metadata={"format": "pt"})))
-    atomic_write(out / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
     tokenizer = tokenizer_of_checkpoint(ckpt_path, model.config.vocab_size)
-    if tokenizer is not None:
-        name, data = tokenizer.definition()
-        atomic_write(out / name, lambda f: f.write(data))
+    # Whole or not at all: a reader never finds weights without their config, nor an earlier export half replaced.
+    with atomic_directory(out, "--output") as staging:
+        (staging / "model.safetensors").write_bytes(save(tensors, metadata={"format": "pt"}))
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer is not None:
+            name, data = tokenizer.definition()
+            (staging / name).write_bytes(data)
     return out
 
 

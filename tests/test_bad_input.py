@@ -1,0 +1,78 @@
+"""User mistakes and leftovers that used to misbehave: each ends in one line naming the field or file, and nothing
+on disk is lost or left half-written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from dqt_lightning import LanguageModel, QuantizedUpdate, QuantPrecision
+from dqt_lightning.files import atomic_directory, atomic_write, remove_dead_writers_files
+from dqt_lightning.tools import export
+from tests.conftest import SMALL
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A two-step ternary DQT checkpoint, trained in-process on random tokens."""
+    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
+    pl.seed_everything(0, verbose=False)
+    model = LanguageModel(SMALL, vocab_size=128, warmup_steps=0)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         plugins=[QuantPrecision(mode="dqt", bits=1.58)], callbacks=[QuantizedUpdate()])
+    trainer.fit(model, DataLoader(torch.randint(0, 128, (8, 17)), batch_size=4))
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_export_to_an_impossible_path_is_one_line(checkpoint, capsys):
+    assert export.main([str(checkpoint), "--output", "/proc/dqt-export"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --output /proc/dqt-export cannot be written: ")
+
+
+def test_export_never_replaces_a_directory_of_other_files(checkpoint, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert export.main([str(checkpoint), "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --output {tmp_path} holds files that are not an export's "
+                                               "(notes.txt); give a new directory or an earlier export")
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+    out = tmp_path / "export"
+    assert export.main([str(checkpoint), "--output", str(out)]) == 0
+    first = (out / "model.safetensors").read_bytes()
+    assert export.main([str(checkpoint), "--output", str(out)]) == 0  # an earlier export is replaced whole
+    assert (out / "model.safetensors").read_bytes() == first
+    assert sorted(os.listdir(tmp_path)) == ["export", "notes.txt"]  # no staging or old copy left behind
+
+
+def test_a_failed_directory_write_changes_nothing(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    with pytest.raises(RuntimeError), atomic_directory(target, "--output") as staging:
+        (staging / "config.json").write_text("new")
+        raise RuntimeError("disk full")
+    assert (target / "config.json").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    target = tmp_path / "last.ckpt"
+    # A writer that died mid-save: a real process id that has exited.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".last.ckpt.{dead.stdout.strip()}.abcd1234.tmp"
+    stale.write_bytes(b"half")
+    live = tmp_path / f".last.ckpt.{os.getppid()}.efgh5678.tmp"  # our parent is alive
+    live.write_bytes(b"writing")
+    other = tmp_path / f".other.ckpt.{dead.stdout.strip()}.abcd1234.tmp"  # another file's: not ours to judge
+    other.write_bytes(b"x")
+    atomic_write(target, lambda f: f.write(b"whole"))
+    assert sorted(os.listdir(tmp_path)) == sorted(["last.ckpt", live.name, other.name])
+    assert remove_dead_writers_files(tmp_path / "other.ckpt") == [other]
