@@ -76,3 +76,29 @@ def test_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path
     atomic_write(target, lambda f: f.write(b"whole"))
     assert sorted(os.listdir(tmp_path)) == sorted(["last.ckpt", live.name, other.name])
     assert remove_dead_writers_files(tmp_path / "other.ckpt") == [other]
+
+
+def test_compare_marks_runs_that_failed_or_stopped_early(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dqt_lightning.tools.compare import main as compare
+
+    def run(name: str, max_steps: int, steps: list[int]) -> None:
+        directory = tmp_path / name / "version_0"
+        directory.mkdir(parents=True)
+        (directory / "config.yaml").write_text(f"trainer:\n  max_steps: {max_steps}\n")
+        writer = SummaryWriter(str(directory))
+        writer.add_text("hparams", "a run refused at its start still opens an event file", 0)
+        for step in steps:
+            writer.add_scalar("val/loss", 5.0 - step / 100, step)
+        writer.close()
+
+    run("finished", 30, [10, 20, 30])
+    run("killed", 30, [10, 20])
+    run("refused", 30, [])
+    assert compare([str(tmp_path), "--plot", str(tmp_path / "c.png")]) == 0
+    rows = {line.split(" | ")[0].removeprefix("| ").split("/")[-2]: line for line in capsys.readouterr().out.splitlines()
+            if "version_0" in line}
+    assert rows["finished"].endswith("| finished |")
+    assert rows["killed"].endswith("| stopped at step 20 of 30 |")
+    assert rows["refused"].endswith("| failed: nothing logged |")

@@ -37,9 +37,22 @@ class Run:
     val_loss_ternary: float | None = None  # the last val/loss_ternary (ternary_eval runs only)
     val_loss_ternary_absmean: float | None = None  # the same with BitNet's absmean scale (DQT runs with ternary_eval)
 
+    last_step: int | None = None  # the last step anything was logged at (None: nothing was)
+    max_steps: int | None = None  # trainer.max_steps of its config (None or -1: not set)
+
     @property
     def final_val_loss(self) -> float | None:
         return self.val_curve[-1][1] if self.val_curve else None
+
+    @property
+    def status(self) -> str:
+        """``finished``, ``stopped at step N of M`` (killed, or stopped early), or ``failed`` when nothing was
+        logged (a run refused or crashed before its first logged step)."""
+        if self.last_step is None:
+            return "failed: nothing logged"
+        if self.max_steps is not None and 0 < self.max_steps and self.last_step < self.max_steps:
+            return f"stopped at step {self.last_step} of {self.max_steps}"
+        return "finished"
 
 
 def find_runs(paths: list[str]) -> list[Path]:
@@ -90,7 +103,9 @@ def load_run(run_dir: Path) -> Run:
     curve = [(_tokens_at(tokens, step) if tokens else float(step), loss) for step, loss in val]
     throughput = [v for _, v in series("train/tokens_per_sec")]
     memory = [v for _, v in series("train/peak_memory_mb")]
-    args = plugin_args(run_config(run_dir))
+    config = run_config(run_dir)
+    args = plugin_args(config)
+    logged = [e.step for tag in tags for e in events.Scalars(tag)]
     mode = str(args.get("mode", "?"))
     bits = "32" if mode == "fp" else _bits(args.get("bits", 1.58))
     final_bits = series("dqt/bits")  # a bit-width schedule logs the grid it is on: show where the run ended
@@ -109,6 +124,8 @@ def load_run(run_dir: Path) -> Run:
         peak_memory_mb=max(memory) if memory else None,
         val_loss_ternary=ternary[-1][1] if ternary else None,
         val_loss_ternary_absmean=ternary_absmean[-1][1] if ternary_absmean else None,
+        last_step=max(logged) if logged else None,
+        max_steps=(config.get("trainer") or {}).get("max_steps"),
     )
 
 
@@ -128,20 +145,22 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def table(runs: list[Run]) -> str:
-    """A Markdown table of the runs, best final validation loss first; with a ``val loss, ternary`` column (the loss
-    with weights re-quantized to ternary) when any run logged one."""
+    """A Markdown table of the runs, finished ones first and the best final validation loss first among them, each
+    with its :attr:`Run.status`; with a ``val loss, ternary`` column (the loss with weights re-quantized to ternary)
+    when any run logged one."""
     with_ternary = any(run.val_loss_ternary is not None for run in runs)
     lines = ["| run | mode | bits | rounding | final val loss |" + (" val loss, ternary |" if with_ternary else "")
-             + " val ppl | tokens seen | tokens/s | peak memory (MB) |",
-             "|---|---|---:|---|---:|" + ("---:|" if with_ternary else "") + "---:|---:|---:|---:|"]
-    ranked = sorted(runs, key=lambda r: (r.final_val_loss is None, r.final_val_loss or 0.0))
+             + " val ppl | tokens seen | tokens/s | peak memory (MB) | status |",
+             "|---|---|---:|---|---:|" + ("---:|" if with_ternary else "") + "---:|---:|---:|---:|---|"]
+    # Finished runs first, best final validation loss first among them.
+    ranked = sorted(runs, key=lambda r: (r.status != "finished", r.final_val_loss is None, r.final_val_loss or 0.0))
     for run in ranked:
         loss = run.final_val_loss
         lines.append(
             f"| {run.path} | {run.mode} | {run.bits} | {run.rounding} | {_fmt(loss, '.4f')} | "
             + (f"{_fmt(run.val_loss_ternary, '.4f')} | " if with_ternary else "") +
             f"{_fmt(math.exp(loss) if loss is not None else None, '.2f')} | {_fmt(run.tokens_seen, ',.0f')} | "
-            f"{_fmt(run.tokens_per_sec, ',.0f')} | {_fmt(run.peak_memory_mb, ',.0f')} |"
+            f"{_fmt(run.tokens_per_sec, ',.0f')} | {_fmt(run.peak_memory_mb, ',.0f')} | {run.status} |"
         )
     return "\n".join(lines)
 
