@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -74,9 +75,14 @@ def test_trainer_precision_the_lightning_way_sets_the_plugins_precision(tmp_path
     assert cli.config.trainer.plugins.init_args.precision == runs  # and so says the run's config.yaml
 
 
+@pytest.fixture(scope="module")
+def base_config() -> dict:
+    return parse("ternary.yaml")
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_overlay_merges_onto_the_base(overlay):
-    base, merged = parse("ternary.yaml"), parse("ternary.yaml", overlay)
+def test_every_overlay_merges_onto_the_base(overlay, base_config):
+    base, merged = base_config, parse("ternary.yaml", overlay)
     assert merged != base
     assert merged["trainer"]["plugins"]["class_path"].endswith("QuantPrecision")  # the overlay did not drop it
 
@@ -96,105 +102,162 @@ def test_model_overlays_set_the_named_sizes():
     assert cfg["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 5e-4
 
 
-def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def _subprocess(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m dqt_lightning ARGS`` in a fresh interpreter: the real entry point, for the few tests that need it."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "dqt_lightning", "fit", "--config", str(CONFIGS / "ternary.yaml"), *args]
+    cmd = [sys.executable, "-m", "dqt_lightning", *args]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("args,names", [
-    (["--trainer.plugins.init_args.bits", "0"], "trainer.plugins.bits"),
-    (["--trainer.plugins.init_args.bits", "9"], "trainer.plugins.bits"),
-    (["--trainer.plugins.init_args.mode", "foo"], "trainer.plugins.mode"),
-    (["--model.init_args.optimizer.init_args.lr", "-0.001"], "model.optimizer"),
-    (["--data.init_args.seq_len", "100000", "--data.init_args.vocab_size", "512"], "data.seq_len"),
+@pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+    """``python -m dqt_lightning ARGS`` run in this process, in tmp_path: ``main`` is the entry point's whole body,
+    so the exit code, stdout and stderr are the command's, without five seconds of imports per call. A traceback
+    would be an exception here, failing the test."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["dqt_lightning"])  # pytest's own arguments are not the command's
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as done:
+            code = 0 if done.code is None else done.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return run
+
+
+def _fit(*args: str) -> list[str]:
+    return ["fit", "--config", str(CONFIGS / "ternary.yaml"), *args]
+
+
+MISTAKES = {
+    "bits0": (["--trainer.plugins.init_args.bits", "0"], "trainer.plugins.bits"),
+    "bits9": (["--trainer.plugins.init_args.bits", "9"], "trainer.plugins.bits"),
+    "mode-foo": (["--trainer.plugins.init_args.mode", "foo"], "trainer.plugins.mode"),
+    "negative-lr": (["--model.init_args.optimizer.init_args.lr", "-0.001"], "model.optimizer"),
+    "seq-len-too-long": (["--data.init_args.seq_len", "100000"], "data.seq_len"),
     # Lightning's own refusal (the base config has a ModelCheckpoint), as one line too
-    (["--trainer.enable_checkpointing", "false"], "enable_checkpointing"),
-    (["--float32_matmul_precision", "fast"], "float32_matmul_precision"),
-    (["--trainer.callbacks+=dqt_lightning.QuantizedUpdate"], "trainer.callbacks lists QuantizedUpdate more than once"),
-    (["--trainer.callbacks=[]"], "mode=dqt needs the callback"),
-    (["--trainer.precision", "16-mixed"], "trainer.precision=16-mixed is not one the DQT precision plugin runs"),
-], ids=["bits0", "bits9", "mode-foo", "negative-lr", "seq-len-too-long", "checkpointing-off-with-a-checkpoint",
-        "matmul-precision", "update-callback-twice", "update-callback-missing", "fp16-precision"])
-def test_user_mistakes_end_in_one_line(args, names, tmp_path, data_cache):
-    result = _run(tmp_path, *args, "--data.init_args.cache_dir", data_cache, "--trainer.max_steps", "1")
+    "checkpointing-off-with-a-checkpoint": (["--trainer.enable_checkpointing", "false"], "enable_checkpointing"),
+    "matmul-precision": (["--float32_matmul_precision", "fast"], "float32_matmul_precision"),
+    "update-callback-twice": (["--trainer.callbacks+=dqt_lightning.QuantizedUpdate"],
+                              "trainer.callbacks lists QuantizedUpdate more than once"),
+    "update-callback-missing": (["--trainer.callbacks=[]"], "mode=dqt needs the callback"),
+    "fp16-precision": (["--trainer.precision", "16-mixed"],
+                       "trainer.precision=16-mixed is not one the DQT precision plugin runs"),
+}
+# The 512-token vocabulary the other tests share (the data cache then holds one tokenizer), and small batches: none
+# of these tests is about the numbers a run reaches.
+SMALL_DATA = ["--data.init_args.vocab_size", "512", "--data.init_args.seq_len", "32", "--data.init_args.batch_size",
+              "4"]
+
+
+def _one_error_line(result: subprocess.CompletedProcess, names: str) -> str:
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and names in errors[0], result.stderr[-2000:]
+    return errors[0]
 
 
-def test_a_repeated_command_starts_a_new_run_directory(tmp_path, data_cache):
-    args = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "2", "--data.init_args.vocab_size", "512",
-            "--data.init_args.cache_dir", data_cache]
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_user_mistakes_end_in_one_line(mistake, cli, data_cache):
+    args, names = MISTAKES[mistake]
+    result = cli(*_fit(*SMALL_DATA, *args, "--data.init_args.cache_dir", data_cache, "--trainer.max_steps", "1"))
+    _one_error_line(result, names)
+
+
+def test_through_the_real_entry_point_a_mistake_is_one_line_and_exit_code_2(tmp_path):
+    # The cases above call main() in this process; here `python -m dqt_lightning` itself, for its exit code and
+    # stderr (a refusal while parsing: no data is touched).
+    args, names = MISTAKES["bits0"]
+    _one_error_line(_subprocess(tmp_path, *_fit(*args)), names)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_repeated_command_starts_a_new_run_directory(tmp_path, cli, data_cache):
+    args = _fit("--trainer.max_steps", "2", "--trainer.limit_val_batches", "2", *SMALL_DATA,
+                "--data.init_args.cache_dir", data_cache)
     for _ in range(2):
-        result = _run(tmp_path, *args)
+        result = cli(*args)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert "unigram entropy" in result.stdout and "final validation loss" in result.stdout
     runs = sorted(p.name for p in (tmp_path / "runs" / "ternary").iterdir())
     assert runs == ["version_0", "version_1"]
     for run in runs:
         assert (tmp_path / "runs" / "ternary" / run / "config.yaml").exists()
-    assert "unigram entropy" in result.stdout and "final validation loss" in result.stdout
 
 
-def test_without_a_logger_a_second_run_in_the_same_directory_is_one_line_and_keeps_the_first(tmp_path, data_cache):
-    args = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "2", "--data.init_args.vocab_size", "512",
-            "--data.init_args.cache_dir", data_cache, "--trainer.logger", "false"]
-    assert _run(tmp_path, *args).returncode == 0
+def test_without_a_logger_a_second_run_in_the_same_directory_is_one_line_and_keeps_the_first(tmp_path, cli,
+                                                                                              data_cache):
+    args = _fit("--trainer.max_steps", "2", "--trainer.limit_val_batches", "2", *SMALL_DATA,
+                "--data.init_args.cache_dir", data_cache, "--trainer.logger", "false")
+    assert cli(*args).returncode == 0
     first = (tmp_path / "config.yaml").read_bytes()
-    result = _run(tmp_path, *args)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "config.yaml exists already" in errors[0] and "default_root_dir" in errors[0]
+    result = cli(*args)
+    error = _one_error_line(result, "config.yaml exists already")
+    assert "default_root_dir" in error
     assert (tmp_path / "config.yaml").read_bytes() == first
 
 
-def test_a_run_refused_at_its_start_leaves_no_config_behind_to_block_its_rerun(tmp_path, data_cache):
+def test_a_run_refused_at_its_start_leaves_no_config_behind_to_block_its_rerun(tmp_path, cli, data_cache):
     # fp8 is refused on a CPU only once training starts, after Lightning has written config.yaml.
-    args = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "2", "--data.init_args.vocab_size", "512",
-            "--data.init_args.cache_dir", data_cache, "--trainer.logger", "false"]
-    refused = _run(tmp_path, *args, "--trainer.plugins.init_args.precision", "fp8")
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert [line for line in refused.stderr.splitlines() if line.startswith("error:")][0].startswith(
-        "error: trainer.plugins.precision: fp8")
+    args = _fit("--trainer.max_steps", "2", "--trainer.limit_val_batches", "2", *SMALL_DATA,
+                "--data.init_args.cache_dir", data_cache, "--trainer.logger", "false")
+    refused = cli(*args, "--trainer.plugins.init_args.precision", "fp8")
+    assert _one_error_line(refused, "fp8").startswith("error: trainer.plugins.precision: fp8")
     assert not (tmp_path / "config.yaml").exists()
-    rerun = _run(tmp_path, *args)
+    rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "precision: 32-true" in (tmp_path / "config.yaml").read_text()
 
 
-def test_a_run_refused_at_its_start_leaves_no_run_directory_behind(tmp_path, data_cache):
+def test_a_run_refused_at_its_start_leaves_no_run_directory_behind(tmp_path, cli, data_cache):
     # With the default logger the refusal comes after TensorBoard opened its file in runs/ternary/version_0.
     (tmp_path / "runs" / "ternary" / "version_0").mkdir(parents=True)
     (tmp_path / "runs" / "ternary" / "version_0" / "notes.txt").write_text("an earlier run")
-    refused = _run(tmp_path, "--trainer.max_steps", "2", "--data.init_args.vocab_size", "512",
-                   "--data.init_args.cache_dir", data_cache, "--trainer.plugins.init_args.precision", "fp8")
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    refused = cli(*_fit("--trainer.max_steps", "2", *SMALL_DATA, "--data.init_args.cache_dir", data_cache,
+                        "--trainer.plugins.init_args.precision", "fp8"))
+    _one_error_line(refused, "fp8")
     assert sorted(p.name for p in (tmp_path / "runs" / "ternary").iterdir()) == ["version_0"]
     assert sorted(p.name for p in (tmp_path / "runs" / "ternary" / "version_0").iterdir()) == ["notes.txt"]
     # A config's first run, refused, leaves not even the config's name directory for `compare runs/` to find.
     overlay = tmp_path / "no-callbacks.yaml"
     overlay.write_text("trainer:\n  callbacks: []\n")
-    refused = _run(tmp_path, "--config", str(overlay), "--trainer.max_steps", "2", "--data.init_args.cache_dir",
-                   data_cache)
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    refused = cli(*_fit("--config", str(overlay), "--trainer.max_steps", "2", *SMALL_DATA,
+                        "--data.init_args.cache_dir", data_cache))
+    _one_error_line(refused, "mode=dqt needs the callback")
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ternary"]
 
 
-def test_ckpt_path_last_resumes_the_newest_run_of_the_config(tmp_path, data_cache):
+@pytest.fixture
+def lightning_log(caplog):
+    """What Lightning logs (its loggers write to the stderr of their import time, which capsys does not see)."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    for logger in loggers:
+        logger.addHandler(caplog.handler)
+    yield caplog
+    for logger in loggers:
+        logger.removeHandler(caplog.handler)
+
+
+def test_ckpt_path_last_resumes_the_newest_run_of_the_config(tmp_path, cli, data_cache, lightning_log):
     # Lightning would look for "last" only in the new run's own directory and start from scratch.
-    args = ["--trainer.limit_val_batches", "2", "--data.init_args.vocab_size", "512", "--data.init_args.cache_dir",
-            data_cache]
-    assert _run(tmp_path, *args, "--trainer.max_steps", "2").returncode == 0
+    args = _fit("--trainer.limit_val_batches", "2", *SMALL_DATA, "--data.init_args.cache_dir", data_cache)
+    assert cli(*args, "--trainer.max_steps", "2").returncode == 0
     runs = tmp_path / "runs" / "ternary"
     saved = (runs / "version_0" / "checkpoints" / "last.ckpt").read_bytes()
     for version in ("version_9", "version_10"):  # by number, not by name: version_10 is the newest
         (runs / version / "checkpoints").mkdir(parents=True)
         (runs / version / "checkpoints" / "last.ckpt").write_bytes(saved)
     (runs / "version_12").mkdir()  # newer, without a checkpoint
-    resumed = _run(tmp_path, *args, "--trainer.max_steps", "3", "--ckpt_path", "last")
+    lightning_log.clear()
+    resumed = cli(*args, "--trainer.max_steps", "3", "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    said = resumed.stdout + resumed.stderr
+    said = resumed.stdout + resumed.stderr + lightning_log.text
     assert "ckpt_path last: runs/ternary/version_10/checkpoints/last.ckpt" in said
     assert "Restored all states from the checkpoint at runs/ternary/version_10/checkpoints/last.ckpt" in said
     assert torch.load(runs / "version_13/checkpoints/last.ckpt", weights_only=False)["global_step"] == 3
@@ -215,27 +278,20 @@ def test_ckpt_path_last_with_no_run_to_evaluate_is_one_line(tmp_path, monkeypatc
     (None, "does not exist"), (b"not a checkpoint", "cannot be read as a checkpoint"), ("dir", "is a directory"),
 ], ids=["missing", "not-a-checkpoint", "a-directory"])
 @pytest.mark.parametrize("subcommand", ["fit", "validate"])
-def test_a_bad_ckpt_path_is_one_line_naming_it(tmp_path, subcommand, content, says):
+def test_a_bad_ckpt_path_is_one_line_naming_it(tmp_path, cli, subcommand, content, says):
     path = tmp_path / "last.ckpt"
     if content == "dir":
         path.mkdir()
     elif content is not None:
         path.write_bytes(content)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "dqt_lightning", subcommand, "--config", str(CONFIGS / "ternary.yaml"),
-           "--ckpt_path", str(path)]
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: ckpt_path {path} {says}"), result.stderr[-2000:]
+    result = cli(subcommand, "--config", str(CONFIGS / "ternary.yaml"), "--ckpt_path", str(path))
+    assert _one_error_line(result, "ckpt_path").startswith(f"error: ckpt_path {path} {says}")
     assert not (tmp_path / "runs").exists()  # refused while parsing: nothing written
 
 
-def test_fsdp_is_refused_up_front_with_the_reason(tmp_path, data_cache):
-    result = _run(tmp_path, "--trainer.strategy", "fsdp", "--data.init_args.cache_dir", data_cache)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "trainer.strategy=fsdp is not supported" in errors[0] and "ddp" in errors[0]
+def test_fsdp_is_refused_up_front_with_the_reason(cli, data_cache):
+    result = cli(*_fit("--trainer.strategy", "fsdp", "--data.init_args.cache_dir", data_cache))
+    assert "ddp" in _one_error_line(result, "trainer.strategy=fsdp is not supported")
 
 
 @pytest.mark.parametrize("text,where", [("trainer:\n  max_steps: [\n", "line 3, column 1"),
