@@ -152,12 +152,18 @@ class LanguageModel(pl.LightningModule):
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
         return loss, logits
 
+    def _batch_tokens(self, batch: torch.Tensor) -> int:
+        return (batch.shape[1] - 1) * batch.shape[0] * self.trainer.world_size  # every rank's batch together
+
     @override
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
 
     @override
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        # Counted here, not in on_train_batch_end: ModelCheckpoint saves in its own on_train_batch_end, which runs
+        # before the module's, so a checkpoint would hold one batch fewer than the run had trained.
+        self.tokens_seen += self._batch_tokens(batch)
         loss, _ = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach()))
@@ -165,10 +171,8 @@ class LanguageModel(pl.LightningModule):
 
     @override
     def on_train_batch_end(self, outputs, batch: torch.Tensor, batch_idx: int) -> None:
-        tokens = (batch.shape[1] - 1) * batch.shape[0] * self.trainer.world_size
-        self.tokens_seen += tokens
         elapsed = max(time.perf_counter() - self._step_started, 1e-9)
-        self.log("train/tokens_per_sec", tokens / elapsed)
+        self.log("train/tokens_per_sec", self._batch_tokens(batch) / elapsed)
         # Runs of different batch sizes or device counts compare at equal tokens, not equal steps (see `compare`).
         self.log("train/tokens_seen", float(self.tokens_seen))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

@@ -102,3 +102,52 @@ def test_compare_marks_runs_that_failed_or_stopped_early(tmp_path, capsys):
     assert rows["finished"].endswith("| finished |")
     assert rows["killed"].endswith("| stopped at step 20 of 30 |")
     assert rows["refused"].endswith("| failed: nothing logged |")
+
+
+def test_tokens_seen_after_a_resume_is_that_of_an_uninterrupted_run(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    tokens = torch.randint(0, 128, (32, 17), generator=torch.Generator().manual_seed(0))
+
+    def fit(steps: int, ckpt_path: Path | None = None) -> LanguageModel:
+        pl.seed_everything(0, verbose=False)
+        model = LanguageModel(SMALL, vocab_size=128, warmup_steps=0)
+        saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[saver])
+        trainer.fit(model, DataLoader(tokens, batch_size=4), ckpt_path=ckpt_path)
+        return model
+
+    fit(2)  # saves last.ckpt after step 2, from ModelCheckpoint's own batch-end hook
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)["tokens_seen"]
+    assert saved == 2 * 4 * 16
+    resumed = fit(4, tmp_path / "last.ckpt")
+    assert resumed.tokens_seen == fit(4).tokens_seen == 4 * 4 * 16
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resuming_mid_epoch_raises_no_not_resumable_warning(tmp_path, streaming, recwarn):
+    import json
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from dqt_lightning.data.text import TextCorpus, TextSource
+
+    words = "the quick brown fox jumps over the lazy dog while five boxing wizards jump quickly".split()
+    docs = [" ".join(words[(i + j) % len(words)] for j in range(200)) for i in range(12)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+    def fit(steps: int, ckpt_path: Path | None = None) -> None:
+        data = TextCorpus(source=TextSource(path=str(corpus), streaming=streaming, val_fraction=0.2), vocab_size=300,
+                          seq_len=8, batch_size=4, cache_dir=str(tmp_path / "cache"))
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=0, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+        trainer.fit(LanguageModel(SMALL, vocab_size=300, warmup_steps=0), datamodule=data, ckpt_path=ckpt_path)
+        assert trainer.num_training_batches > steps or streaming  # the first run stops mid-epoch
+
+    fit(2)
+    fit(4, tmp_path / "ckpt" / "last.ckpt")
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]
