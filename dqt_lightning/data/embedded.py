@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
-from dqt_lightning.data.sampling import ResumablePosition, TrainEvalLoaders
+from dqt_lightning.data.sampling import PositionedLoader, ResumablePosition, TrainEvalLoaders
 from dqt_lightning.data.tokenizer import EOT
 from dqt_lightning.data.tokenizer import train_bpe as _train_tokenizer  # the one BPE recipe; tests patch this name
 
@@ -247,7 +247,7 @@ class EmbeddedDocs(ResumablePosition, TrainEvalLoaders, pl.LightningDataModule):
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         windows = PackedWindows(stream, self.seq_len)
         sampler = self._train_sampler(windows, self.seed) if train else None
-        return DataLoader(
+        return (PositionedLoader if train else DataLoader)(
             windows, batch_size=self.batch_size, sampler=sampler, drop_last=train, num_workers=workers,
             persistent_workers=workers > 0,
         )

@@ -161,6 +161,22 @@ def streamed_start(position: dict[str, Any], trainer: pl.Trainer | None) -> tupl
     return epoch, done
 
 
+class PositionedLoader(DataLoader):
+    """The training ``DataLoader`` of a data module that resumes exactly.
+
+    It has ``state_dict`` and ``load_state_dict``, the interface Lightning checks before it warns that a run resumed
+    mid-epoch has a loader that "is not resumable". The loader itself keeps no state: the data module saves the data
+    position in every checkpoint and its sampler continues from it (:class:`ResumablePosition`), which the resume
+    tests check batch for batch.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
 class ResumablePosition:
     """Mixin for a ``LightningDataModule``: every checkpoint saves the training position (:func:`training_position`),
     a resumed run finds it in ``self._resume``, and :meth:`_train_sampler` continues the data order."""

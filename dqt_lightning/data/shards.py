@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.data.sampling import ResumablePosition, TrainEvalLoaders
+from dqt_lightning.data.sampling import PositionedLoader, ResumablePosition, TrainEvalLoaders
 from dqt_lightning.data.shard_files import BPE_SPECS, PREPARE_HINT, Manifest, default_shard_dir, prepare
 from dqt_lightning.data.text_source import TextSource
 from dqt_lightning.data.tokenizer import TextTokenizer, resolve_tokenizer
@@ -216,7 +216,7 @@ class TokenShards(ResumablePosition, TrainEvalLoaders, pl.LightningDataModule):
         if workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers never tokenize
         sampler = self._train_sampler(windows, self.seed) if train else None
-        return DataLoader(
+        return (PositionedLoader if train else DataLoader)(
             windows, batch_size=self.batch_size, sampler=sampler, drop_last=train, num_workers=workers,
             persistent_workers=workers > 0, collate_fn=whole_batch,
         )

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dqt_lightning.data.embedded import PackedWindows
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
-from dqt_lightning.data.sampling import ResumablePosition, streamed_start
+from dqt_lightning.data.sampling import PositionedLoader, ResumablePosition, streamed_start
 from dqt_lightning.data.tokenizer import TextTokenizer, resolve_tokenizer, tokenizer_vocab_size
 
 from dqt_lightning.data.text_source import ENCODE_BATCH, FORMAT_VERSION, TextSource, _hash
@@ -125,7 +125,7 @@ def _require(ok: bool, field: str, rule: str, value: object) -> None:
         raise ConfigError(f"data.{field} must be {rule}, got {value!r}")
 
 
-class _CountedPasses(DataLoader):
+class _CountedPasses(PositionedLoader):
     """A DataLoader that counts the passes begun over it, in the main process whatever its workers do."""
 
     passes = 0
@@ -281,8 +281,8 @@ class TextCorpus(ResumablePosition, pl.LightningDataModule):
                                                  num_workers=workers, persistent_workers=workers > 0)
             return self._stream_loader
         windows = PackedWindows(self.train_stream, self.seq_len)
-        return DataLoader(windows, batch_size=self.batch_size, sampler=self._train_sampler(windows, seed),
-                          drop_last=True, num_workers=workers, persistent_workers=workers > 0)
+        return PositionedLoader(windows, batch_size=self.batch_size, sampler=self._train_sampler(windows, seed),
+                                drop_last=True, num_workers=workers, persistent_workers=workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         """Validation windows in order, all of them."""
