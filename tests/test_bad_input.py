@@ -151,3 +151,15 @@ def test_resuming_mid_epoch_raises_no_not_resumable_warning(tmp_path, streaming,
     fit(2)
     fit(4, tmp_path / "ckpt" / "last.ckpt")
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+def test_a_corpus_of_one_document_says_it_all_went_to_validation(tmp_path):
+    from dqt_lightning.data.text import TextCorpus, TextSource
+    from dqt_lightning.errors import ConfigError
+
+    (tmp_path / "big.txt").write_text(" ".join(f"word{i % 50}" for i in range(20000)) + "\n")  # one line: one doc
+    data = TextCorpus(source=TextSource(path=str(tmp_path / "big.txt")), vocab_size=300, seq_len=8, batch_size=2,
+                      cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"^data.source: all 1 document of .*big.txt.* went to validation, leaving "
+                                          r"the train split empty .* set data.source.validation_split$"):
+        data.setup()

@@ -206,10 +206,25 @@ class TextCorpus(ResumablePosition, pl.LightningDataModule):
             pass
         stream = encode_stream(tokenizer, self.source.documents(split))
         if len(stream) == 0:
-            hint = "; raise data.source.val_fraction or set data.source.validation_split" if split != "train" else ""
-            raise ConfigError(f"data.source: the {split} split of {self.source.describe()} holds no text{hint}")
+            raise ConfigError(self._empty_split(split))
         atomic_write(path, lambda f: np.save(f, stream))
         return stream
+
+    def _empty_split(self, split: str) -> str:
+        """What to tell a user whose ``split`` tokenized to nothing, and what to set."""
+        where = self.source.describe()
+        if split != "train":
+            return (f"data.source: the {split} split of {where} holds no text; raise data.source.val_fraction or set "
+                    "data.source.validation_split")
+        counts = self.source.held_out_of()
+        if counts is not None and counts[0] == counts[1]:
+            # Validation holds out at least one document: a corpus of one document (a .txt file of one line, say)
+            # leaves nothing to train on, however large it is.
+            n = counts[0]
+            return (f"data.source: all {n} document{'s' if n != 1 else ''} of {where} went to validation, leaving "
+                    "the train split empty (at least one is held out, and data.source.val_fraction of them); give it "
+                    "more documents (a .txt file holds one per line), or set data.source.validation_split")
+        return f"data.source: the train split of {where} holds no text"
 
     def prepare_data(self) -> None:
         """Train or load the tokenizer and tokenize the documents into the cache; Lightning runs this once per node."""

@@ -244,6 +244,14 @@ class TextSource:
                     yield position, text
                 position += 1
 
+    def held_out_of(self) -> tuple[int, int] | None:
+        """``(documents, held out for validation)`` where validation is held out of one split of known length
+        (local files or a hub split, not streamed); None where it is not."""
+        if self.kind == "embedded" or self.validation_split or self.streaming:
+            return None
+        n = self._count("train")
+        return n, len(held_out_documents(n, self.val_fraction, self.max_val_documents, self.seed))
+
     def _count(self, split: str) -> int:
         loaded, _, _ = self._load(split)
         return len(loaded)  # an Arrow table's row count: no text is read
