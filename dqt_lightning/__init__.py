@@ -6,7 +6,8 @@ from dqt_lightning.model import LLaMA, Config
 from dqt_lightning.module import LanguageModel
 from dqt_lightning.train.optim import AdamW
 from dqt_lightning.train.precision import QuantPrecision
-from dqt_lightning.quant.grid import Grid, TernaryGrid, stochastic_round
+from dqt_lightning.quant.grid import Grid, TernaryGrid
+from dqt_lightning.quant.rounding import register_rounding
 from dqt_lightning.train.update import QuantizedUpdate
 
 __all__ = [
@@ -22,5 +23,5 @@ __all__ = [
     "QuantizedUpdate",
     "TernaryGrid",
     "quantized_parameters",
-    "stochastic_round",
+    "register_rounding",
 ]

@@ -73,15 +73,17 @@ def one_thread():
 
 @pytest.fixture
 def rounding_calls(monkeypatch) -> list[int]:
-    """Sizes of the tensors every call of ``quant.round_to_grid`` rounds, in call order, for invariant 3."""
-    from dqt_lightning.quant import grid as quant
+    """Sizes of the tensors every call of ``quant.step.round_to_grid`` rounds, in call order, for invariant 3. It is
+    the one rounding entry point of every path: the usual update, the update in backward, the fused update (eager)
+    and a bit-width schedule's switch."""
+    from dqt_lightning.quant import step
 
     calls: list[int] = []
-    original = quant.round_to_grid
+    original = step.round_to_grid
 
     def counting(y, *args, **kwargs):
         calls.append(y.numel())
         return original(y, *args, **kwargs)
 
-    monkeypatch.setattr(quant, "round_to_grid", counting)
+    monkeypatch.setattr(step, "round_to_grid", counting)
     return calls

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import dqt_lightning.quant.layers as layers_module
+import dqt_lightning.quant.grid as grid_module  # where the shared input quantizer lives
 from dqt_lightning import QuantizedUpdate, QuantPrecision
 from dqt_lightning.tools.bench import state_bytes
 from dqt_lightning.errors import ConfigError
@@ -310,8 +310,8 @@ def _run(layers, inputs):
 @pytest.mark.parametrize("autocast", [False, True])
 def test_projections_reading_one_input_share_its_quantization_bit_for_bit(monkeypatch, autocast):
     calls = []
-    original = layers_module.fake_quantize_activations
-    monkeypatch.setattr(layers_module, "fake_quantize_activations", lambda x: calls.append(1) or original(x))
+    original = grid_module.fake_quantize_activations
+    monkeypatch.setattr(grid_module, "fake_quantize_activations", lambda x: calls.append(1) or original(x))
     context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
     base = torch.randn(2, 5, 24)
     # Shared: q, k and v read one tensor. Separate: three tensors with the same values.
@@ -331,8 +331,8 @@ def test_projections_reading_one_input_share_its_quantization_bit_for_bit(monkey
 
 def test_a_changed_input_is_quantized_again(monkeypatch):
     calls = []
-    original = layers_module.fake_quantize_activations
-    monkeypatch.setattr(layers_module, "fake_quantize_activations", lambda x: calls.append(1) or original(x))
+    original = grid_module.fake_quantize_activations
+    monkeypatch.setattr(grid_module, "fake_quantize_activations", lambda x: calls.append(1) or original(x))
     first, second = _three_projections()[:2]
     x = torch.randn(3, 24)
     before = first(x)
@@ -348,8 +348,8 @@ def test_a_changed_input_is_quantized_again(monkeypatch):
 
 def test_each_block_quantizes_four_inputs_for_seven_projections(monkeypatch):
     calls = []
-    original = layers_module.fake_quantize_activations
-    monkeypatch.setattr(layers_module, "fake_quantize_activations", lambda x: calls.append(1) or original(x))
+    original = grid_module.fake_quantize_activations
+    monkeypatch.setattr(grid_module, "fake_quantize_activations", lambda x: calls.append(1) or original(x))
     model = make_model()
     QuantPrecision(mode="dqt").convert_module(model)
     model(torch.randint(0, 128, (2, 8))).sum().backward()
@@ -359,3 +359,31 @@ def test_each_block_quantizes_four_inputs_for_seven_projections(monkeypatch):
 def _textbook_quantize(x: torch.Tensor) -> torch.Tensor:
     s = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
     return torch.round(x * s).clamp(-128, 127) / s
+
+
+@pytest.mark.parametrize("scale_policy", ["fixed", "absmax"])
+def test_the_layer_owns_its_float_view_for_one_step(scale_policy):
+    """materialize: a float32 alpha * q (and float32 gradient) for the optimizer; round_step: one rounding of the
+    stepped view back onto the grid (quant.step), the flip count returned; the placeholder again afterwards."""
+    from dqt_lightning.quant.rounding import WEIGHTS, noise_keys
+    from dqt_lightning.quant.step import dqt_step, rescaled_step
+
+    layer = DQTLinear.from_linear(_linear(), Grid.from_bits(8), "stochastic", per_row_scale=True,
+                                  grad_dtype=torch.bfloat16, scale_policy=scale_policy)
+    q, alpha = layer.weight.clone(), layer.scale.clone()
+    assert not layer.materialized
+    layer.update_param.grad = torch.randn(layer.shape).to(torch.bfloat16)
+    layer.materialize()
+    assert layer.materialized and torch.equal(layer.update_param.data, q.float() * alpha)
+    assert layer.update_param.grad.dtype == torch.float32
+    layer.update_param.data.sub_(alpha * 0.3)  # what an optimizer's step would do
+    stepped = layer.update_param.data.clone()
+    key = noise_keys(4)[WEIGHTS]
+    flips = layer.round_step(key)
+    if scale_policy == "fixed":
+        expected = dqt_step(q, alpha, stepped, layer.grid, "stochastic", key)
+    else:
+        expected, new_alpha = rescaled_step(stepped, layer.grid, True, "stochastic", key)
+        assert torch.equal(layer.scale, new_alpha)
+    assert torch.equal(layer.weight, expected) and int(flips) == int((expected != q).sum()) > 0
+    assert not layer.materialized and layer.update_param.grad.dtype == torch.bfloat16

@@ -16,16 +16,17 @@ from dqt_lightning.errors import ConfigError
 from dqt_lightning.quant.layers import quantized_parameters
 from dqt_lightning.tools.memory import quantized_state_bytes
 from dqt_lightning.model import LLaMA
-from dqt_lightning.train.optim import (
+from dqt_lightning.quant.rounding import noise_keys
+from dqt_lightning.train.moments import (
     SIGNED_RANGE_LOG2,
     SIGNED_TOP,
     UNSIGNED_RANGE_LOG2,
     UNSIGNED_TOP,
-    AdamW,
     dequantize_blockwise,
     quantize_blockwise,
     stochastic_round_bf16,
 )
+from dqt_lightning.train.optim import OPTIMIZER_RULES, AdamW, adamw_update, optimizer_rule
 from tests.conftest import SMALL, TokenWindows, fit, make_model
 from tests.test_cli import parse
 
@@ -88,11 +89,15 @@ def test_lean_states_stay_close_to_float32_adamw(kind: str) -> None:
     assert 0 < drift.max() < 2.0
 
 
+def _key(seed: int) -> torch.Tensor:
+    return noise_keys(seed)[1]
+
+
 def test_bf16_stochastic_rounding_is_unbiased() -> None:
     gen = torch.Generator().manual_seed(0)
     x = (torch.rand(64, generator=gen) + 1.0) * torch.tensor([1.0, -1.0]).repeat(32)  # |x| in [1, 2): bf16 step 2**-7
     draws = 4000
-    rounded = stochastic_round_bf16(x.expand(draws, -1).contiguous(), gen).float()
+    rounded = stochastic_round_bf16(x.expand(draws, -1).contiguous(), _key(0)).float()
     lower = x.abs().to(torch.bfloat16).float()  # may be above or below |x|: the two neighbours are within one step
     assert ((rounded.abs() - x.abs()).abs() < 2**-7).all()
     assert set(rounded[:, 0].unique().tolist()) <= {rounded[:, 0].min().item(), rounded[:, 0].max().item()}
@@ -135,7 +140,7 @@ def _moments(n_blocks: int = 64, block: int = 256) -> tuple[torch.Tensor, torch.
 def test_int8_codes_reconstruct_moments_within_one_level(signed: bool) -> None:
     m, v = _moments()
     x = m if signed else v
-    codes, scales = quantize_blockwise(x, 256, signed, torch.Generator().manual_seed(1))
+    codes, scales = quantize_blockwise(x, 256, signed, _key(1))
     assert codes.dtype == (torch.int8 if signed else torch.uint8) and codes.shape == x.shape
     assert scales.shape == (x.numel() // 256,) and scales.dtype == torch.float32
     y = dequantize_blockwise(codes, scales, 256)
@@ -155,8 +160,8 @@ def test_int8_codes_reconstruct_moments_within_one_level(signed: bool) -> None:
 def test_int8_codes_are_unbiased(signed: bool) -> None:
     m, v = _moments(n_blocks=2)
     x = m if signed else v
-    gen = torch.Generator().manual_seed(2)
-    draws = torch.stack([dequantize_blockwise(*quantize_blockwise(x, 256, signed, gen), 256) for _ in range(400)])
+    draws = torch.stack([dequantize_blockwise(*quantize_blockwise(x, 256, signed, _key(seed)), 256)
+                         for seed in range(400)])
     spacing = SIGNED_SPACING if signed else UNSIGNED_SPACING
     # One draw errs by at most one level gap; 400 draws average that to ~gap/2/20. Nearest rounding, biased by up to
     # half a gap (4.5 %), fails this.
@@ -166,7 +171,7 @@ def test_int8_codes_are_unbiased(signed: bool) -> None:
 
 def test_int8_zero_block_and_partial_block_round_trip() -> None:
     x = torch.cat([torch.zeros(256), torch.tensor([3.0, -1.5, 0.0])])  # an all-zero block and a 3-element block
-    codes, scales = quantize_blockwise(x, 256, signed=True)
+    codes, scales = quantize_blockwise(x, 256, True, _key(0))
     assert scales.tolist() == [0.0, 3.0]
     y = dequantize_blockwise(codes, scales, 256)
     assert torch.equal(y[:256], torch.zeros(256)) and y[256].item() == 3.0 and y[258].item() == 0.0
@@ -351,9 +356,44 @@ def test_overlays_keep_the_base_recipe(overlay: str, kind: str) -> None:
 
 
 def test_optimizer_survives_deepcopy() -> None:
-    # Lightning and users may deepcopy or pickle optimizers; the cached noise generators must not get in the way.
+    # Lightning and users may deepcopy or pickle optimizers.
     params = _params()
     optimizer = AdamW(_groups(params), state_dtype="int8")
     _train(optimizer, params, 1)
     clone = copy.deepcopy(optimizer)
     assert clone.state_dict()["param_groups"][0]["state_dtype"] == "int8"
+
+
+def test_adamw_is_one_registered_rule_that_both_optimizers_find() -> None:
+    assert optimizer_rule(torch.optim.AdamW(_params())) is OPTIMIZER_RULES["adamw"]
+    assert optimizer_rule(AdamW(_params())) is OPTIMIZER_RULES["adamw"]
+    assert optimizer_rule(torch.optim.SGD(_params(), lr=0.1)) is None
+    assert OPTIMIZER_RULES["adamw"].update is adamw_update
+    # Pure: the inputs are read only (the fused update keeps a skipped layer's old moments).
+    w, g, m, v = (torch.randn(8) for _ in range(4))
+    v = v.abs()
+    before = [t.clone() for t in (w, g, m, v)]
+    adamw_update(w, g, m, v, 0.99, 0.9, 0.95, 1e-8, 0.01, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(before, (w, g, m, v)))
+
+
+def test_a_subclass_runs_another_registered_rule_with_the_same_states() -> None:
+    from dqt_lightning.train.optim import register_optimizer_rule
+
+    @register_optimizer_rule("test_sign_descent", lambda group, step: (float(group["lr"]),))
+    def sign_descent(weights, grad, exp_avg, exp_avg_sq, lr):
+        return weights - lr * torch.sign(grad), exp_avg, exp_avg_sq
+
+    class SignDescent(AdamW):
+        rule = "test_sign_descent"
+
+    try:
+        params = _params()
+        start = params[0].detach().clone()
+        optimizer = SignDescent(params, lr=0.5, state_dtype="bfloat16")
+        params[0].grad = torch.randn(params[0].shape)
+        optimizer.step()
+        assert torch.equal(params[0].detach(), start - 0.5 * torch.sign(params[0].grad))
+        assert optimizer_rule(optimizer).name == "test_sign_descent"
+    finally:
+        del OPTIMIZER_RULES["test_sign_descent"]

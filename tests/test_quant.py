@@ -4,19 +4,13 @@ import pytest
 import torch
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.quant.grid import (
-    Grid,
-    TernaryGrid,
-    absmean_quantize,
-    pack_ternary,
-    quantize_activations,
-    quantized_step,
-    rescaled_step,
-    round_to_grid,
-    step_seed,
-    stochastic_round,
-    unpack_ternary,
-)
+from dqt_lightning.quant.grid import Grid, TernaryGrid, absmean_quantize, pack_ternary, quantize_activations, unpack_ternary
+from dqt_lightning.quant.rounding import WEIGHTS, counter_uniform, noise_keys, step_seed
+from dqt_lightning.quant.step import dqt_step, rescaled_step, round_to_grid
+
+
+def _key(seed: int) -> torch.Tensor:
+    return noise_keys(seed)[WEIGHTS]
 
 
 @pytest.mark.parametrize("bits,qmin,qmax", [(1.58, -1, 1), (2, -2, 1), (3, -4, 3), (4, -8, 7), (8, -128, 127)])
@@ -58,9 +52,7 @@ def test_stochastic_rounding_is_unbiased():
     # 200k draws of each of 16 fractional values: the mean of floor(y + u) has standard deviation
     # sqrt(p(1-p)/n) <= 0.0011, so a tolerance of 0.006 is over 5 sigma.
     y = torch.linspace(-2.9, 2.9, 16)
-    gen = torch.Generator().manual_seed(1)
-    draws = stochastic_round(y.expand(200_000, 16), gen)
-    assert torch.all(draws == torch.floor(draws))
+    draws = round_to_grid(y.expand(200_000, 16), Grid.from_bits(8), "stochastic", _key(1)).float()
     assert torch.allclose(draws.mean(0), y, atol=0.006)
     # ... and it is really random: both neighbours occur for a non-integer value.
     assert set(draws[:, 3].unique().tolist()) == {math.floor(y[3].item()), math.ceil(y[3].item())}
@@ -69,40 +61,39 @@ def test_stochastic_rounding_is_unbiased():
 def test_nearest_is_deterministic_and_loses_small_updates():
     y = torch.tensor([0.3, 0.49, -0.3, 1.7])
     a = round_to_grid(y, TernaryGrid, "nearest", None)
-    b = round_to_grid(y, TernaryGrid, "nearest", torch.Generator().manual_seed(5))
+    b = round_to_grid(y, TernaryGrid, "nearest", _key(5))
     assert torch.equal(a, b) and a.tolist() == [0, 0, 0, 1]
 
 
 def test_round_to_grid_clips_to_the_grid():
     y = torch.tensor([-7.0, 5.0, 0.2])
-    out = round_to_grid(y, TernaryGrid, "stochastic", torch.Generator().manual_seed(0))
+    out = round_to_grid(y, TernaryGrid, "stochastic", _key(0))
     assert out.dtype == torch.int8 and out[0] == -1 and out[1] == 1
 
 
 def test_same_seed_same_noise_different_layer_different_noise():
     y = torch.rand(1000) * 4 - 2
-    draw = lambda seed: round_to_grid(y, Grid.from_bits(4), "stochastic", torch.Generator().manual_seed(seed))
+    draw = lambda seed: round_to_grid(y, Grid.from_bits(4), "stochastic", _key(seed))
     assert torch.equal(draw(step_seed(7, 3, 0)), draw(step_seed(7, 3, 0)))
     assert not torch.equal(draw(step_seed(7, 3, 0)), draw(step_seed(7, 3, 1)))
     assert not torch.equal(draw(step_seed(7, 3, 0)), draw(step_seed(7, 4, 0)))
 
 
-def test_quantized_step_without_a_move_keeps_every_level():
+def test_dqt_step_without_a_move_keeps_every_level():
     grid = Grid.from_bits(8)
     q, alpha = absmean_quantize(torch.randn(128, 64) * 0.02, grid)
     unmoved = q.float() * alpha
-    for _ in range(5):
-        out = quantized_step(q, alpha, unmoved, grid, "stochastic", torch.Generator().manual_seed(3))
-        assert torch.equal(out, q)
+    for seed in range(5):
+        assert torch.equal(dqt_step(q, alpha, unmoved, grid, "stochastic", _key(seed)), q)
 
 
-def test_quantized_step_moves_by_delta_over_alpha_in_expectation():
+def test_dqt_step_moves_by_delta_over_alpha_in_expectation():
     grid = Grid.from_bits(8)
     q = torch.zeros(200_000, dtype=torch.int8)
     alpha = torch.tensor(0.01)
     stepped = q.float() * alpha - 0.0023  # a move of -0.23 grid steps, below half a step
-    sr = quantized_step(q, alpha, stepped, grid, "stochastic", torch.Generator().manual_seed(0))
-    nearest = quantized_step(q, alpha, stepped, grid, "nearest", None)
+    sr = dqt_step(q, alpha, stepped, grid, "stochastic", _key(0))
+    nearest = dqt_step(q, alpha, stepped, grid, "nearest", None)
     assert abs(sr.float().mean().item() + 0.23) < 0.005
     assert torch.count_nonzero(nearest) == 0  # round-to-nearest loses the update entirely
 
@@ -111,7 +102,7 @@ def test_quantized_step_moves_by_delta_over_alpha_in_expectation():
 def test_absmax_rescale_spans_the_stepped_weight_and_is_unbiased(per_row):
     grid = Grid.from_bits(4)
     stepped = torch.randn(6, 50_000, generator=torch.Generator().manual_seed(1)) * torch.arange(1, 7).unsqueeze(1)
-    q, alpha = rescaled_step(stepped, grid, per_row, "stochastic", torch.Generator().manual_seed(2))
+    q, alpha = rescaled_step(stepped, grid, per_row, "stochastic", _key(2))
     amax = stepped.abs().amax(dim=1, keepdim=True) if per_row else stepped.abs().amax()
     assert torch.allclose(alpha, amax / 7)
     assert alpha.shape == ((6, 1) if per_row else ())
@@ -181,7 +172,7 @@ def test_fused_activation_quantizer_is_bit_identical_to_the_textbook_ste(dtype):
 
 
 @pytest.mark.parametrize("bits,per_row", [(1.58, False), (8, False), (4, True)])
-def test_quantized_step_is_bit_identical_to_the_textbook_update(bits, per_row):
+def test_dqt_step_is_bit_identical_to_the_textbook_update(bits, per_row):
     grid = Grid.from_bits(bits)
     gen = torch.Generator().manual_seed(1)
     q = torch.randint(grid.qmin, grid.qmax + 1, (48, 40), generator=gen, dtype=torch.int8)
@@ -191,19 +182,20 @@ def test_quantized_step_is_bit_identical_to_the_textbook_update(bits, per_row):
     stepped[:5] = unmoved[:5]  # rows the optimizer did not move
     y = q.float() + (stepped - q.float() * alpha) / alpha
     for seed in (0, 1, 2):
-        u = torch.rand(q.shape, generator=torch.Generator().manual_seed(seed))
+        u = counter_uniform(_key(seed), q.shape)
         expected = torch.floor(y + u).clamp(grid.qmin, grid.qmax).to(torch.int8)
-        got = quantized_step(q, alpha, stepped, grid, "stochastic", torch.Generator().manual_seed(seed))
+        got = dqt_step(q, alpha, stepped, grid, "stochastic", _key(seed))
         assert torch.equal(got, expected)
         assert torch.equal(got[:5], q[:5])
-    nearest = quantized_step(q, alpha, stepped, grid, "nearest", None)
+    nearest = dqt_step(q, alpha, stepped, grid, "nearest", None)
     assert torch.equal(nearest, torch.round(y).clamp(grid.qmin, grid.qmax).to(torch.int8))
     # The caller's tensors are read only: the update works in its own buffers.
     assert torch.equal(stepped[:5], unmoved[:5])
 
 
-def test_stochastic_round_leaves_its_input_alone():
+def test_rounding_leaves_its_input_alone():
     y = torch.linspace(-2, 2, 101)
     before = y.clone()
-    stochastic_round(y, torch.Generator().manual_seed(0))
-    assert torch.equal(y, before)
+    for rounding in ("stochastic", "nearest"):
+        round_to_grid(y, Grid.from_bits(4), rounding, _key(0))
+        assert torch.equal(y, before)

@@ -16,13 +16,18 @@ from torch.utils.data import DataLoader
 
 from dqt_lightning import ConfigError, QuantizedUpdate, QuantPrecision
 from dqt_lightning.cli import _ParseOnly
-from dqt_lightning.quant.layers import DQTLinear, dqt_layers
 from dqt_lightning.quant.grid import Grid, TernaryGrid
+from dqt_lightning.quant.layers import DQTLinear, dqt_layers
+from dqt_lightning.quant.rounding import WEIGHTS, noise_keys
 from dqt_lightning.train.schedule import BitWidthSchedule
 from tests.conftest import TokenWindows, make_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EIGHT = Grid.from_bits(8)
+
+
+def _key(seed: int) -> torch.Tensor:
+    return noise_keys(seed)[WEIGHTS]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,11 +65,9 @@ def test_stochastic_regrid_is_unbiased_inside_the_new_grid():
     w = layer.dequantize()
     total = torch.zeros_like(w)
     draws = 400
-    generator = torch.Generator()
     for seed in range(draws):
         copy = _eight_bit_layer()
-        generator.manual_seed(seed)
-        copy.regrid(TernaryGrid, "stochastic", generator)
+        copy.regrid(TernaryGrid, "stochastic", _key(seed))
         assert copy.grid == TernaryGrid and copy.weight.dtype == torch.int8
         assert set(copy.weight.unique().tolist()) <= {-1, 0, 1}
         total += copy.dequantize()
@@ -85,7 +88,7 @@ def test_nearest_regrid_is_deterministic_and_range_rule_clips_nothing():
     assert torch.equal(a.weight, b.weight) and a.weight.min() >= -8 and a.weight.max() <= 7
     layer = _eight_bit_layer()
     w, old_alpha = layer.dequantize(), layer.scale.clone()
-    clipped = layer.regrid(TernaryGrid, "stochastic", torch.Generator().manual_seed(0), scale_rule="range")
+    clipped = layer.regrid(TernaryGrid, "stochastic", _key(0), scale_rule="range")
     # Ternary levels with alpha * 127 span the 8-bit grid's range; only its extra negative level -128 lies outside.
     assert torch.allclose(layer.scale, old_alpha * 127)
     assert clipped == pytest.approx(float((w == w.min()).float().mean()) if w.min() < -127 * old_alpha else 0.0)
@@ -94,7 +97,7 @@ def test_nearest_regrid_is_deterministic_and_range_rule_clips_nothing():
 def test_per_row_scales_stay_per_row():
     layer = _eight_bit_layer(per_row=True)
     w = layer.dequantize()
-    layer.regrid(TernaryGrid, "stochastic", torch.Generator().manual_seed(0))
+    layer.regrid(TernaryGrid, "stochastic", _key(0))
     assert layer.scale.shape == (64, 1)
     assert torch.allclose(layer.scale, w.abs().mean(dim=1, keepdim=True))
 
@@ -179,10 +182,12 @@ def _levels(model) -> dict[str, torch.Tensor]:
     return {name: m.weight.clone() for name, m in model.named_modules() if isinstance(m, DQTLinear)}
 
 
-def test_switch_happens_at_the_step_and_the_update_rounds_onto_the_new_grid():
+def test_switch_happens_at_the_step_and_the_update_rounds_onto_the_new_grid(rounding_calls):
     grids, logger = _Grids(), _TextLogger()
     trainer = _trainer(grids, logger=logger)
     model = _fit(trainer)
+    # Every rounding goes through the one entry point: one per layer and step, plus one per layer at the switch.
+    assert len(rounding_calls) == 14 * STEPS + 14
     assert [(tag, step) for tag, _, step in logger.texts] == [("dqt/bit_width_schedule", 5)]
     assert "step 5: 8 -> 1.58 bits" in logger.texts[0][1]
     assert grids.bits_per_step == {s: (8.0 if s < 5 else 1.58) for s in range(STEPS)}

@@ -108,7 +108,7 @@ def test_update_ratio_is_the_optimizers_step_in_grid_units(telemetry_first):
     for logged_at, metrics in measured.items():
         step = logged_at - 1
         # rel 2e-3, not float eps: the step is read back as stepped - alpha*q in float32, where alpha*q is up to 128
-        # grid steps and the update a thousandth of one; quantized_step rounds that same difference.
+        # grid steps and the update a thousandth of one; quant.step.grid_move computes that same difference.
         for name, ratio in expected.ratios[step].items():
             assert metrics[f"telemetry_layers/{name}.update_over_step"] == pytest.approx(ratio, rel=2e-3)
         assert metrics["telemetry/update_over_step"] == pytest.approx(expected.overall[step], rel=2e-3)

@@ -1,4 +1,6 @@
-"""The invariants of SPEC §3 that a single process can show: 1, 3, 5, 7 and 8 (2 is in test_quant.py)."""
+"""The invariants a single process can show: integer-only persistence, one rounding per weight per step, accumulation
+equals a larger batch, clipping over both kinds of parameters, the configured optimizer and schedule (SR unbiasedness
+is in test_quant.py, replicas in test_ddp.py, resume in test_resume.py)."""
 
 import lightning.pytorch as pl
 import pytest
@@ -38,10 +40,18 @@ def test_invariant_1_weights_persist_only_as_integers():
         assert _float_tensors_like(layer, model) == []
 
 
-def test_invariant_3_one_rounding_per_weight_per_step(rounding_calls):
+@pytest.mark.parametrize("plugin,accumulate", [
+    ({}, 2),
+    ({"fused_update": True, "compile_fused_update": False}, 2),
+    ({"update_in_backward": True}, 1),
+    ({"update_in_backward": True, "fused_update": True, "compile_fused_update": False}, 1),
+    ({"scale_policy": "absmax"}, 2),
+], ids=["usual", "fused", "in-backward", "fused-in-backward", "absmax"])
+def test_invariant_3_one_rounding_per_weight_per_step(rounding_calls, plugin, accumulate, one_thread):
+    # Every path rounds through quant.step.round_to_grid, once per layer and optimizer step, over all its weights.
     calls = rounding_calls
     model = make_model()
-    trainer = fit(model, steps=3, accumulate=2, batch_size=4)
+    trainer = fit(model, steps=3, accumulate=accumulate, batch_size=8 // accumulate, **plugin)
     update = next(c for c in trainer.callbacks if type(c).__name__ == "QuantizedUpdate")
     n_weights = sum(layer.weight.numel() for layer in dqt_layers(model))
     assert trainer.global_step == 3 and update.n_updates == 3
@@ -161,7 +171,9 @@ class PoisonGradient(pl.Callback):
 def test_a_nonfinite_gradient_skips_the_step_and_never_reaches_the_weights():
     poison = PoisonGradient(step=1)
     model = make_model()
-    trainer = fit(model, steps=3, callbacks=[poison])
+    with pytest.warns(UserWarning, match=r"skipped the update of every parameter at step 1: non-finite gradient in "
+                                         r"model\.layers\.0\.attn\.q_proj\.weight$"):
+        trainer = fit(model, steps=3, callbacks=[poison])
     update = next(c for c in trainer.callbacks if type(c).__name__ == "QuantizedUpdate")
     assert update.skipped_steps == 1 and trainer.global_step == 3
     assert all(torch.equal(a, b) for a, b in zip(poison.before, poison.after))  # nothing moved at the bad step
@@ -174,7 +186,20 @@ def test_a_nonfinite_gradient_can_stop_the_run_naming_step_and_layer():
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          plugins=[QuantPrecision(mode="dqt")],
                          callbacks=[QuantizedUpdate(on_nonfinite="stop"), PoisonGradient(step=1)])
-    with pytest.raises(TrainingStopped, match=r"step 1, first in model\.layers\.0\.attn\.q_proj\.weight"):
+    with pytest.raises(TrainingStopped, match=r"non-finite gradient at step 1 in model\.layers\.0\.attn\.q_proj\.weight; "
+                                              r"lower the learning rate, or set on_nonfinite: skip$"):
+        trainer.fit(model, datamodule=TokenWindows())
+
+
+def test_the_update_needs_the_quant_precision_plugin(one_thread):
+    from dqt_lightning.errors import ConfigError
+
+    model = make_model()
+    QuantPrecision(mode="dqt").convert_module(model)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[QuantizedUpdate()])
+    with pytest.raises(ConfigError, match=r"QuantizedUpdate needs trainer.plugins: dqt_lightning.QuantPrecision"):
         trainer.fit(model, datamodule=TokenWindows())
 
 

@@ -1,23 +1,21 @@
-"""The whole DQT method: integer grids, absmean initialisation, rounding, and the quantized update.
+"""Integer grids, absmean initialisation, BitNet's weight and activation quantizers, and ternary packing.
 
 Direct Quantized Training (Zhao et al., arXiv 2412.04787; reference code github.com/KYuuto1006/DQT) keeps a linear
-weight only as ``W = alpha * q`` with an integer tensor ``q`` on a low-bit grid. After every optimizer step the float
-step ``delta`` is written straight onto the grid with stochastic rounding: ``q_new = clip(floor(q - delta/alpha + u))``,
-``u ~ U[0, 1)``. SR is unbiased, so updates far smaller than one grid step still move the weight in expectation;
-round-to-nearest (the ``nearest`` ablation) loses them. Everything here is a pure function of its arguments; random
-draws come from an explicit ``torch.Generator`` so that every DDP rank and every resumed run draws the same noise.
+weight only as ``W = alpha * q`` with an integer tensor ``q`` on a low-bit grid (:class:`Grid`). After every optimizer
+step the float step ``delta`` is written straight onto the grid with stochastic rounding,
+``q_new = clip(floor(q - delta/alpha + u))``, ``u ~ U[0, 1)``: that step is :mod:`dqt_lightning.quant.step`, its
+rounding rules and noise :mod:`dqt_lightning.quant.rounding`. Everything here is a pure function of its arguments.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from dqt_lightning.errors import ConfigError
-
-ROUNDINGS = ("stochastic", "nearest")
 
 
 @dataclass(frozen=True)
@@ -142,69 +140,44 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     return _ActivationQuantizer.apply(x)
 
 
-def stochastic_round(y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """``floor(y + u)`` with ``u ~ U[0, 1)``: rounds up with probability equal to the fractional part, so
-    ``E[stochastic_round(y)] = y``."""
-    u = torch.rand(y.shape, generator=generator, device=y.device, dtype=torch.float32)
-    return u.add_(y.float()).floor_()  # u + y == y + u bit for bit; the noise buffer doubles as the result
+class SharedInputQuantizer:
+    """Quantizes a projection's input once however many projections read it.
 
-
-def round_to_grid(y: torch.Tensor, grid: Grid, rounding: str, generator: torch.Generator | None) -> torch.Tensor:
-    """Round float grid coordinates onto ``grid`` (stochastic or nearest) and return int8 levels."""
-    if rounding == "stochastic":
-        r = stochastic_round(y, generator)
-    elif rounding == "nearest":
-        r = torch.round(y.float())
-    else:
-        raise ConfigError(f"rounding must be one of {', '.join(ROUNDINGS)}; got '{rounding}'")
-    return r.clamp_(grid.qmin, grid.qmax).to(torch.int8)
-
-
-@torch.no_grad()
-def quantized_step(
-    q: torch.Tensor,
-    alpha: torch.Tensor,
-    stepped: torch.Tensor,
-    grid: Grid,
-    rounding: str,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """The DQT update: the optimizer moved the dequantized weight ``alpha * q`` to ``stepped``; write that move onto the
-    grid with one rounding: ``y = q + (stepped - alpha*q) / alpha`` (``= q - delta/alpha``), ``q_new = round(y)``.
-
-    Taking the difference against the very same ``alpha * q`` product the optimizer started from makes ``y == q``
-    exactly when the optimizer did not move the weight, so an idle weight never flips by float noise.
+    ``q_proj``, ``k_proj`` and ``v_proj`` read the same tensor, as do ``gate_proj`` and ``up_proj``. The quantized
+    activation depends on that tensor alone, so the first of them computes it (in the compute dtype) and the others
+    reuse it: 4 instead of 7 quantizations per block, and one saved copy for their backward instead of three. The
+    cache is one slot, keyed by the very tensor object (a weak reference, so it never keeps an input alive), its
+    in-place version counter and the compute dtype; it is emptied as soon as that input is freed.
     """
-    # In place in one float buffer: y = q + ((-(alpha*q)) + stepped) / alpha, the same IEEE operations, in an order
-    # that float addition's commutativity makes bit-identical to the textbook q + (stepped - alpha*q) / alpha.
-    levels = q.float()
-    y = levels * alpha
-    y.neg_().add_(stepped.float()).div_(alpha).add_(levels)
-    return round_to_grid(y, grid, rounding, generator)
+
+    def __init__(self) -> None:
+        self._input: weakref.ref | None = None
+        self._key: tuple[int, torch.dtype] | None = None
+        self._quantized: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype):
+        """``x_q`` in ``dtype``; or, for ``dtype=torch.int8``, the int8 levels and their scale
+        (:func:`activation_levels`)."""
+        if torch.compiler.is_compiling() or x.is_inference():
+            # The compiler dedupes on its own; inference tensors carry no version counter to key on.
+            return self._quantize(x, dtype)
+        key = (x._version, dtype)
+        if self._input is not None and self._input() is x and self._key == key:
+            return self._quantized
+        quantized = self._quantize(x, dtype)
+        self._input, self._key, self._quantized = weakref.ref(x, self._forget), key, quantized
+        return quantized
+
+    @staticmethod
+    def _quantize(x: torch.Tensor, dtype: torch.dtype):
+        return activation_levels(x) if dtype == torch.int8 else fake_quantize_activations(x).to(dtype)
+
+    def _forget(self, ref: weakref.ref) -> None:
+        if ref is self._input:
+            self._input = self._key = self._quantized = None
 
 
-@torch.no_grad()
-def rescaled_step(stepped: torch.Tensor, grid: Grid, per_row: bool, rounding: str,
-                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``absmax`` scale policy (torchao's int8 quantized training): the scale follows the weight instead of staying
-    fixed. From the optimizer's stepped weight ``W'``, ``alpha' = max|W'| / Qp`` (per row, or per tensor), then
-    ``q' = round(W' / alpha')`` with one rounding as in :func:`quantized_step`. Nothing is clipped except the
-    asymmetric grid's unused lowest level, and SR keeps ``E[alpha' q'] = W'``.
-
-    Returns:
-        ``(q' as int8, alpha' as float32)``, ``alpha'`` shaped ``[rows, 1]`` or a scalar.
-    """
-    w = stepped.float()
-    amax = w.abs().amax(dim=1, keepdim=True) if per_row else w.abs().amax()
-    alpha = amax.clamp_(min=1e-8) / grid.positive_levels
-    return round_to_grid(w / alpha, grid, rounding, generator), alpha
-
-
-def step_seed(run_seed: int, step: int, layer: int) -> int:
-    """A 63-bit seed for one layer at one optimizer step. Every rank and every resumed run derives the same seed, so
-    they draw the same SR noise without sharing generator state."""
-    mixed = (run_seed * 1_000_003 + step) * 1_000_033 + layer
-    return mixed % (2**63 - 1)
+quantize_input = SharedInputQuantizer()
 
 
 def pack_ternary(q: torch.Tensor, check: bool = True) -> torch.Tensor:

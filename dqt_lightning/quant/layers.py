@@ -1,26 +1,28 @@
-"""Layers for the three training modes: DQT (integer weights), BitNet b1.58 (STE) and full precision.
+"""The DQT layers: integer weights, and the float view the optimizer steps. (BitNet b1.58's STE layers, re-exported
+here, live in :mod:`dqt_lightning.quant.bitnet`; full precision keeps ``nn.Linear``.)
 
 Every DQT layer derives from :class:`DQTWeight`: the weight lives only as an int8 buffer ``weight`` plus a float32
 ``scale``; its gradient goes to a separate ``update_param`` whose storage is a single number between optimizer steps.
 That parameter exists so the optimizer configured in YAML (its hyper-parameters, state and LR schedule) and gradient
-clipping treat quantized and float weights alike; :class:`dqt_lightning.train.update.QuantizedUpdate` fills it with
-``alpha * q`` just before the step and rounds the result back onto the grid just after. :class:`DQTLinear` (the
+clipping treat quantized and float weights alike: the layer fills it with ``alpha * q`` just before the step
+(:meth:`DQTWeight.materialize`) and rounds the result back onto the grid just after (:meth:`DQTWeight.round_step`),
+when :class:`dqt_lightning.train.update.QuantizedUpdate` says so. :class:`DQTLinear` (the
 projections, and optionally the output head) and :class:`DQTEmbedding` (optionally the token embedding) differ only
 in their forward.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dqt_lightning.quant.fp8 import fp8_linear, fp8_matmul
-from dqt_lightning.quant.grid import (Grid, absmean_quantize, activation_levels, fake_quantize_activations, pack_ternary,
-                                 quantize_activations, round_to_grid, ste_quantize, unpack_ternary)
+from dqt_lightning.quant.fp8 import fp8_matmul
+from dqt_lightning.quant import step as quant_step
+from dqt_lightning.quant.bitnet import BitEmbedding, BitLinear, refuse_embedding_options
+from dqt_lightning.quant.grid import Grid, absmean_quantize, pack_ternary, quantize_input, unpack_ternary
 
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -36,20 +38,28 @@ class DQTWeight(nn.Module):
 
     Between optimizer steps the layer holds the int8 levels, the scale, and ``update_param``: a zero-stride view of
     one number with the weight's shape, so that gradients and optimizer bookkeeping line up at 2 or 4 bytes of
-    storage. Its dtype is the gradient buffer's dtype (``grad_dtype``); inside a step :meth:`materialize` makes it a
-    float32 ``alpha * q`` with a float32 gradient, and :meth:`release` frees both again.
+    storage. Its dtype is the gradient buffer's dtype (``grad_dtype``). The layer owns that float view; one optimizer
+    step of it is:
+
+    - :meth:`materialize`: ``update_param`` becomes a float32 ``alpha * q`` with a float32 gradient;
+    - the optimizer steps it (any optimizer, with clipping and the LR schedule as configured);
+    - :meth:`round_step`: the stepped float view goes back onto the grid with one rounding
+      (:mod:`dqt_lightning.quant.step`), and :meth:`release` frees the float values again.
+
+    The fused update skips the float view: it reads levels and gradient and stores new levels itself
+    (:meth:`set_levels`, :meth:`release`); :meth:`widen_gradient` gives clipping the same float32 gradient before it.
 
     Args:
         shape: ``(rows, columns)`` of the weight: ``(out_features, in_features)`` or ``(vocab, width)``.
         grid: The integer levels of the weight.
-        rounding: ``stochastic`` or ``nearest``; read by the update callback.
+        rounding: The name of a registered rounding rule (:mod:`dqt_lightning.quant.rounding`), e.g. ``stochastic``.
         per_row_scale: One scale per row instead of one per tensor.
         grad_dtype: ``torch.float32`` or ``torch.bfloat16``: the dtype of the gradient buffer between backward and
             the optimizer step.
     """
 
     # fixed: the scale set at initialisation stays (the paper's default); absmax: re-derived from the stepped weight
-    # at every update (quant.rescaled_step). Read by quantize_from and the update callback.
+    # at every update (quant.step.rescaled_step). Read by quantize_from and round_step.
     scale_policy = "fixed"
 
     def __init__(self, shape: tuple[int, int], grid: Grid, rounding: str = "stochastic", per_row_scale: bool = False,
@@ -64,7 +74,7 @@ class DQTWeight(nn.Module):
         object.__setattr__(self, "update_param", nn.Parameter(self._placeholder(torch.device("cpu"))))
 
     def quantize_from(self, weight: torch.Tensor) -> None:
-        """Set the levels and scale from a float weight, round to nearest (SPEC §2, Initialisation): absmean, or the
+        """Set the levels and scale from a float weight, round to nearest (absmean initialisation), or the
         absolute maximum under the ``absmax`` scale policy, so its first step does not jump from one rule to the
         other."""
         statistic = "absmax" if self.scale_policy == "absmax" else "absmean"
@@ -132,7 +142,34 @@ class DQTWeight(nn.Module):
             param.data = self._placeholder(self.weight.device, torch.float32)
             param.grad = param.grad.float()
 
+    @property
+    def materialized(self) -> bool:
+        """Whether ``update_param`` holds a float ``alpha * q`` (or its stepped value) rather than the placeholder."""
+        data = self.update_param.data
+        return data.dim() > 0 and 0 not in data.stride()
+
+    @torch.no_grad()
+    def round_step(self, key: torch.Tensor | None) -> torch.Tensor:
+        """Write the optimizer's stepped float view back onto the grid, one rounding with this layer's rule and the
+        noise stream ``key`` (:func:`~dqt_lightning.quant.step.dqt_step`, or
+        :func:`~dqt_lightning.quant.step.rescaled_step` under the ``absmax`` scale policy), then :meth:`release`.
+
+        Returns:
+            The number of levels that changed, as a tensor (no host sync).
+        """
+        q, stepped = self.levels(), self.update_param.data
+        if self.scale_policy == "absmax":
+            q_new, alpha = quant_step.rescaled_step(stepped, self.grid, self.scale.dim() > 0, self.rounding, key)
+            self.scale.copy_(alpha.reshape(self.scale.shape))
+        else:
+            q_new = quant_step.dqt_step(q, self.scale, stepped, self.grid, self.rounding, key)
+        flips = torch.count_nonzero(q_new != q)
+        self.set_levels(q_new)
+        self.release()
+        return flips
+
     def release(self) -> None:
+        """Back to the placeholder between steps; a gradient still held is kept in the buffer's own dtype."""
         param = self.update_param
         param.data = self._placeholder(self.weight.device)
         if param.grad is not None and param.grad.dtype != self.grad_dtype:
@@ -141,7 +178,7 @@ class DQTWeight(nn.Module):
             param.grad = param.grad.to(self.grad_dtype)
 
     @torch.no_grad()
-    def regrid(self, grid: Grid, rounding: str = "stochastic", generator: torch.Generator | None = None,
+    def regrid(self, grid: Grid, rounding: str = "stochastic", key: torch.Tensor | None = None,
                scale_rule: str = "absmean") -> float:
         """Move the weight onto another grid (a bit-width schedule's switch), keeping ``W = alpha * q`` in expectation.
 
@@ -153,8 +190,9 @@ class DQTWeight(nn.Module):
 
         Args:
             grid: The new levels.
-            rounding: ``stochastic`` or ``nearest``.
-            generator: Source of the rounding noise (seed it identically on every DDP rank).
+            rounding: A registered rounding rule, e.g. ``stochastic`` or ``nearest``.
+            key: The noise stream of the rounding (:func:`~dqt_lightning.quant.rounding.noise_keys`; the same on
+                every DDP rank).
             scale_rule: ``absmean`` (BitNet's quantizer) or ``range`` (the old grid's range, rescaled).
 
         Returns:
@@ -172,7 +210,7 @@ class DQTWeight(nn.Module):
             raise ValueError("a layer with packed ternary storage cannot move onto a wider grid")
         y = w.div_(alpha)
         clipped = ((y < grid.qmin) | (y > grid.qmax)).float().mean().item()
-        self.set_levels(round_to_grid(y, grid, rounding, generator))
+        self.set_levels(quant_step.round_to_grid(y, grid, rounding, key))
         self.scale.copy_(alpha.reshape(self.scale.shape))
         self.grid = grid
         return clipped
@@ -183,46 +221,6 @@ class DQTWeight(nn.Module):
         grad = "" if self.grad_dtype == torch.float32 else f", grad_dtype={str(self.grad_dtype).removeprefix('torch.')}"
         packed = ", packed 2-bit" if self.packed else ""
         return f"levels=[{self.grid.qmin}, {self.grid.qmax}]{packed}, rounding={self.rounding}, scale={scale}{grad}"
-
-
-class _SharedInputQuantizer:
-    """Quantizes a projection's input once however many projections read it.
-
-    ``q_proj``, ``k_proj`` and ``v_proj`` read the same tensor, as do ``gate_proj`` and ``up_proj``. The quantized
-    activation depends on that tensor alone, so the first of them computes it (in the compute dtype) and the others
-    reuse it: 4 instead of 7 quantizations per block, and one saved copy for their backward instead of three. The
-    cache is one slot, keyed by the very tensor object (a weak reference, so it never keeps an input alive), its
-    in-place version counter and the compute dtype; it is emptied as soon as that input is freed.
-    """
-
-    def __init__(self) -> None:
-        self._input: weakref.ref | None = None
-        self._key: tuple[int, torch.dtype] | None = None
-        self._quantized: torch.Tensor | None = None
-
-    def __call__(self, x: torch.Tensor, dtype: torch.dtype):
-        """``x_q`` in ``dtype``; or, for ``dtype=torch.int8``, the int8 levels and their scale
-        (:func:`~dqt_lightning.quant.grid.activation_levels`)."""
-        if torch.compiler.is_compiling() or x.is_inference():
-            # The compiler dedupes on its own; inference tensors carry no version counter to key on.
-            return self._quantize(x, dtype)
-        key = (x._version, dtype)
-        if self._input is not None and self._input() is x and self._key == key:
-            return self._quantized
-        quantized = self._quantize(x, dtype)
-        self._input, self._key, self._quantized = weakref.ref(x, self._forget), key, quantized
-        return quantized
-
-    @staticmethod
-    def _quantize(x: torch.Tensor, dtype: torch.dtype):
-        return activation_levels(x) if dtype == torch.int8 else fake_quantize_activations(x).to(dtype)
-
-    def _forget(self, ref: weakref.ref) -> None:
-        if ref is self._input:
-            self._input = self._key = self._quantized = None
-
-
-_quantize_input = _SharedInputQuantizer()
 
 
 class _DQTLinearFn(torch.autograd.Function):
@@ -308,7 +306,7 @@ class DQTLinear(DQTWeight):
         in_features: Input width.
         out_features: Output width.
         grid: The integer levels of the weight.
-        rounding: ``stochastic`` or ``nearest``; read by the update callback.
+        rounding: A registered rounding rule (see :class:`DQTWeight`).
         per_row_scale: One scale per output row instead of one per tensor.
         grad_dtype: Dtype of the gradient buffer (see :class:`DQTWeight`).
     """
@@ -336,10 +334,10 @@ class DQTLinear(DQTWeight):
         packed_shape = self.shape if self.packed else None
         tokens = x.numel() // self.in_features
         if self.int8_matmul and _int_mm_fits(tokens, self.in_features, self.out_features, x.device):
-            levels, s = _quantize_input(x, torch.int8)
+            levels, s = quantize_input(x, torch.int8)
             return _DQTLinearInt8Fn.apply(x, levels, s, self.update_param, self.weight, self.scale, dtype,
                                           packed_shape)
-        x_q = _quantize_input(x, dtype)
+        x_q = quantize_input(x, dtype)
         return _DQTLinearFn.apply(x, x_q, self.update_param, self.weight, self.scale, self.fp8, packed_shape)
 
     def extra_repr(self) -> str:
@@ -380,7 +378,7 @@ class DQTEmbedding(DQTWeight):
         num_embeddings: Vocabulary size.
         embedding_dim: Width of each row.
         grid: The integer levels of the table.
-        rounding: ``stochastic`` or ``nearest``; read by the update callback.
+        rounding: A registered rounding rule (see :class:`DQTWeight`).
         per_row_scale: One scale per token row instead of one per tensor.
         grad_dtype: Dtype of the gradient buffer (see :class:`DQTWeight`).
     """
@@ -393,7 +391,7 @@ class DQTEmbedding(DQTWeight):
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, grid: Grid, rounding: str, per_row_scale: bool = False,
                        grad_dtype: torch.dtype = torch.float32, scale_policy: str = "fixed") -> DQTEmbedding:
-        _refuse_embedding_options(embedding)
+        refuse_embedding_options(embedding)
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, grid, rounding, per_row_scale, grad_dtype)
         layer.scale_policy = scale_policy
         layer.quantize_from(embedding.weight)
@@ -406,57 +404,6 @@ class DQTEmbedding(DQTWeight):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self._describe()}"
 
 
-def _refuse_embedding_options(embedding: nn.Embedding) -> None:
-    # The LLaMA embedding is a plain lookup; these options would change what the gradient is.
-    if embedding.padding_idx is not None or embedding.max_norm is not None or embedding.sparse:
-        raise TypeError("quantized embeddings support a plain lookup only (no padding_idx, max_norm or sparse)")
-
-
-class BitLinear(nn.Linear):
-    """BitNet b1.58: a float master weight, fake-quantized (absmean, ``grid``) in every forward through an STE, and
-    8-bit per-token activations."""
-
-    fp8 = False  # set by the fp8 precision on a GPU that has FP8 matmuls
-
-    def __init__(self, in_features: int, out_features: int, grid: Grid) -> None:
-        super().__init__(in_features, out_features, bias=False)
-        self.grid = grid
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, grid: Grid) -> BitLinear:
-        layer = cls(linear.in_features, linear.out_features, grid).to(linear.weight.device)
-        layer.weight.data.copy_(linear.weight.data)
-        return layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (fp8_linear if self.fp8 else F.linear)(quantize_activations(x), ste_quantize(self.weight, self.grid))
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, levels=[{self.grid.qmin}, {self.grid.qmax}]"
-
-
-class BitEmbedding(nn.Embedding):
-    """The STE counterpart of :class:`DQTEmbedding`: a float master table, fake-quantized (absmean over the whole
-    table, ``grid``) in every forward; the lookup's gradient passes straight through to the master."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, grid: Grid) -> None:
-        super().__init__(num_embeddings, embedding_dim)
-        self.grid = grid
-
-    @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, grid: Grid) -> BitEmbedding:
-        _refuse_embedding_options(embedding)
-        layer = cls(embedding.num_embeddings, embedding.embedding_dim, grid).to(embedding.weight.device)
-        layer.weight.data.copy_(embedding.weight.data)
-        return layer
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, ste_quantize(self.weight, self.grid))
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, levels=[{self.grid.qmin}, {self.grid.qmax}]"
-
-
 def dqt_layers(module: nn.Module) -> Iterator[DQTWeight]:
     """The DQT layers of ``module`` (projections, and embedding and head when quantized) in a fixed order
     (``named_modules`` order), the order layer indices come from."""
@@ -466,3 +413,6 @@ def dqt_layers(module: nn.Module) -> Iterator[DQTWeight]:
 def quantized_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The optimizer-facing parameters of every DQT layer; pass them to the optimizer with the float parameters."""
     return [layer.update_param for layer in dqt_layers(module)]
+
+
+__all__ = ["BitEmbedding", "BitLinear", "DQTEmbedding", "DQTLinear", "DQTWeight", "dqt_layers", "quantized_parameters"]

@@ -3,7 +3,7 @@
     python -m dqt_lightning.tools.updatebench [--shapes 256x256 768x2048] [--state-dtypes float32 bfloat16 int8]
 
 For each weight shape and AdamW state dtype it times one optimizer step of one ternary layer, stochastic rounding
-included: the usual path (materialize ``alpha * q``, the optimizer's step, ``quantized_step``, release) and
+included: the usual path (materialize ``alpha * q``, the optimizer's step, ``round_step``) and
 :func:`~dqt_lightning.train.fused.dqt_adamw_step` run eagerly and compiled. On a GPU (when one is present) the kernels are
 timed with the device synchronized. The first compiled call compiles and is not timed. A benchmark, not a test.
 """
@@ -17,10 +17,12 @@ from collections.abc import Callable
 
 import torch
 
-from dqt_lightning.train.fused import adamw_scalars, compiled_dqt_adamw_step, dqt_adamw_step, noise_keys
+from dqt_lightning.quant.grid import TernaryGrid
 from dqt_lightning.quant.layers import DQTWeight
-from dqt_lightning.train.optim import STATE_DTYPES, _init_state, default_adamw
-from dqt_lightning.quant.grid import TernaryGrid, quantized_step
+from dqt_lightning.quant.rounding import WEIGHTS, noise_keys
+from dqt_lightning.train.fused import compiled_dqt_adamw_step, dqt_adamw_step
+from dqt_lightning.train.moments import init_state
+from dqt_lightning.train.optim import STATE_DTYPES, adamw_scalars, default_adamw
 
 LR, BETAS, EPS, WEIGHT_DECAY, BLOCK = 1e-3, (0.9, 0.95), 1e-8, 0.01, 256
 
@@ -48,26 +50,23 @@ def time_layer_update(shape: tuple[int, int], state_dtype: str, device: torch.de
     grad = (torch.randn(shape, generator=generator) * 1e-3).to(device)
     param = layer.update_param
     optimizer = default_adamw(state_dtype, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)([param])
-    rounding = torch.Generator(device=device)
+    keys = noise_keys(1, device)
 
     def usual() -> None:
         param.grad = grad
         layer.materialize()
         optimizer.step()
-        rounding.manual_seed(1)
-        layer.set_levels(quantized_step(layer.levels(), layer.scale, param.data, TernaryGrid, "stochastic", rounding))
-        layer.release()
+        layer.round_step(keys[WEIGHTS])
 
     state: dict = {}
-    _init_state(state, torch.Size(shape), device, state_dtype, BLOCK)
-    keys = noise_keys(1, device)
-    decay, step_size, bias_correction2_sqrt = adamw_scalars(LR, WEIGHT_DECAY, BETAS, 1)
+    init_state(state, torch.Size(shape), device, state_dtype, BLOCK)
+    scalars = adamw_scalars({"lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY}, 1)
 
     def fused(step: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[[], None]:
         def run() -> None:
             q_new, *_ = step(layer.weight, layer.scale, grad, state["exp_avg"], state["exp_avg_sq"],
-                             state.get("exp_avg_scale"), state.get("exp_avg_sq_scale"), keys, decay, *BETAS, EPS,
-                             step_size, bias_correction2_sqrt, -1, 1, True, BLOCK)
+                             state.get("exp_avg_scale"), state.get("exp_avg_sq_scale"), keys, scalars, TernaryGrid,
+                             "stochastic", BLOCK)
             layer.weight.copy_(q_new)
         return run
 

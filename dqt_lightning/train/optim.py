@@ -2,145 +2,120 @@
 
 AdamW keeps two float32 moments per parameter, 8 bytes: for DQT, whose weights take 1 byte or less, they are most of
 the training state and of every resumable checkpoint. :class:`AdamW` does the same arithmetic (in float32, one tensor
-at a time) but stores the moments between steps as
+at a time) but stores the moments between steps as ``float32`` (exactly ``torch.optim.AdamW``, 8 bytes per
+parameter), ``bfloat16`` (4 bytes, stochastic rounding) or ``int8`` (about 2 bytes, 8-bit logarithmic block codes
+with stochastic rounding); the formats are :mod:`dqt_lightning.train.moments`.
 
-- ``float32``: exactly ``torch.optim.AdamW`` (8 bytes per parameter);
-- ``bfloat16``: 4 bytes per parameter, written back with stochastic rounding. Nearest rounding would freeze a moment
-  whose per-step change is below half a bf16 step (0.2 %): with ``beta2 = 0.999`` the second moment could never decay;
-- ``int8``: about 2 bytes per parameter. Each moment is cut into blocks of ``block_size`` elements with one float32
-  scale (the block's absolute maximum) and one 8-bit code per element on a logarithmic grid, so small entries keep
-  the same *relative* precision as large ones (a linear grid would round most second-moment entries of a block to
-  zero, and ``m / sqrt(v)`` would explode). Codes are also written with stochastic rounding, unbiased in value.
+The rounding noise of parameter ``i`` at its step ``t`` is the counter-based noise of
+:mod:`dqt_lightning.quant.rounding`, keyed by ``(seed, t, i)``: a resumed run and every DDP rank draw the same noise
+without carrying generator state, and the fused DQT update (:mod:`dqt_lightning.train.fused`) draws the very same
+numbers for the moments of a quantized weight.
 
-The rounding noise of parameter ``i`` at step ``t`` is drawn from a generator seeded by ``(seed, t, i)``: a resumed run
-and every DDP rank draw the same noise without carrying generator state.
+The arithmetic of a step is an **optimizer rule**: a pure function registered with :func:`register_optimizer_rule`
+(``adamw``, :func:`adamw_update`, is the built-in one). :class:`AdamW` runs the rule it names on one parameter at a
+time; the fused update runs the same function inside its kernel. See docs/extending.md.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
-import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.quant.grid import step_seed
-
-STATE_DTYPES = ("float32", "bfloat16", "int8")
-
-# The 8-bit grids, relative to a block's absolute maximum. First moment: a sign and 127 magnitudes from 2**-16 to 1
-# (about 9 % apart) plus zero. Second moment (a square, so twice the dynamic range in log2): 255 magnitudes from
-# 2**-32 to 1 (also about 9 % apart in v, 4.5 % in sqrt(v), which is what the update divides by) plus zero.
-SIGNED_TOP, SIGNED_RANGE_LOG2 = 127, 16.0
-UNSIGNED_TOP, UNSIGNED_RANGE_LOG2 = 255, 32.0
+from dqt_lightning.quant.rounding import noise_keys, run_seed, step_seed
+from dqt_lightning.train.moments import STATE_DTYPES, init_state, read_moments, write_moments
 
 
-def _code_values(codes: torch.Tensor, top: int, range_log2: float) -> torch.Tensor:
-    # Magnitude of each (float, non-negative) code: 0 for code 0, else 2**((code - top) * range_log2 / (top - 1)), so
-    # code 1 is 2**-range_log2 and code ``top`` is 1. Encoder and decoder share this formula, hence the same values.
-    values = torch.exp2((codes - top) * (range_log2 / (top - 1)))
-    return values.mul_(codes > 0)
+# --- optimizer rules ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OptimizerRule:
+    """A registered optimizer rule: the arithmetic of one step of one parameter, which both :class:`AdamW` (the
+    unfused path, any state dtype) and the fused DQT update run.
+
+    Attributes:
+        name: The rule's name (``AdamW.rule`` of the optimizer class that runs it).
+        update: ``update(weights, grad, exp_avg, exp_avg_sq, *scalars) -> (weights, exp_avg, exp_avg_sq)``: pure,
+            float32, out of place (the inputs are read only: the fused update keeps the old moments of a layer whose
+            gradient turns out non-finite), traceable by ``torch.compile``.
+        scalars: ``scalars(group, step) -> tuple of floats``: the step's hyper-parameters from the parameter group
+            and the step count (1 at the first step), computed in Python; passed to ``update`` after the tensors.
+        optimizers: Other optimizer classes whose step this rule computes (``torch.optim.AdamW`` for ``adamw``): the
+            fused update accepts them, with their groups and float32 states.
+        unsupported: Group options the rule does not do; the fused update refuses a group that sets one.
+    """
+
+    name: str
+    update: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    scalars: Callable[[dict[str, Any], float], tuple[float, ...]]
+    optimizers: tuple[type, ...] = ()
+    unsupported: tuple[str, ...] = ()
 
 
-def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None,
-                          noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Round float32 values to bfloat16 up or down at random, with ``E[result] = x``.
+OPTIMIZER_RULES: dict[str, OptimizerRule] = {}
 
-    bfloat16 is float32 without the low 16 bits of the mantissa. Adding a uniform integer from ``[0, 2**16)`` to the
-    bit pattern and then dropping those bits rounds the magnitude up with probability equal to the dropped fraction.
-    Sign and magnitude are separate bits, so this is unbiased for negative values too.
 
-    Args:
-        x: A float32 tensor.
-        generator: Source of the noise (on ``x``'s device); the default generator if ``None``.
-        noise: Integers in ``[0, 2**16)`` of ``x``'s shape to use instead of drawing them (a fused update's
-            counter-based noise).
+def register_optimizer_rule(name: str, scalars: Callable[[dict[str, Any], float], tuple[float, ...]],
+                            optimizers: Sequence[type] = (), unsupported: Sequence[str] = ()) -> Callable:
+    """Register ``update`` (the decorated function, returned unchanged) as the optimizer rule ``name``; see
+    :class:`OptimizerRule` for the arguments."""
+    def register(update: Callable) -> Callable:
+        OPTIMIZER_RULES[name] = OptimizerRule(name, update, scalars, tuple(optimizers), tuple(unsupported))
+        return update
+
+    return register
+
+
+def optimizer_rule(optimizer: torch.optim.Optimizer) -> OptimizerRule | None:
+    """The rule ``optimizer`` steps with: the one its class names (``rule``, for :class:`AdamW` and its subclasses),
+    or the one registered for its class; ``None`` if there is none."""
+    name = getattr(optimizer, "rule", None)
+    if isinstance(name, str):
+        return OPTIMIZER_RULES.get(name)
+    return next((r for r in OPTIMIZER_RULES.values() if isinstance(optimizer, r.optimizers)), None)
+
+
+def adamw_scalars(group: dict[str, Any], step: float) -> tuple[float, ...]:
+    """AdamW's scalars at ``step``, computed in Python as ``torch.optim.AdamW`` computes them: ``(decay, beta1,
+    beta2, eps, step_size, bias_correction2_sqrt)`` = ``(1 - lr * weight_decay, beta1, beta2, eps,
+    lr / (1 - beta1**step), sqrt(1 - beta2**step))``."""
+    lr, (beta1, beta2) = float(group["lr"]), group["betas"]
+    return (1 - lr * group["weight_decay"], beta1, beta2, group["eps"], lr / (1 - beta1**step),
+            (1 - beta2**step) ** 0.5)
+
+
+@register_optimizer_rule("adamw", adamw_scalars, optimizers=(torch.optim.AdamW,), unsupported=("amsgrad", "maximize"))
+def adamw_update(weights: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 decay: float, beta1: float, beta2: float, eps: float, step_size: float,
+                 bias_correction2_sqrt: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One AdamW step in float32: decoupled weight decay, lerp of the first moment, mul + addcmul of the second,
+    ``sqrt / bias correction + eps``, then the weight update, in the order of ``torch.optim.AdamW``'s single-tensor
+    path, which gives its float32 results bit for bit on a CPU. The last operation is written out as
+    ``weights - (exp_avg * step_size) / denom``, the order of ATen's CPU ``addcdiv`` (same bits): compiled,
+    ``addcdiv``'s ``value=`` turns the step size, which changes every step, into a constant of the graph.
 
     Returns:
-        A bfloat16 tensor of ``x``'s shape.
+        ``(weights, exp_avg, exp_avg_sq)`` after the step, new tensors.
     """
-    bits = x.contiguous().view(torch.int32)
-    if noise is None:
-        noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536 = 0xFFFF0000: exact in bf16
-
-
-def _blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
-    pad = (-flat.numel()) % block_size
-    return (F.pad(flat, (0, pad)) if pad else flat).view(-1, block_size)
-
-
-def _unblock(blocks: torch.Tensor, numel: int) -> torch.Tensor:
-    # Flat again, without the padding. No slice when there is none: a compiled fused update would otherwise index
-    # every element through a modulo and lose vectorization.
-    flat = blocks.view(-1)
-    return flat if numel % blocks.shape[1] == 0 else flat[:numel]
-
-
-def _grid(signed: bool) -> tuple[int, float]:
-    return (SIGNED_TOP, SIGNED_RANGE_LOG2) if signed else (UNSIGNED_TOP, UNSIGNED_RANGE_LOG2)
-
-
-def quantize_blockwise(x: torch.Tensor, block_size: int, signed: bool, generator: torch.Generator | None = None,
-                       uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode ``x`` as 8-bit logarithmic codes and one float32 scale (absolute maximum) per block, rounding at random.
-
-    Args:
-        x: Float32 values; a signed code for the first moment, an unsigned one for the (non-negative) second moment.
-        block_size: Elements per scale, taken from ``x`` flattened.
-        signed: Whether ``x`` may be negative. An unsigned code never rounds a positive value to zero: the second
-            moment divides the update, so it is rounded up to the smallest level instead (a smaller, safe step).
-        generator: Source of the rounding noise.
-        uniform: Uniforms in ``[0, 1)`` of ``x``'s shape to round with instead of drawing them.
-
-    Returns:
-        ``(codes, scales)``: ``int8`` codes (signed) or ``uint8`` codes (unsigned) of ``x``'s shape, and ``ceil(numel /
-        block_size)`` float32 scales.
-    """
-    top, range_log2 = _grid(signed)
-    flat = x.reshape(-1).float()
-    blocks = _blocks(flat.abs(), block_size)
-    scales = blocks.amax(dim=1)
-    magnitude = _unblock(blocks / scales.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1), x.numel())
-    # The two codes around each magnitude, in closed form (the grid is uniform in log2); then the upper one with
-    # probability (magnitude - lower) / (upper - lower): unbiased in value. Zeros give -inf, hence code 0.
-    lower_code = torch.log2(magnitude).mul_((top - 1) / range_log2).add_(top).floor_().clamp_(0, top)
-    lower = _code_values(lower_code, top, range_log2)
-    upper = _code_values((lower_code + 1).clamp_(max=top), top, range_log2)
-    up = (magnitude - lower).div_((upper - lower).clamp_(min=torch.finfo(torch.float32).tiny)).clamp_(0.0, 1.0)
-    if uniform is None:
-        uniform = torch.rand(magnitude.shape, device=x.device, generator=generator)
-    codes = lower_code.add_(uniform.reshape(-1) < up)
-    if signed:
-        return torch.copysign(codes, flat).to(torch.int8).view(x.shape), scales
-    # Never zero for a positive value: the second moment divides the update.
-    return torch.maximum(codes, magnitude > 0).to(torch.uint8).view(x.shape), scales
-
-
-def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Decode codes from :func:`quantize_blockwise` back to float32 values of the codes' shape."""
-    signed = codes.dtype == torch.int8
-    top, range_log2 = _grid(signed)
-    flat = codes.reshape(-1).float()
-    values = _code_values(flat.abs(), top, range_log2)
-    if signed:
-        values = values.copysign_(flat)
-    values = _unblock(_blocks(values, block_size) * scales.unsqueeze(1), codes.numel())
-    return values.view(codes.shape)
+    exp_avg = torch.lerp(exp_avg, grad, 1 - beta1)
+    exp_avg_sq = torch.addcmul(exp_avg_sq * beta2, grad, grad, value=1 - beta2)
+    denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + eps
+    return weights * decay - (exp_avg * step_size) / denom, exp_avg, exp_avg_sq
 
 
 class AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias correction) whose moments are stored in float32, bfloat16 or 8 bits.
 
-    The arithmetic of a step is always float32; only what is kept between steps changes. With ``float32`` states it
-    computes what ``torch.optim.AdamW`` (single-tensor path) computes, operation for operation. State is keyed by
-    the parameter and allocated at its first step with the parameter's shape, contiguous, so a DQT layer's
-    update parameter (a 4-byte placeholder between steps) gets full-size moments.
+    The arithmetic of a step is always float32 (:func:`adamw_update`); only what is kept between steps changes. With
+    ``float32`` states it computes what ``torch.optim.AdamW`` (single-tensor path) computes, operation for operation.
+    State is keyed by the parameter and allocated at its first step with the parameter's shape, contiguous, so a DQT
+    layer's update parameter (a 4-byte placeholder between steps) gets full-size moments. A subclass that sets
+    ``rule`` to another registered optimizer rule runs that rule with the same states (docs/extending.md).
 
     Args:
         params: Parameters or parameter groups; a group may override ``lr``, ``betas``, ``eps``, ``weight_decay``.
@@ -157,34 +132,38 @@ class AdamW(torch.optim.Optimizer):
         ConfigError: for an unknown ``state_dtype`` or a hyper-parameter out of range.
     """
 
+    rule = "adamw"  # the registered optimizer rule a step runs
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, state_dtype: str = "float32", block_size: int = 256,
                  seed: int | None = None) -> None:
+        name = type(self).__name__
         problems = []
         if state_dtype not in STATE_DTYPES:
-            problems.append(f"AdamW.state_dtype must be one of {', '.join(STATE_DTYPES)}; got '{state_dtype}'")
+            problems.append(f"{name}.state_dtype must be one of {', '.join(STATE_DTYPES)}; got '{state_dtype}'")
         if not (isinstance(lr, (int, float)) and lr >= 0.0):
-            problems.append(f"AdamW.lr must be >= 0, got {lr}")
+            problems.append(f"{name}.lr must be >= 0, got {lr}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            problems.append(f"AdamW.betas must be two values in [0, 1), got {list(betas)}")
+            problems.append(f"{name}.betas must be two values in [0, 1), got {list(betas)}")
         if eps < 0.0:
-            problems.append(f"AdamW.eps must be >= 0, got {eps}")
+            problems.append(f"{name}.eps must be >= 0, got {eps}")
         if weight_decay < 0.0:
-            problems.append(f"AdamW.weight_decay must be >= 0, got {weight_decay}")
+            problems.append(f"{name}.weight_decay must be >= 0, got {weight_decay}")
         if not (isinstance(block_size, int) and block_size >= 1):
-            problems.append(f"AdamW.block_size must be a positive integer, got {block_size}")
+            problems.append(f"{name}.block_size must be a positive integer, got {block_size}")
+        if self.rule not in OPTIMIZER_RULES:
+            problems.append(f"{name}.rule '{self.rule}' is not a registered optimizer rule "
+                            f"({', '.join(OPTIMIZER_RULES)})")
         if problems:
             raise ConfigError("; ".join(problems))
-        if seed is None:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         # The seed lives in the groups so that it travels with state_dict() and a resumed run keeps its noise.
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
-                        block_size=block_size, seed=seed)
+                        block_size=block_size, seed=run_seed(seed))
         super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One AdamW step for every parameter with a gradient.
+        """One step of the optimizer rule for every parameter with a gradient.
 
         Args:
             closure: Re-evaluates the model and returns the loss (Lightning passes one).
@@ -203,7 +182,7 @@ class AdamW(torch.optim.Optimizer):
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
-                    raise RuntimeError("dqt_lightning.train.optim.AdamW does not support sparse gradients")
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 self._step_param(param, group, index)
         return loss
 
@@ -211,36 +190,15 @@ class AdamW(torch.optim.Optimizer):
         state = self.state[param]
         kind, block_size = group["state_dtype"], group["block_size"]
         if not state:
-            _init_state(state, param.shape, param.device, kind, block_size)
+            init_state(state, param.shape, param.device, kind, block_size)
         state["step"] += 1
-        step, (beta1, beta2) = state["step"], group["betas"]
-        grad = param.grad.float()
-        exp_avg, exp_avg_sq = _read_moments(state, block_size)
-
-        # The order of torch.optim.AdamW's single-tensor path, so float32 states give its results bit for bit.
+        rule = OPTIMIZER_RULES[self.rule]
+        exp_avg, exp_avg_sq = read_moments(state, block_size)
         weights = param if param.dtype == torch.float32 else param.float()
-        lr, weight_decay = group["lr"], group["weight_decay"]
-        if weight_decay != 0:
-            weights.mul_(1 - lr * weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        step_size = lr / bias_correction1
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
-        weights.addcdiv_(exp_avg, denom, value=-step_size)
-        if weights is not param:
-            param.copy_(weights)
-        _write_moments(state, kind, block_size, exp_avg, exp_avg_sq, self._noise(group, step, index, param.device))
-
-    def _noise(self, group: dict[str, Any], step: int, index: int, device: torch.device) -> torch.Generator | None:
-        if group["state_dtype"] == "float32":
-            return None
-        # Not part of the optimizer's pickled state (torch pickles defaults, state and groups only): made on demand.
-        generators = self.__dict__.setdefault("_generators", {})
-        if device not in generators:
-            generators[device] = torch.Generator(device=device)
-        return generators[device].manual_seed(step_seed(group["seed"], step, index))
+        weights, exp_avg, exp_avg_sq = rule.update(weights, param.grad.float(), exp_avg, exp_avg_sq,
+                                                   *rule.scalars(group, state["step"]))
+        param.copy_(weights)
+        write_moments(state, block_size, exp_avg, exp_avg_sq, moment_keys(group, state["step"], index, param.device))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict, keeping every state tensor exactly as saved, or converting it to this ``state_dtype``.
@@ -273,13 +231,38 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 state["step"] = int(state["step"])  # torch.optim.AdamW keeps a float tensor
                 if saved_format != (kind, block_size):
-                    exp_avg, exp_avg_sq = _read_moments(state, saved_format[1])
+                    exp_avg, exp_avg_sq = read_moments(state, saved_format[1])
                     step = state["step"]
                     state.clear()
-                    _init_state(state, exp_avg.shape, exp_avg.device, kind, block_size)
+                    init_state(state, exp_avg.shape, exp_avg.device, kind, block_size)
                     state["step"] = step
-                    _write_moments(state, kind, block_size, exp_avg, exp_avg_sq,
-                                   self._noise(group, step, index, exp_avg.device))
+                    write_moments(state, block_size, exp_avg, exp_avg_sq,
+                                   moment_keys(group, step, index, exp_avg.device))
+
+
+def moment_keys(group: dict[str, Any], step: int, index: int, device: torch.device) -> torch.Tensor | None:
+    """The noise keys of the moments of parameter ``index`` (its position over all groups) at its ``step``:
+    :func:`~dqt_lightning.quant.rounding.noise_keys` of ``(group seed, step, index)``; ``None`` for float32
+    states, which round nothing."""
+    if group.get("state_dtype", "float32") == "float32":
+        return None
+    return noise_keys(step_seed(group["seed"], step, index), device)
+
+
+def next_moment_seeds(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list[int | None]:
+    """For each of ``params``, the seed :func:`moment_keys` derives at the optimizer's next step of it (``None``
+    where the optimizer rounds no moments): so that the fused update rounds a quantized weight's moments with the
+    noise the unfused optimizer would draw."""
+    if not isinstance(optimizer, AdamW):
+        return [None] * len(params)
+    where = {id(p): (group, i) for i, (group, p) in
+             enumerate((g, p) for g in optimizer.param_groups for p in g["params"])}
+    seeds: list[int | None] = []
+    for param in params:
+        group, index = where[id(param)]
+        step = int(optimizer.state.get(param, {}).get("step", 0)) + 1
+        seeds.append(None if group["state_dtype"] == "float32" else step_seed(group["seed"], step, index))
+    return seeds
 
 
 def default_adamw(state_dtype: str = "float32", **overrides: Any) -> Callable[[Iterable[Any]], torch.optim.Optimizer]:
@@ -323,49 +306,3 @@ def parameter_stepper(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> 
         single.step()
 
     return step
-
-
-def _init_state(state: dict[str, Any], shape: torch.Size, device: torch.device, kind: str, block_size: int) -> None:
-    # The parameter's shape, contiguous and on its device: never zeros_like(param), which would copy the zero-stride
-    # layout of a DQT placeholder.
-    state["step"] = 0
-    if kind in ("float32", "bfloat16"):
-        dtype = torch.float32 if kind == "float32" else torch.bfloat16
-        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=device)
-    else:
-        n_blocks = math.ceil(math.prod(shape) / block_size)
-        state["exp_avg"] = torch.zeros(shape, dtype=torch.int8, device=device)
-        state["exp_avg_scale"] = torch.zeros(n_blocks, dtype=torch.float32, device=device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.uint8, device=device)
-        state["exp_avg_sq_scale"] = torch.zeros(n_blocks, dtype=torch.float32, device=device)
-
-
-def read_moment(stored: torch.Tensor, scales: torch.Tensor | None, block_size: int) -> torch.Tensor:
-    """One stored moment as float32 values to compute with, by its storage dtype: a float32 state itself (updated in
-    place), a bfloat16 one widened, 8-bit codes decoded with their block ``scales``."""
-    if stored.dtype == torch.float32:
-        return stored
-    if stored.dtype == torch.bfloat16:
-        return stored.float()
-    return dequantize_blockwise(stored, scales, block_size)
-
-
-def _read_moments(state: dict[str, Any], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return (read_moment(state["exp_avg"], state.get("exp_avg_scale"), block_size),
-            read_moment(state["exp_avg_sq"], state.get("exp_avg_sq_scale"), block_size))
-
-
-def _write_moments(state: dict[str, Any], kind: str, block_size: int, exp_avg: torch.Tensor,
-                   exp_avg_sq: torch.Tensor, generator: torch.Generator | None) -> None:
-    # Into the existing state tensors (their storage is reused every step), rounded stochastically where narrower.
-    for key, value, signed in (("exp_avg", exp_avg, True), ("exp_avg_sq", exp_avg_sq, False)):
-        if kind == "float32":
-            if state[key] is not value:
-                state[key].copy_(value)
-        elif kind == "bfloat16":
-            state[key].copy_(stochastic_round_bf16(value, generator))
-        else:
-            codes, scales = quantize_blockwise(value, block_size, signed, generator)
-            state[key].copy_(codes)
-            state[f"{key}_scale"].copy_(scales)

@@ -9,14 +9,14 @@ from typing import Any, Callable
 import torch
 from lightning.pytorch.plugins.precision import Precision
 from torch import nn
-from torch.optim import Optimizer
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.quant.fp8 import convert_fp_linears, fp8_unsupported_reason
+from dqt_lightning.quant.grid import Grid
 from dqt_lightning.quant.layers import GRAD_DTYPES, BitEmbedding, BitLinear, DQTEmbedding, DQTLinear, DQTWeight
-from dqt_lightning.quant.grid import ROUNDINGS, Grid
+from dqt_lightning.quant.rounding import rounding_rule
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,9 @@ class QuantPrecision(Precision):
         mode: ``fp`` leaves ``nn.Linear`` alone; ``ste`` swaps in BitNet b1.58 layers (float master weight, STE);
             ``dqt`` swaps in integer-only layers updated by :class:`~dqt_lightning.train.update.QuantizedUpdate`.
         bits: 1.58 (ternary) or an integer 2..8; ignored for ``fp``.
-        rounding: ``stochastic`` (DQT) or ``nearest`` (the ablation that loses sub-step updates).
+        rounding: The rounding rule of the DQT update: ``stochastic`` (DQT) or ``nearest`` (the ablation that loses
+            sub-step updates), or any rule registered with :func:`~dqt_lightning.quant.rounding.register_rounding`,
+            by name or by dotted path (``package.module.function``, imported on first use; docs/extending.md).
         symmetric: Use the symmetric grid [-(2^(n-1)-1), 2^(n-1)-1] instead of the official asymmetric one.
         per_row_scale: One DQT scale per output row instead of one per tensor.
         precision: ``32-true``, ``bf16-mixed`` (autocast in forward; weights, grads and states stay float32) or
@@ -73,14 +75,14 @@ class QuantPrecision(Precision):
             ``absmax``: every update re-derives the scale from the stepped weight, ``max|W'| / Qp`` per row with
             ``per_row_scale`` or per tensor (torchao's int8 quantized training), and rounds onto that grid.
         update_in_backward: Apply each DQT layer's update inside backward, as soon as its gradient is complete, and
-            free that gradient at once: no gradient buffer of a DQT weight outlives backward (SPEC §4 stretch). Same
+            free that gradient at once: no gradient buffer of a DQT weight outlives backward (the memory table's stretch). Same
             optimizer, learning rate and rounding as the usual path, with the same results, but gradient
             accumulation and clipping cannot work (both need every gradient before any update) and are refused.
-        fused_update: Step the DQT weights with AdamW and round them in one pass per layer, from int8 levels to int8
-            levels, with no float weight in memory (:mod:`dqt_lightning.train.fused`); the optimizer (``torch.optim.AdamW``
-            or :class:`~dqt_lightning.train.optim.AdamW`, any state dtype) then steps the float parameters alone. Same
-            arithmetic as the usual path; the rounding noise is counter-based, so the numbers drawn differ. Fixed
-            scales only. Works with ``update_in_backward``.
+        fused_update: Step the DQT weights with the optimizer's registered rule (AdamW) and round them in one pass
+            per layer, from int8 levels to int8 levels, with no float weight in memory (:mod:`dqt_lightning.train.fused`);
+            the optimizer (``torch.optim.AdamW`` or :class:`~dqt_lightning.train.optim.AdamW`, any state dtype) then
+            steps the float parameters alone. Same arithmetic and noise as the usual path. Fixed scales only. Works
+            with ``update_in_backward``.
         compile_fused_update: Compile the fused update with ``torch.compile`` (one kernel per layer: Triton on a GPU,
             C++ on a CPU; the first step compiles, tens of seconds). ``false`` runs the same function eagerly, for
             debugging or where nothing can compile: slower than the usual path.
@@ -98,7 +100,7 @@ class QuantPrecision(Precision):
                  fused_update: bool = False, compile_fused_update: bool = True) -> None:
         super().__init__()
         self.mode = _choice("mode", mode, MODES)
-        self.rounding = _choice("rounding", rounding, ROUNDINGS)
+        self.rounding = rounding_rule(rounding, field="trainer.plugins.rounding").name
         self.precision = _choice("precision", precision, PRECISIONS)  # type: ignore[assignment]
         self.grad_dtype = GRAD_DTYPES[_choice("grad_dtype", grad_dtype, tuple(GRAD_DTYPES))]
         self.grid = Grid.from_bits(bits, symmetric, field="trainer.plugins.bits") if mode != "fp" else None
@@ -118,8 +120,8 @@ class QuantPrecision(Precision):
                               f"{scale_policy} re-derives it from the whole stepped weight first; use the unfused one")
         self.fused_update = fused_update
         self.compile_fused_update = compile_fused_update
-        # Called with the optimizer after clipping, before the optimizer's own step (see optimizer_step).
-        self.after_clipping: list[Callable[[Optimizer], None]] = []
+        # The QuantizedUpdate callback of the running fit, which registers itself here (see optimizer_step).
+        self.quantized_update: Any = None
         if pack_in_memory and not (mode == "dqt" and self.grid.is_ternary):
             raise ConfigError(f"trainer.plugins.pack_in_memory packs ternary DQT weights (mode: dqt, bits: 1.58); got "
                               f"mode {mode}" + (f", bits {bits}" if mode != "fp" else ""))
@@ -199,18 +201,22 @@ class QuantPrecision(Precision):
 
     @override
     def optimizer_step(self, optimizer, model, closure: Callable[[], Any], **kwargs: Any) -> Any:
-        if not self.after_clipping:
+        """The optimizer step, wrapped with the DQT update when a
+        :class:`~dqt_lightning.train.update.QuantizedUpdate` runs: Precision's own closure (training step and backward,
+        ``on_before_optimizer_step``, clipping), then the fused update if configured, then the optimizer's arithmetic,
+        then the rounding of every DQT layer's stepped float view."""
+        update = self.quantized_update
+        if update is None:
             return super().optimizer_step(optimizer, model, closure, **kwargs)
 
-        def closure_then_after_clipping() -> Any:
-            # Precision's own closure wrapper: the training step and backward, on_before_optimizer_step, clipping.
-            # The fused DQT update belongs right after that, before the optimizer's arithmetic.
+        def closure_then_fused_update() -> Any:
             result = self._wrap_closure(model, optimizer, closure)
-            for hook in self.after_clipping:
-                hook(optimizer)
+            update.after_clipping(optimizer)
             return result
 
-        return optimizer.step(closure=closure_then_after_clipping, **kwargs)
+        result = optimizer.step(closure=closure_then_fused_update, **kwargs)
+        update.after_step(optimizer)
+        return result
 
     @override
     def forward_context(self):

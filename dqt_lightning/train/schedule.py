@@ -1,4 +1,4 @@
-"""Bit-width schedules: change the grid DQT weights live on while training goes on (issue 6, item 5).
+"""Bit-width schedules: change the grid DQT weights live on while training goes on.
 
 DQT weights are integers on a grid, so the grid itself can be coarsened mid-run: 8 bits for most of the run, then
 ternary (in one step or through 4 and 2 bits), with training continuing under stochastic rounding on the coarser
@@ -15,7 +15,6 @@ of the callback's checkpoint state, so a run resumed after a switch continues on
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,8 +24,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError
+from dqt_lightning.quant.grid import Grid
 from dqt_lightning.quant.layers import DQTWeight
-from dqt_lightning.quant.grid import ROUNDINGS, Grid, step_seed
+from dqt_lightning.quant.rounding import WEIGHTS, noise_keys, rounding_rule, run_seed, step_seed
 
 # Added to the run seed for the switch's noise, so that it is independent of the update's noise at the same step.
 _SWITCH_SEED_OFFSET = 104_729
@@ -71,7 +71,8 @@ class BitWidthSchedule(Callback):
             ``trainer.max_steps`` (or the estimated stepping batches when that is unset); e.g.
             ``[[0.0, 8], [0.7, 1.58]]`` trains 8-bit for 70% of the steps, then ternary.
         rounding: How ``alpha * q`` is rounded onto the new grid at a switch: ``stochastic`` (unbiased inside the
-            grid) or ``nearest``. Training after the switch rounds as ``trainer.plugins.rounding`` says.
+            grid), ``nearest``, or any registered rounding rule (by name or dotted path). Training after the switch
+            rounds as ``trainer.plugins.rounding`` says.
         scale_rule: The new scale at a switch: ``absmean`` (BitNet's quantizer on the current weight,
             ``mean|W| / Qp'``) or ``range`` (the old grid's range kept, ``alpha * Qp / Qp'``: nothing is clipped).
         seed: Seed of the switch's rounding noise; default: the run seed (``seed_everything``), as the update's.
@@ -84,9 +85,7 @@ class BitWidthSchedule(Callback):
     def __init__(self, schedule: list[list[float]], rounding: str = "stochastic", scale_rule: str = "absmean",
                  seed: int | None = None) -> None:
         self.schedule = _parse_schedule(schedule)
-        if rounding not in ROUNDINGS:
-            raise ConfigError(f"BitWidthSchedule.rounding must be one of {', '.join(ROUNDINGS)}; got '{rounding}'")
-        self.rounding = rounding
+        self.rounding = rounding_rule(rounding, field="BitWidthSchedule.rounding").name
         if scale_rule not in SCALE_RULES:
             raise ConfigError(f"BitWidthSchedule.scale_rule must be one of {', '.join(SCALE_RULES)}; "
                               f"got '{scale_rule}'")
@@ -126,8 +125,7 @@ class BitWidthSchedule(Callback):
             raise ConfigError(f"BitWidthSchedule.schedule[0] starts at {self.schedule[0][1]:g} bits but the weights "
                               f"start at {start.bits:g} (trainer.plugins.bits)")
         self._symmetric = self._is_symmetric(start)
-        if self.seed is None:
-            self.seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+        self.seed = run_seed(self.seed)
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ConfigError("BitWidthSchedule needs a finite run: set trainer.max_steps or trainer.max_epochs")
@@ -151,16 +149,14 @@ class BitWidthSchedule(Callback):
 
     def _switch(self, trainer: pl.Trainer, target: int, step: int) -> None:
         old_bits, grid = self.bits, self._grid(target)
-        generator: dict[torch.device, torch.Generator] = {}
+        # The switch's noise, one key per layer from (run seed + offset, step, layer index): the same on every rank.
+        seeds = [step_seed(self.seed + _SWITCH_SEED_OFFSET, step, index) for index in range(len(self._layers))]
+        keys = noise_keys(seeds, self._layers[0].weight.device)
         clipped = 0.0
         total = 0
         for index, layer in enumerate(self._layers):
-            device = layer.weight.device
-            if device not in generator:
-                generator[device] = torch.Generator(device=device)
-            generator[device].manual_seed(step_seed(self.seed + _SWITCH_SEED_OFFSET, step, index))
             n = layer.shape.numel()
-            clipped += layer.regrid(grid, self.rounding, generator[device], self.scale_rule) * n
+            clipped += layer.regrid(grid, self.rounding, keys[index, WEIGHTS].to(layer.weight.device), self.scale_rule) * n
             total += n
         self.current = target
         record = {"step": step, "from_bits": old_bits, "to_bits": grid.bits, "clipped_share": clipped / total}

@@ -25,6 +25,7 @@ from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.quant.layers import DQTWeight
+from dqt_lightning.quant.step import grid_move, update_statistics
 from dqt_lightning.train.update import HookOwner, ListHandle, QuantizedUpdate
 
 
@@ -32,9 +33,9 @@ class WeightTelemetry(HookOwner):
     """Logs update size against grid step, level occupancy and scales of every DQT layer every ``every_n_steps``.
 
     The update ratio needs the optimizer's float step, which exists only between the optimizer step and the
-    rounding onto the grid. The callback reads it in an optimizer step post-hook placed ahead of every other one, so
-    it runs before :class:`~dqt_lightning.train.update.QuantizedUpdate`'s hook rounds the step and frees it, whatever the
-    order of the callbacks.
+    rounding onto the grid. :class:`~dqt_lightning.train.update.QuantizedUpdate` hands each layer to its observers
+    right there (or, for the fused update, the statistics the fused kernel computed); this callback is one of them,
+    whatever the order of the callbacks.
 
     Args:
         every_n_steps: Measure at optimizer steps that are multiples of this (step 0 included).
@@ -65,34 +66,15 @@ class WeightTelemetry(HookOwner):
         self._layers = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, DQTWeight)]
         if not self._layers:
             return
-        plugin = trainer.precision_plugin
-        if getattr(plugin, "update_in_backward", False) or getattr(plugin, "fused_update", False):
-            # No optimizer post-hook ever sees these layers' float step: the update callback hands each one over
-            # (or the statistics of it that the fused update computed) between its step and its rounding.
-            update = next((cb for cb in trainer.callbacks if isinstance(cb, QuantizedUpdate)), None)
-            if update is not None:
-                update.observers.append(self._observe_update)
-                self._handles = [ListHandle(update.observers, self._observe_update)]
-            return
-        self._handles = [_register_first_post_hook(opt, self._after_optimizer_step) for opt in trainer.optimizers]
-
-    @torch.no_grad()
-    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-        trainer = self._trainer
-        if trainer is None or not trainer.is_global_zero:
-            return  # every rank holds the same integers and the same averaged update: rank 0 speaks for all
-        step = trainer.global_step  # still this step's index: Lightning counts it after the step
-        if not self._measuring(step):
-            return
-        self._measured_step = step
-        started = time.perf_counter()
-        for name, layer in self._layers:
-            self._measure(name, layer, step)
-        self.seconds += time.perf_counter() - started
+        update = next((cb for cb in trainer.callbacks if isinstance(cb, QuantizedUpdate)), None)
+        if update is not None:
+            update.observers.append(self._observe_update)
+            self._handles = [ListHandle(update.observers, self._observe_update)]
 
     @torch.no_grad()
     def _observe_update(self, name: str, layer: DQTWeight, step: int,
                         stats: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        # Every rank holds the same integers and the same averaged update: rank 0 speaks for all.
         if self._trainer.is_global_zero and self._measuring(step):
             started = time.perf_counter()
             if stats is None:
@@ -103,14 +85,12 @@ class WeightTelemetry(HookOwner):
             self.seconds += time.perf_counter() - started
 
     def _measure(self, name: str, layer: DQTWeight, step: int) -> None:
-        stepped = layer.update_param.data
-        if stepped.dim() == 0 or 0 in stepped.stride():
-            return  # not materialized: the update skipped this step (a non-finite gradient)
-        self._measured_step = step  # set here too for the path in backward, which has no per-step hook
-        start = layer.levels().float() * layer.scale
-        # The same grid coordinates quantized_step rounds: y - q = (stepped - alpha*q) / alpha.
-        ratio = (stepped - start).div_(layer.scale).abs_()
-        self._update_stats[name] = (ratio.sum(), (ratio < 0.5).sum())
+        if not layer.materialized:
+            return  # the update skipped this step (a non-finite gradient)
+        self._measured_step = step
+        # The same grid units the update rounds in: (stepped - alpha*q) / alpha.
+        move = grid_move(layer.levels().float(), layer.scale, layer.update_param.data)
+        self._update_stats[name] = update_statistics(move)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
@@ -180,18 +160,3 @@ def _level_histogram(experiment: Any, tag: str, counts: torch.Tensor, qmin: int,
         bucket_counts=weights.tolist(),
         global_step=step,
     )
-
-
-def _register_first_post_hook(optimizer: torch.optim.Optimizer, hook) -> Any:
-    """Register ``hook`` as a step post-hook of ``optimizer`` that runs before the ones registered earlier.
-
-    ``Optimizer.register_step_post_hook`` has no ``prepend`` (``Module.register_forward_hook`` has, and implements it
-    the same way: moving the handle's entry to the front of the ordered hook dict).
-    """
-    handle = optimizer.register_step_post_hook(hook)
-    hooks = handle.hooks_dict_ref()
-    if hooks is None or not hasattr(hooks, "move_to_end"):
-        handle.remove()
-        raise RuntimeError("WeightTelemetry: this PyTorch keeps optimizer hooks in an unordered container")
-    hooks.move_to_end(handle.id, last=False)
-    return handle

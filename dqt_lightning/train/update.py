@@ -1,10 +1,9 @@
-"""The callback that applies DQT's quantized update once per optimizer step and reports what it did."""
+"""The callback that schedules DQT's quantized update once per optimizer step, seeds it, and reports what it did."""
 
 from __future__ import annotations
 
 import functools
-import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -13,15 +12,38 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError, TrainingStopped
-from dqt_lightning.train.fused import (adamw_scalars, compile_unavailable_reason, compiled_dqt_adamw_step, dqt_adamw_step,
-                                 noise_keys)
 from dqt_lightning.quant.layers import DQTWeight
-from dqt_lightning.train.optim import AdamW, _init_state, parameter_stepper
-from dqt_lightning.quant.grid import quantized_step, rescaled_step, step_seed
+from dqt_lightning.quant.rounding import WEIGHTS, noise_keys, run_seed, step_seed
+from dqt_lightning.train.fused import FusedUpdate
+from dqt_lightning.train.optim import next_moment_seeds, parameter_stepper
 
 # What observers of the update receive: (layer name, layer, global step, (sum of |y - q|, count below half a step))
-# where the fused update computed those statistics itself; ``None`` where the float step is in ``update_param``.
+# where the fused update computed those statistics itself; ``None`` where the stepped float view is in
+# ``update_param`` (between the optimizer's step and the rounding).
 Observer = Callable[[str, DQTWeight, int, "tuple[torch.Tensor, torch.Tensor] | None"], None]
+
+
+def finite_gradients(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One boolean per gradient: whether it holds no NaN and no inf. One min-and-max pass per tensor (no ``|g|``
+    temporary): NaN makes both NaN, +inf the max, -inf the min."""
+    extremes = torch.stack([extreme.float() for grad in grads for extreme in grad.detach().aminmax()])
+    return torch.isfinite(extremes).view(-1, 2).all(dim=1)
+
+
+def apply_nonfinite_policy(finite: torch.Tensor, names: Sequence[str], step: int, policy: str, scope: str) -> list[int]:
+    """The one non-finite policy of every update path: ``finite`` holds one boolean per gradient (or layer) named in
+    ``names``. All finite: returns ``[]``. Otherwise ``stop`` raises :class:`TrainingStopped`; ``skip`` warns once
+    and returns the indices of the non-finite entries, for the caller to skip ``scope`` (what the message says is
+    skipped). One host sync."""
+    if bool(finite.all()):
+        return []
+    bad = (~finite).nonzero().reshape(-1).tolist()
+    where = names[bad[0]] + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+    if policy == "stop":
+        raise TrainingStopped(f"non-finite gradient at step {step} in {where}; lower the learning rate, or set "
+                              "on_nonfinite: skip")
+    rank_zero_warn(f"skipped the update of {scope} at step {step}: non-finite gradient in {where}")
+    return bad
 
 
 class ListHandle:
@@ -33,6 +55,18 @@ class ListHandle:
     def remove(self) -> None:
         if self.item in self.items:
             self.items.remove(self.item)
+
+
+class _AttributeHandle:
+    """Resets ``owner.name`` to ``None`` on removal, if it still holds ``value``."""
+
+    def __init__(self, owner: Any, name: str, value: Any) -> None:
+        self.owner, self.name, self.value = owner, name, value
+        setattr(owner, name, value)
+
+    def remove(self) -> None:
+        if getattr(self.owner, self.name, None) is self.value:
+            setattr(self.owner, self.name, None)
 
 
 class HookOwner(Callback):
@@ -51,35 +85,35 @@ class HookOwner(Callback):
 class QuantizedUpdate(HookOwner):
     """Runs the configured optimizer on ``alpha * q`` of every DQT layer and rounds the result back onto the grid.
 
-    Every :class:`~dqt_lightning.quant.layers.DQTWeight` takes part: the projections, and the embedding and output head
-    when they are quantized too. Order within one optimizer step (after gradient accumulation):
-    ``on_before_optimizer_step`` fills each layer's ``update_param`` with a float32 ``alpha * q`` (and widens a bf16
-    gradient buffer to float32 for the step); Lightning clips all gradients, float and quantized together; the optimizer
-    steps every parameter with its own hyper-parameters and the scheduled learning rate; a step post-hook then rounds
-    each layer once (stochastic or nearest) with noise seeded by (run seed, global step, layer index) and frees the
-    float values again. Nothing float of the weight outlives the step.
+    Every :class:`~dqt_lightning.quant.layers.DQTWeight` takes part: the projections, and the embedding and output
+    head when they are quantized too. The layers own the arithmetic (:meth:`~dqt_lightning.quant.layers.DQTWeight.materialize`,
+    :meth:`~dqt_lightning.quant.layers.DQTWeight.round_step`, :mod:`dqt_lightning.quant.step`); this callback schedules
+    it, seeds its noise by (run seed, global step, layer index), hands the float step to observers (telemetry), applies
+    the non-finite policy and checks DDP replicas. Order within one optimizer step (after gradient accumulation):
 
-    Under DDP the quantized gradients are averaged in one collective per step and every rank draws the same noise,
-    so the integer replicas stay bit-identical; every ``check_replicas_every_n_steps`` steps a checksum comparison
-    proves it, and stops the run if it ever fails.
+    - ``on_before_optimizer_step``: under DDP, average the quantized gradients in one collective; skip or stop on a
+      non-finite gradient; materialize each layer's float32 ``alpha * q`` (widening a bf16 gradient);
+    - Lightning clips all gradients, float and quantized together;
+    - the optimizer steps every parameter with its own hyper-parameters and the scheduled learning rate;
+    - then (from :meth:`QuantPrecision.optimizer_step <dqt_lightning.train.precision.QuantPrecision.optimizer_step>`,
+      which wraps the step) each layer is rounded once and its float values freed. Nothing float of the weight
+      outlives the step.
+
+    Under DDP every rank draws the same noise, so the integer replicas stay bit-identical; every
+    ``check_replicas_every_n_steps`` steps a checksum comparison proves it, and stops the run if it ever fails.
 
     With ``QuantPrecision(update_in_backward=True)`` the same update runs per layer inside backward instead, from a
     hook that fires as soon as the layer's gradient is complete: average it across ranks (one collective per layer,
     on a process group of its own), step the one parameter with the configured optimizer, round, free the gradient.
-    Same seeds, same arithmetic, same weights as the usual path; no gradient buffer of a DQT weight outlives
-    backward. A non-finite gradient then skips (or stops at) that layer only: the layers before it in backward have
-    already moved.
+    Same seeds, same arithmetic, same weights as the usual path. A non-finite gradient then skips (or stops at) that
+    layer only: the layers before it in backward have already moved.
 
-    Under the ``absmax`` scale policy the rounding also re-derives each layer's scale from the stepped weight
-    (:func:`~dqt_lightning.quant.grid.rescaled_step`).
-
-    With ``QuantPrecision(fused_update=True)`` (AdamW only) no float weight is materialized: after clipping, each
-    layer's levels, gradient and moments go through :func:`~dqt_lightning.train.fused.dqt_adamw_step`, compiled into one
-    kernel, and the optimizer then steps the float parameters alone. Its rounding noise is counter-based (same
-    seeds, other numbers than the usual path's generator); the moments stay in ``optimizer.state`` in the
-    optimizer's own format, so checkpoints resume either way. Inside backward too, when both options are on; there
-    the fused step itself leaves a layer with a non-finite gradient untouched, decided on the device, and the
-    skipped layers are counted once after backward: one host sync per step instead of one per layer.
+    With ``QuantPrecision(fused_update=True)`` no float weight is materialized: after clipping, each layer's levels,
+    gradient and moments go through the optimizer's registered rule fused with the rounding
+    (:class:`~dqt_lightning.train.fused.FusedUpdate`), and the optimizer then steps the float parameters alone. Same
+    arithmetic and noise as the usual path. Inside backward too, when both options are on; there the fused step
+    itself leaves a layer with a non-finite gradient untouched, decided on the device, and the skipped layers are
+    counted once after backward: one host sync per step instead of one per layer.
 
     Args:
         seed: Seed of the rounding noise; ``None`` takes the run's ``seed_everything`` value (``PL_GLOBAL_SEED``).
@@ -107,12 +141,11 @@ class QuantizedUpdate(HookOwner):
         self.on_nonfinite = on_nonfinite
         self.shared_noise = shared_noise
         self.skipped_steps = 0
-        self._names: dict[int, str] = {}
         self.n_updates = 0
+        self._names: dict[int, str] = {}
         self._layers: list[tuple[str, DQTWeight]] = []
         self._handles: list[Any] = []
-        self._generators: dict[torch.device, torch.Generator] = {}
-        self._pending = False
+        self._pending: str | None = None  # "round" or "fused": what this step still has to do after clipping
         self._flips: dict[str, torch.Tensor] = {}
         self._sizes: dict[str, int] = {}
         self._trainer: pl.Trainer | None = None
@@ -121,12 +154,10 @@ class QuantizedUpdate(HookOwner):
         self._group = None  # the process group of the per-layer averages in backward
         self._updated_in_backward = False
         self._skipped_in_backward = False
-        # Called once per layer and step (see Observer) inside backward, or by the fused update: how WeightTelemetry
-        # sees the float step, or its statistics, when no optimizer post-hook would.
+        # Called once per layer and step (see Observer), between its optimizer step and its rounding: how
+        # WeightTelemetry sees the float step, or the statistics of it that the fused update computed.
         self.observers: list[Observer] = []
-        self._fused: Callable[..., tuple[torch.Tensor, ...]] | None = None
-        self._fused_pending = False
-        self._optimizer: torch.optim.Optimizer | None = None
+        self._fused: FusedUpdate | None = None
         self._fused_finite: dict[int, torch.Tensor] = {}  # layer index: whether its fused step in backward applied
         self._step_keys: tuple[int, torch.Tensor] | None = None  # (step, every layer's noise keys at that step)
 
@@ -140,8 +171,7 @@ class QuantizedUpdate(HookOwner):
         if not self._layers:
             return
         self._sizes = {name: m.shape.numel() for name, m in self._layers}
-        if self.seed is None:
-            self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.seed = run_seed(self.seed)
         held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
         missing = [name for name, m in self._layers if id(m.update_param) not in held]
         if missing:
@@ -151,38 +181,18 @@ class QuantizedUpdate(HookOwner):
                 "pass dqt_lightning.quantized_parameters(model) to it in configure_optimizers"
             )
         plugin = trainer.precision_plugin
-        self._in_backward = bool(getattr(plugin, "update_in_backward", False))
-        if getattr(plugin, "fused_update", False):
-            self._use_fused_update(trainer)
+        if not hasattr(plugin, "quantized_update"):
+            raise ConfigError("dqt_lightning.QuantizedUpdate needs trainer.plugins: dqt_lightning.QuantPrecision, "
+                              f"whose optimizer step applies the update; the precision plugin is "
+                              f"{type(plugin).__name__}")
+        self._handles = [_AttributeHandle(plugin, "quantized_update", self)]
+        self._in_backward = bool(plugin.update_in_backward)
+        if plugin.fused_update:
+            if len(trainer.optimizers) != 1:
+                raise ConfigError(f"{FusedUpdate.field} needs exactly one optimizer; got {len(trainer.optimizers)}")
+            self._fused = FusedUpdate(trainer.optimizers[0], trainer.strategy.root_device, plugin.compile_fused_update)
         if self._in_backward:
             self._hook_into_backward(trainer)
-        elif self._fused is not None:
-            plugin.after_clipping.append(self._after_clipping)
-            self._handles = [ListHandle(plugin.after_clipping, self._after_clipping)]
-        else:
-            self._handles = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
-
-    def _use_fused_update(self, trainer: pl.Trainer) -> None:
-        field = "trainer.plugins.fused_update"
-        if len(trainer.optimizers) != 1:
-            raise ConfigError(f"{field} needs exactly one optimizer; got {len(trainer.optimizers)}")
-        optimizer = trainer.optimizers[0]
-        if not isinstance(optimizer, (torch.optim.AdamW, AdamW)):
-            raise ConfigError(f"{field} fuses AdamW (torch.optim.AdamW or dqt_lightning.train.optim.AdamW) into the "
-                              f"update; the optimizer is {type(optimizer).__name__}")
-        for group in optimizer.param_groups:
-            for option in ("amsgrad", "maximize"):
-                if group.get(option):
-                    raise ConfigError(f"{field} does not do AdamW's {option}; set optimizer.init_args.{option}: false")
-        self._optimizer = optimizer
-        if not trainer.precision_plugin.compile_fused_update:
-            self._fused = dqt_adamw_step
-            return
-        reason = compile_unavailable_reason(trainer.strategy.root_device)
-        if reason is not None:
-            raise ConfigError(f"trainer.plugins.compile_fused_update: torch.compile cannot build the fused update here "
-                              f"({reason}); install one, or set it to false (the same update, run eagerly)")
-        self._fused = compiled_dqt_adamw_step(trainer.strategy.root_device.type)
 
     def _hook_into_backward(self, trainer: pl.Trainer) -> None:
         field = "trainer.plugins.update_in_backward"
@@ -200,76 +210,56 @@ class QuantizedUpdate(HookOwner):
             self._group = torch.distributed.new_group()
         if self._fused is None:
             self._steppers = [parameter_stepper(trainer.optimizers[0], m.update_param) for _, m in self._layers]
-        self._handles = [m.update_param.register_post_accumulate_grad_hook(
+        self._handles += [m.update_param.register_post_accumulate_grad_hook(
             functools.partial(self._update_in_backward, i)) for i, (_, m) in enumerate(self._layers)]
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        step = trainer.global_step  # still the index of this step: Lightning counts it after the step
         if self._in_backward:
             # Every DQT layer has been updated already and its gradient freed: what remains are the float parameters.
-            self._gradients_are_finite(trainer, optimizer)
+            self._gradients_are_finite(optimizer, step)
             if self._fused_finite:
-                self._count_skipped_layers(trainer.global_step)
+                self._count_skipped_layers(step)
             if self._skipped_in_backward:  # one step counted, however many layers it skipped
                 self._skipped_in_backward = False
                 self.skipped_steps += 1
             if self._updated_in_backward:
                 self._updated_in_backward = False
-                self._finish_step(trainer.global_step)
+                self._finish_step(step)
             return
         if trainer.world_size > 1 and self._layers:
             self._average_gradients_across_ranks()
-        if not self._gradients_are_finite(trainer, optimizer):
-            return
-        if self._fused is not None:
-            # Stepped after clipping, by _after_clipping. Clipped in float32 as on the usual path (materialize): a
-            # norm of bf16 buffers, and their scaling, would round differently.
-            for _, layer in self._layers:
-                layer.widen_gradient()
-            self._fused_pending = bool(self._layers)
+        if not self._gradients_are_finite(optimizer, step) or not self._layers:
             return
         for _, layer in self._layers:
-            layer.materialize()
-        self._pending = bool(self._layers)
+            # Clipped in float32 either way: a norm of bf16 buffers, and their scaling, would round differently.
+            layer.widen_gradient() if self._fused is not None else layer.materialize()
+        self._pending = "fused" if self._fused is not None else "round"
+
+    def _gradients_are_finite(self, optimizer: torch.optim.Optimizer, step: int) -> bool:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return True
+        names = [self._names.get(id(p), "an unnamed parameter") for p in params]
+        if not apply_nonfinite_policy(finite_gradients([p.grad for p in params]), names, step, self.on_nonfinite,
+                                      "every parameter"):
+            return True
+        for p in params:  # without gradients the optimizer moves nothing this step, so no NaN reaches any weight
+            p.grad = None
+        self.skipped_steps += 1
+        return False
 
     def _count_skipped_layers(self, step: int) -> None:
         # One host sync per step for all the fused steps in backward, instead of one per layer.
         indices = list(self._fused_finite)
         finite = torch.stack([self._fused_finite[i] for i in indices])
         self._fused_finite = {}
-        if bool(finite.all()):
-            return
-        skipped = [indices[i] for i in (~finite).nonzero().reshape(-1).tolist()]
-        first = self._layers[skipped[0]][0]
-        if self.on_nonfinite == "stop":
-            raise TrainingStopped(f"non-finite gradient at step {step} in {first}; lower the learning rate, "
-                                  "or set on_nonfinite: skip")
-        for index in skipped:  # as if AdamW had not stepped them: their moments are untouched, so is their count
-            self._optimizer.state[self._layers[index][1].update_param]["step"] -= 1
-        self._skipped_in_backward = True
-        rank_zero_warn(f"skipped the update of {len(skipped)} layers at step {step} (first: {first}): non-finite "
-                       "gradient")
-
-    def _gradients_are_finite(self, trainer: pl.Trainer, optimizer) -> bool:
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not params:
-            return True
-        # One min-and-max pass per tensor (no |g| temporary), one host sync per step: NaN makes both NaN, +inf the
-        # max, -inf the min.
-        extremes = torch.stack([extreme.float() for p in params for extreme in p.grad.detach().aminmax()])
-        finite = torch.isfinite(extremes)
-        if bool(finite.all()):
-            return True
-        first = self._names.get(id(params[int((~finite).nonzero()[0]) // 2]), "an unnamed parameter")
-        if self.on_nonfinite == "stop":
-            raise TrainingStopped(f"non-finite gradient at step {trainer.global_step}, first in {first}; "
-                                  "lower the learning rate, or set on_nonfinite: skip")
-        # Without gradients the optimizer moves nothing this step, so no NaN reaches any weight.
-        for p in params:
-            p.grad = None
-        self.skipped_steps += 1
-        rank_zero_warn(f"skipped step {trainer.global_step}: non-finite gradient, first in {first}")
-        return False
+        names = [self._names[id(self._layers[i][1].update_param)] for i in indices]
+        skipped = apply_nonfinite_policy(finite, names, step, self.on_nonfinite, "those layers")
+        for position in skipped:
+            self._fused.undo(self._layers[indices[position]][1])
+        self._skipped_in_backward = self._skipped_in_backward or bool(skipped)
 
     @torch.no_grad()
     def _average_gradients_across_ranks(self) -> None:
@@ -289,25 +279,28 @@ class QuantizedUpdate(HookOwner):
             offset += p.grad.numel()
 
     @torch.no_grad()
-    def _after_step(self, optimizer, args, kwargs) -> None:
-        if not self._pending:
+    def after_clipping(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called by :class:`~dqt_lightning.train.precision.QuantPrecision` between clipping and the optimizer's own
+        step: the fused update of every layer, after which the optimizer finds no gradient on the quantized weights
+        and steps the float parameters alone."""
+        if self._pending != "fused":
             return
-        step = self._trainer.global_step  # still the index of this step: Lightning counts it after the step
+        self._pending = None
+        step = self._trainer.global_step
         for index in range(len(self._layers)):
-            self._round(index, step)
-        self._pending = False
+            self._fused_step(index, step)
         self._finish_step(step)
 
     @torch.no_grad()
-    def _after_clipping(self, optimizer: torch.optim.Optimizer) -> None:
-        # Called by QuantPrecision between clipping and the optimizer's own step, which then finds no gradient on
-        # the quantized weights and steps the float parameters alone.
-        if not self._fused_pending:
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called by :class:`~dqt_lightning.train.precision.QuantPrecision` right after the optimizer's step: every
+        layer's stepped float view is shown to the observers, then rounded onto the grid and freed."""
+        if self._pending != "round":
             return
-        self._fused_pending = False
+        self._pending = None
         step = self._trainer.global_step
         for index in range(len(self._layers)):
-            self._fused_update(index, step)
+            self._round(index, step)
         self._finish_step(step)
 
     @torch.no_grad()
@@ -315,7 +308,6 @@ class QuantizedUpdate(HookOwner):
         trainer = self._trainer
         if trainer is None or not trainer.training or param.grad is None:
             return
-        name, layer = self._layers[index]
         if self._group is not None:
             average = param.grad.float()  # summed in float32, as the one-bucket average of the usual path
             torch.distributed.all_reduce(average, group=self._group)
@@ -323,89 +315,50 @@ class QuantizedUpdate(HookOwner):
         step = trainer.global_step
         if self._fused is not None:
             # Checked on the device inside the fused step; counted once after backward (_count_skipped_layers).
-            self._fused_update(index, step, skip_nonfinite=True)  # frees the gradient too
+            self._fused_step(index, step, skip_nonfinite=True)  # frees the gradient too
             self._updated_in_backward = True
             return
-        extremes = param.grad.aminmax()
-        if not bool(torch.isfinite(torch.stack(extremes)).all()):
-            if self.on_nonfinite == "stop":
-                raise TrainingStopped(f"non-finite gradient at step {step} in {name}; lower the learning rate, "
-                                      "or set on_nonfinite: skip")
+        layer = self._layers[index][1]
+        if apply_nonfinite_policy(finite_gradients([param.grad]), [self._names[id(param)]], step, self.on_nonfinite,
+                                  "that layer"):
             param.grad = None
             self._skipped_in_backward = True
-            rank_zero_warn(f"skipped the update of {name} at step {step}: non-finite gradient")
             return
         layer.materialize()
         self._steppers[index]()
-        for observe in self.observers:
-            observe(name, layer, step, None)
         self._round(index, step)
         param.grad = None
         self._updated_in_backward = True
 
-    def _noise_seed(self, index: int, step: int) -> int:
-        seed = self.seed if self.shared_noise else self.seed + 7919 * self._trainer.global_rank
-        return step_seed(seed, step, index)
-
-    def _noise_keys(self, index: int, step: int, device: torch.device) -> torch.Tensor:
-        # Every layer's keys of a step in one host-to-device copy, made at the step's first fused update.
+    def _keys(self, index: int, step: int, device: torch.device) -> torch.Tensor:
+        """Layer ``index``'s noise keys at ``step``: the weights' stream from (run seed, step, layer index), the
+        moments' from the optimizer's own seeds where it rounds them (so the fused update draws what the unfused
+        optimizer would). Every layer's keys of a step in one host-to-device copy, made at the step's first use."""
         if self._step_keys is None or self._step_keys[0] != step:
-            seeds = [self._noise_seed(i, step) for i in range(len(self._layers))]
+            seed = self.seed if self.shared_noise else self.seed + 7919 * self._trainer.global_rank
+            seeds: list[Any] = [step_seed(seed, step, i) for i in range(len(self._layers))]
+            if self._fused is not None:
+                moments = next_moment_seeds(self._fused.optimizer, [m.update_param for _, m in self._layers])
+                seeds = [s if m is None else (s, m) for s, m in zip(seeds, moments)]
             self._step_keys = (step, noise_keys(seeds, device))
         return self._step_keys[1][index]
 
     def _round(self, index: int, step: int) -> None:
-        """Round layer ``index``'s stepped weight onto its grid with this step's noise, then free the float values."""
         name, layer = self._layers[index]
-        q = layer.levels()
-        generator = self._generator(q.device)
-        generator.manual_seed(self._noise_seed(index, step))
-        stepped = layer.update_param.data
-        if layer.scale_policy == "absmax":
-            q_new, alpha = rescaled_step(stepped, layer.grid, layer.scale.dim() > 0, layer.rounding, generator)
-            layer.scale.copy_(alpha.reshape(layer.scale.shape))
-        else:
-            q_new = quantized_step(q, layer.scale, stepped, layer.grid, layer.rounding, generator)
-        self._flips[name] = torch.count_nonzero(q_new != q)  # stays a tensor: no host sync in the hot path
-        layer.set_levels(q_new)
-        layer.release()
+        for observe in self.observers:
+            observe(name, layer, step, None)
+        self._flips[name] = layer.round_step(self._keys(index, step, layer.weight.device)[WEIGHTS])
 
-    def _fused_update(self, index: int, step: int, skip_nonfinite: bool = False) -> None:
-        """Step layer ``index`` with AdamW and round it, in one pass from levels to levels; free its gradient. With
-        ``skip_nonfinite`` a non-finite gradient leaves the layer as it was, decided on the device."""
+    def _fused_step(self, index: int, step: int, skip_nonfinite: bool = False) -> None:
         name, layer = self._layers[index]
-        param = layer.update_param
-        if param.grad is None:
-            return  # no gradient reached this layer: AdamW would skip it too
-        optimizer = self._optimizer
-        # Looked up at every step: load_state_dict replaces the groups, and the LR scheduler changes their lr.
-        group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
-        state = optimizer.state[param]
-        ours = isinstance(optimizer, AdamW)
-        kind = group["state_dtype"] if ours else "float32"
-        block_size = group["block_size"] if ours else 0
-        if not state:
-            _init_state(state, layer.shape, layer.weight.device, kind, block_size)
-            if not ours:  # torch.optim.AdamW's own format, so that the unfused path can resume from it
-                state["step"] = torch.tensor(0.0)
-        state["step"] += 1
-        betas = group["betas"]
-        decay, step_size, bias_correction2_sqrt = adamw_scalars(float(group["lr"]), group["weight_decay"], betas,
-                                                                float(state["step"]))
-        q = layer.levels()
-        q_new, flips, moved, below, finite = self._fused(
-            q, layer.scale, param.grad, state["exp_avg"], state["exp_avg_sq"], state.get("exp_avg_scale"),
-            state.get("exp_avg_sq_scale"), self._noise_keys(index, step, q.device), decay, *betas,
-            group["eps"], step_size, bias_correction2_sqrt, layer.grid.qmin, layer.grid.qmax,
-            layer.rounding == "stochastic", block_size or 1, skip_nonfinite)
-        layer.set_levels(q_new)
-        param.grad = None  # spent; and the optimizer must not step the placeholder
-        layer.release()
-        self._flips[name] = flips
+        result = self._fused.step(layer, self._keys(index, step, layer.weight.device), skip_nonfinite)
+        if result is None:
+            return
+        self._flips[name], stats, finite = result
         if finite is not None:
             self._fused_finite[index] = finite
         for observe in self.observers:
-            observe(name, layer, step, (moved, below))
+            observe(name, layer, step, stats)
 
     def _finish_step(self, step: int) -> None:
         self.n_updates += 1
@@ -431,11 +384,6 @@ class QuantizedUpdate(HookOwner):
             raise TrainingStopped(f"integer weights differ across DDP ranks after step {step}, first in {first} "
                                   f"({int(differ.sum())} of {len(self._layers)} layers)")
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device)
-        return self._generators[device]
-
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         if not self._flips:
@@ -457,6 +405,6 @@ class QuantizedUpdate(HookOwner):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # A resumed run keeps the seed it started with, so its noise continues the original sequence.
-        self.seed = state_dict["seed"]
-        self.n_updates = state_dict["n_updates"]
-        self.skipped_steps = state_dict["skipped_steps"]
+        self.seed = state_dict.get("seed", self.seed)
+        self.n_updates = state_dict.get("n_updates", 0)
+        self.skipped_steps = state_dict.get("skipped_steps", 0)
