@@ -3,12 +3,17 @@ by the stated rules."""
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
+from dqt_lightning import cli
+from dqt_lightning.tools import reproduce
 from dqt_lightning.tools.compare import Run
 from dqt_lightning.tools.reproduce import (ARMS, CONFIGS, ArmPrecision, Job, arm_command, judge, main, mean_run,
                                     precision_of, report)
@@ -18,6 +23,26 @@ TINY = ["--", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches"
         "--model.init_args.config.n_embd", "32", "--model.init_args.config.n_head", "2",
         "--model.init_args.config.intermediate_size", "64", "--model.init_args.warmup_steps", "1",
         "--data.init_args.vocab_size", "512", "--data.init_args.seq_len", "16", "--data.init_args.batch_size", "2"]
+
+
+@pytest.fixture
+def arms_in_this_process(monkeypatch):
+    """reproduce trains each arm as ``python -m dqt_lightning fit ...`` in a subprocess, its output into the arm's log;
+    here that command's main() runs in this process instead, its output into the same log, so that each arm does not
+    pay an interpreter and the embedded corpus. The exit code is main()'s. test_a_failing_arm_is_one_line_naming_it_and
+    _its_log keeps the real subprocess."""
+
+    def run(command: list[str], stdout, stderr) -> subprocess.CompletedProcess:
+        assert command[1:4] == ["-m", "dqt_lightning", "fit"] and stderr == subprocess.STDOUT, command
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stdout):
+            try:
+                cli.main(command[3:])
+                code = 0
+            except SystemExit as done:
+                code = 0 if done.code is None else done.code
+        return subprocess.CompletedProcess(command, code)
+
+    monkeypatch.setattr(reproduce, "subprocess", SimpleNamespace(run=run, STDOUT=subprocess.STDOUT))
 
 
 def _run(loss: float, ternary: float | None = None, first: float = 8.0) -> Run:
@@ -85,7 +110,8 @@ def test_with_several_seeds_claims_are_judged_on_the_means_and_seeds_that_agree_
     assert "| 8-bit DQT is on par with BitNet b1.58. | supported | 8-bit DQT 4.1000 against" in single
 
 
-def test_each_seed_trains_its_own_run_and_the_report_finds_them(tmp_path, monkeypatch, data_cache):
+def test_each_seed_trains_its_own_run_and_the_report_finds_them(tmp_path, monkeypatch, data_cache,
+                                                                arms_in_this_process):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "repro"
     extra = [*TINY, "--data.init_args.cache_dir", data_cache]
@@ -108,7 +134,8 @@ def test_each_seed_trains_its_own_run_and_the_report_finds_them(tmp_path, monkey
     assert "| dqt-8bit | 2 |" in (out / "results.md").read_text()
 
 
-def test_arms_train_once_and_the_report_judges_them(tmp_path, monkeypatch, data_cache, capsys):
+def test_arms_train_once_and_the_report_judges_them(tmp_path, monkeypatch, data_cache, capsys,
+                                                    arms_in_this_process):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "repro"
     extra = [*TINY, "--data.init_args.cache_dir", data_cache]
