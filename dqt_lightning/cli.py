@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -34,13 +35,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from dqt_lightning.train.checkpoint import AtomicCheckpointIO
 from dqt_lightning.errors import ConfigError, TrainingStopped
 from dqt_lightning.files import atomic_write
+from dqt_lightning.runs import RUNS_DIR, resumable_checkpoint, run_name
 from dqt_lightning.train.precision import PRECISIONS
 
-RUNS_DIR = "runs"
 FLOAT32_MATMUL_PRECISIONS = ("highest", "high", "medium")
 # Commands beside LightningCLI's, each a module with a main(argv) -> exit code; imported only when used.
-TOOLS = {"compare": "dqt_lightning.tools.compare", "export": "dqt_lightning.tools.export", "generate": "dqt_lightning.tools.generate",
-         "bench": "dqt_lightning.tools.bench", "reproduce": "dqt_lightning.tools.reproduce"}
+TOOLS = {name: f"dqt_lightning.tools.{name}" for name in ("compare", "export", "generate", "bench", "reproduce")}
 
 
 def _user_facing_error_in(error: BaseException | None) -> Exception | None:
@@ -68,8 +68,15 @@ class _OneLineErrorParser(LightningArgumentParser):
 
 
 def _first_reason(message: str) -> str:
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    lines = [ln.strip().removeprefix("- ").strip() for ln in message.splitlines() if ln.strip()]
     head = lines[0] if lines else message
+    given = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Given value:")), None)
+    if head.startswith("Parser key") and given is not None:
+        # jsonargparse's report of a value no type accepts: name the value and the types, not the report's layout.
+        subtypes = next((ln for ln in lines if ln.startswith("Subtypes:")), "")
+        types = re.findall(r"<class '([\w.]+)'>", subtypes) or re.findall(r"Expected a <class '([\w.]+)'>", message)
+        expected = f" (expected {' or '.join(dict.fromkeys(types))})" if types else ""
+        return f"{head.rstrip(':')}: {given!r} is not a valid value{expected}"
     detail = next((ln for ln in lines[1:] if ln.startswith(("Expected", "Does not", "Problem", "No action", "Unable",
                                                             "Not a valid", "Path", "Parser key"))), "")
     return f"{head} {detail}".strip()
@@ -114,18 +121,6 @@ class _SaveConfig(SaveConfigCallback):
                         run_dir.parent.rmdir()  # the config's name directory, when this was its only run
 
 
-def _run_name(config: Namespace) -> str:
-    """The default logger's directory under runs/: the names of the config files, joined."""
-    return "+".join(Path(str(c)).stem for c in (config.get("config") or [])) or "default"
-
-
-def _newest_last_checkpoint(runs: Path) -> Path | None:
-    """``checkpoints/last.ckpt`` of the highest-numbered ``version_N`` under ``runs`` that has one."""
-    found = [(int(d.name.removeprefix("version_")), d / "checkpoints" / "last.ckpt") for d in runs.glob("version_*")
-             if d.name.removeprefix("version_").isdigit() and (d / "checkpoints" / "last.ckpt").is_file()]
-    return max(found)[1] if found else None
-
-
 # The Trainer types these Union[float, int], float first, so jsonargparse reads an integer 1 as the float 1.0: for the
 # limits, every batch instead of one; for val_check_interval, once an epoch instead of every batch.
 BATCH_COUNTS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
@@ -134,8 +129,6 @@ BATCH_COUNTS = ("limit_train_batches", "limit_val_batches", "limit_test_batches"
 
 def _written_batch_counts(args: list[str]) -> dict[str, object]:
     """The value each of ``BATCH_COUNTS`` was last given, as written (YAML scalar or flag text), in argument order."""
-    import yaml  # noqa: PLC0415 - jsonargparse's own YAML library
-
     written: dict[str, object] = {}
     for i, token in enumerate(args):
         if token in ("-c", "--config") and i + 1 < len(args):
@@ -165,8 +158,6 @@ def _keep_integer_one(trainer: Namespace, args: list[str] | None) -> None:
 def _record_integer_ones(path: Path, trainer) -> None:
     """jsonargparse writes the 1 that the run took as one batch (``_keep_integer_one``) as 1.0 into config.yaml,
     which would mean every batch when the file is run again."""
-    import yaml  # noqa: PLC0415 - jsonargparse's own YAML library
-
     ones = [key for key in BATCH_COUNTS if type(getattr(trainer, key, None)) is int and getattr(trainer, key) == 1]
     config = yaml.safe_load(path.read_text(encoding="utf-8")) if ones and path.is_file() else None
     section = config.get("trainer") if isinstance(config, dict) else None
@@ -191,6 +182,19 @@ def _move_trainer_precision_into_the_plugin(trainer: Namespace) -> None:
                           f"{', '.join(PRECISIONS)} (it sets trainer.plugins.init_args.precision)")
     ours[0].init_args.precision = value
     trainer.precision = None
+
+
+def _check_trainer_numbers(trainer: Namespace) -> None:
+    """Trainer settings Lightning takes without a word or with a traceback deep in the loop."""
+    accumulate = trainer.get("accumulate_grad_batches")
+    if accumulate is not None and (not isinstance(accumulate, int) or accumulate < 1):
+        raise ConfigError(f"trainer.accumulate_grad_batches must be an integer >= 1 (1: no accumulation); got "
+                          f"{accumulate}")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip >= 0):
+        # Lightning skips clipping for any value <= 0: a negative one would train unclipped with no word.
+        raise ConfigError(f"trainer.gradient_clip_val must be a finite number >= 0 (0 or null: no clipping); got "
+                          f"{clip:g}")
 
 
 class DQTLightningCLI(LightningCLI):
@@ -229,14 +233,22 @@ class DQTLightningCLI(LightningCLI):
         if path == "last" and self.config[subcommand].trainer.logger in (None, True):
             # Lightning looks for "last" in this run's own checkpoint directory, which the default logger has just
             # made new, so it would never resume anything: look in the runs of this config before it.
-            runs = Path(RUNS_DIR) / _run_name(self.config[subcommand])
-            found = _newest_last_checkpoint(runs)
+            runs = Path(RUNS_DIR) / run_name(self.config[subcommand])
+            # Only a run of the same settings: the newest last.ckpt may be another experiment's of the same configs
+            # with other overrides (an interrupted run killed before its first save leaves none of its own).
+            current = yaml.safe_load(self._parser(subcommand).dump(self.config[subcommand], skip_none=False))
+            found, differs = resumable_checkpoint(runs, current)
+            if found is None and differs:
+                shown = ", ".join(differs[:4]) + (f" and {len(differs) - 4} more" if len(differs) > 4 else "")
+                raise ConfigError(f"ckpt_path last: the newest run under {runs} with a last.ckpt has other settings "
+                                  f"({shown}) and none has these; resume one by its path, or drop --ckpt_path last to "
+                                  "start a new run")
             # With none, fit starts from scratch (Lightning's rule, for jobs that may or may not be resuming);
             # validate and test would score an untrained model.
             if found is None and subcommand != "fit":
                 raise ConfigError(f"ckpt_path last: no {runs}/version_N/checkpoints/last.ckpt to {subcommand}")
             if found is not None:
-                rank_zero_info(f"ckpt_path last: {found}, the newest last.ckpt under {runs}")
+                rank_zero_info(f"ckpt_path last: {found}, the newest last.ckpt under {runs} with these settings")
                 self.config[subcommand].ckpt_path = path = str(found)
         named = path and (path in ("best", "last", "hpc") or str(path).startswith("registry") or "://" in str(path))
         if path and not named and not Path(path).is_file():
@@ -247,9 +259,10 @@ class DQTLightningCLI(LightningCLI):
         except SystemExit:
             raise
         except Exception as error:  # torch raises many types for a file that is not a checkpoint
-            reason = str(error).splitlines()[0][:160] if str(error) else ""
+            reason = re.split(r"(?<=[.!?])\s", str(error).strip().splitlines()[0])[0] if str(error).strip() else ""
             raise ConfigError(f"ckpt_path {path} cannot be read as a checkpoint ({type(error).__name__}"
-                              f"{': ' + reason if reason else ''})") from error
+                              f"{': ' + reason.rstrip('.') if reason else ''}); the file is damaged (a copy cut "
+                              "short?) or not a checkpoint") from error
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -261,11 +274,12 @@ class DQTLightningCLI(LightningCLI):
                 f"trainer.strategy={name} is not supported: FSDP shards float parameters and insists on its own "
                 "precision plugin, while DQT weights are integer buffers; use trainer.strategy: ddp"
             )
+        _check_trainer_numbers(config.trainer)
         _move_trainer_precision_into_the_plugin(config.trainer)
         if config.trainer.logger in (None, True):
             config.trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                init_args=Namespace(save_dir=RUNS_DIR, name=_run_name(config), default_hp_metric=False),
+                init_args=Namespace(save_dir=RUNS_DIR, name=run_name(config), default_hp_metric=False),
             )
 
     def instantiate_trainer(self, **kwargs):
@@ -335,7 +349,7 @@ class _ParseOnly(DQTLightningCLI):
 
 
 def _prepare(args: list[str]) -> None:
-    """``prepare --config ...``: tokenize the ``data`` section's source into shards (see ``dqt_lightning.data.shards``)."""
+    """``prepare --config ...``: tokenize the ``data`` section's source into shards (``dqt_lightning.data.shards``)."""
     try:
         with warnings.catch_warnings():  # that args and sys.argv differ is the point here: "prepare" is not fit's
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -375,17 +389,20 @@ _OTHER_COMMANDS = (
 def _check_config_files(argv: list[str]) -> None:
     """jsonargparse reports a YAML syntax error without the file's name; with several --config files that leaves
     the user guessing."""
-    import yaml  # noqa: PLC0415 - jsonargparse's own YAML library
-
     for flag, value in zip(argv, argv[1:]):
         if flag in ("-c", "--config") and Path(value).is_file():
             try:
-                yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+                data = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
             except (yaml.YAMLError, UnicodeDecodeError) as error:
                 mark = getattr(error, "problem_mark", None)
                 where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
                 problem = getattr(error, "problem", None) or type(error).__name__
                 raise ConfigError(f"config file {value} is not valid YAML: {problem}{where}") from error
+            if data is None:
+                raise ConfigError(f"config file {value} is empty (or only comments); give it settings or leave it out")
+            if not isinstance(data, dict):
+                raise ConfigError(f"config file {value} holds a YAML {type(data).__name__}, not a mapping of settings "
+                                  "(trainer:, model:, data: ...)")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -400,6 +417,11 @@ def main(args: list[str] | None = None) -> None:
         return
     if argv[:1] and argv[0] in TOOLS:  # work on finished runs: no config, model or trainer to build
         sys.exit(importlib.import_module(TOOLS[argv[0]]).main(argv[1:]))
+    if argv[:1] and not argv[0].startswith("-") and argv[0] not in DQTLightningCLI.subcommands():
+        commands = [*DQTLightningCLI.subcommands(), "prepare", *TOOLS]
+        sys.stderr.write(f"error: unknown command '{argv[0]}'; choose from {', '.join(commands)} "
+                         "(python -m dqt_lightning --help)\n")
+        sys.exit(2)
     try:
         DQTLightningCLI(
             LightningModule,

@@ -40,6 +40,19 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _check_learning_rates(optimizer: torch.optim.Optimizer) -> None:
+    """A learning rate no step can take is one line here, not a float overflow inside the optimizer's step."""
+    for group in optimizer.param_groups:
+        lr = float(group["lr"])
+        if not math.isfinite(lr):
+            raise ConfigError(f"model.init_args.optimizer.init_args.lr must be finite; got {lr:g}")
+        # Adam's first step moves a weight by up to lr / (1 - beta1), which the update computes in float32.
+        largest = lr / (1 - group.get("betas", (0.0,))[0])
+        if largest > torch.finfo(torch.float32).max:
+            raise ConfigError(f"model.init_args.optimizer.init_args.lr={lr:g} overflows float32 in the optimizer's "
+                              f"first step (a step of up to {largest:.3g}, above 3.4e38)")
+
+
 class LanguageModel(pl.LightningModule):
     """A LLaMA language model trained on next-token prediction in any of the three modes.
 
@@ -234,6 +247,7 @@ class LanguageModel(pl.LightningModule):
             optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         except ValueError as error:
             raise ConfigError(f"model.optimizer: {error}") from error
+        _check_learning_rates(optimizer)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         if self.warmup_steps > total:
             # Easy to miss when a short run stacks a long recipe (the 130m overlay warms up over 2000 steps).

@@ -163,3 +163,104 @@ def test_a_corpus_of_one_document_says_it_all_went_to_validation(tmp_path):
     with pytest.raises(ConfigError, match=r"^data.source: all 1 document of .*big.txt.* went to validation, leaving "
                                           r"the train split empty .* set data.source.validation_split$"):
         data.setup()
+
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
+         "--trainer.enable_model_summary", "false", "--data.init_args.batch_size", "4"]
+
+
+@pytest.fixture
+def command(tmp_path, monkeypatch, capsys):
+    """``python -m dqt_lightning ARGS`` in this process, in tmp_path: (exit code, stdout, stderr)."""
+    from dqt_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["dqt_lightning"])
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as done:
+            code = 0 if done.code is None else done.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def _fit(*args: str) -> list[str]:
+    return ["fit", "--config", str(REPO / "configs" / "ternary.yaml"), *QUICK, *args]
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--trainer.accumulate_grad_batches", "0"],
+     "trainer.accumulate_grad_batches must be an integer >= 1 (1: no accumulation); got 0"),
+    (["--trainer.gradient_clip_val", "-1"],
+     "trainer.gradient_clip_val must be a finite number >= 0 (0 or null: no clipping); got -1"),
+    (["--model.init_args.optimizer.init_args.lr", "inf"],
+     "Parser key \"lr\": 'inf' is not a valid value (expected float or torch.Tensor)"),
+    (["--model.init_args.optimizer.init_args.lr", "1e38"],
+     "model.init_args.optimizer.init_args.lr=1e+38 overflows float32 in the optimizer's first step (a step of up to "
+     "1e+39, above 3.4e38)"),
+])
+def test_trainer_and_optimizer_mistakes_are_one_line_and_leave_no_run(command, tmp_path, args, says):
+    code, _, err = command(*_fit(*args))
+    assert code == 2 and err == f"error: {says}\n"
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
+
+
+def test_an_empty_or_non_mapping_config_file_is_named(command, tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    (tmp_path / "list.yaml").write_text("- trainer\n")
+    code, _, err = command(*_fit("--config", str(tmp_path / "empty.yaml")))
+    assert code == 2 and err == f"error: config file {tmp_path / 'empty.yaml'} is empty (or only comments); give it " \
+                                "settings or leave it out\n"
+    code, _, err = command(*_fit("--config", str(tmp_path / "list.yaml")))
+    assert code == 2 and err.startswith(f"error: config file {tmp_path / 'list.yaml'} holds a YAML list, not a mapping")
+
+
+def test_an_unknown_command_lists_every_command(command):
+    code, _, err = command("frobnicate")
+    assert code == 2 and err == ("error: unknown command 'frobnicate'; choose from fit, validate, test, prepare, "
+                                 "compare, export, generate, bench, reproduce (python -m dqt_lightning --help)\n")
+
+
+def test_a_truncated_checkpoint_is_one_whole_sentence(command, checkpoint, tmp_path):
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(checkpoint.read_bytes()[:50_000])
+    code, _, err = command("validate", "--config", str(REPO / "configs" / "ternary.yaml"), "--ckpt_path", str(cut))
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: ckpt_path {cut} cannot be read as a checkpoint (")
+    assert err.endswith("); the file is damaged (a copy cut short?) or not a checkpoint\n")
+    assert "If you are seeing this error" not in err  # the reader's first sentence only, never cut inside one
+
+
+def test_ckpt_path_last_never_continues_a_run_with_other_settings(command, tmp_path, monkeypatch):
+    said: list[str] = []
+    monkeypatch.setattr("dqt_lightning.cli.rank_zero_info", said.append)
+    code, out, _ = command(*_fit("--model.init_args.optimizer.init_args.lr", "0.003"))
+    assert code == 0
+    # Same configs, another learning rate: the newest last.ckpt is not this run's to continue.
+    code, _, err = command(*_fit("--ckpt_path", "last"))
+    assert code == 2 and err.startswith("error: ckpt_path last: the newest run under runs/ternary with a last.ckpt "
+                                        "has other settings (model.init_args.optimizer.init_args.lr) and none has ")
+    assert sorted(p.name for p in (tmp_path / "runs" / "ternary").iterdir()) == ["version_0"]  # nothing new written
+    # The same settings continue it, for longer too.
+    code, out, err = command(*_fit("--model.init_args.optimizer.init_args.lr", "0.003", "--ckpt_path", "last",
+                                   "--trainer.max_steps", "3"))
+    assert code == 0 and said == ["ckpt_path last: runs/ternary/version_0/checkpoints/last.ckpt, the newest last.ckpt "
+                                  "under runs/ternary with these settings"]
+
+
+def test_a_resume_may_train_longer_or_elsewhere_but_not_change_the_experiment():
+    from dqt_lightning.runs import differing_settings
+
+    saved = {"model": {"init_args": {"optimizer": {"init_args": {"lr": 0.002}}}}, "seed_everything": 1,
+             "trainer": {"max_steps": 100, "devices": 1, "plugins": {"init_args": {"bits": 8}}}}
+    longer = {**saved, "trainer": {**saved["trainer"], "max_steps": 500, "devices": 2}}
+    assert differing_settings(saved, longer) == []
+    other = {**longer, "trainer": {**longer["trainer"], "plugins": {"init_args": {"bits": 1.58}}}, "seed_everything": 2}
+    assert differing_settings(saved, other) == ["seed_everything", "trainer.plugins.init_args.bits"]
