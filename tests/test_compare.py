@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -12,24 +11,15 @@ from PIL import Image
 from dqt_lightning.cli import main
 from dqt_lightning.tools.compare import find_runs, load_run
 from dqt_lightning.tools.compare import main as compare
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
-        "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--data.init_args.vocab_size", "512",
-        "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4", "--model.init_args.warmup_steps", "2"]
+from tests.trained import STEPS, trained_runs  # noqa: F401 - trained_runs is a fixture
 
 
 @pytest.fixture(scope="module")
-def three_runs(tmp_path_factory, data_cache) -> Path:
+def three_runs(tmp_path_factory, trained_runs) -> Path:
+    """runs/ holding the session's fp, bitnet and dqt-8bit runs (copies: compare reads a directory of runs)."""
     root = tmp_path_factory.mktemp("compare")
-    cwd = Path.cwd()
-    os.chdir(root)  # the CLI writes runs/ under the working directory
-    try:
-        for config in ("fp.yaml", "bitnet.yaml", "dqt-8bit.yaml"):
-            main(["fit", "--config", str(REPO / "configs" / config), *TINY, "--data.init_args.cache_dir", data_cache])
-    finally:
-        os.chdir(cwd)
+    for name in ("fp", "bitnet", "dqt-8bit"):
+        trained_runs.copy(name, root)
     return root / "runs"
 
 
@@ -40,7 +30,7 @@ def test_every_run_is_found_and_read(three_runs):
     for run in runs:
         # Two validations during fit (steps 3 and 6) plus the CLI's final one.
         assert len(run.val_curve) >= 2
-        assert run.tokens_seen == 6 * 4 * 32
+        assert run.tokens_seen == STEPS * 4 * 32
         tokens = [t for t, _ in run.val_curve]
         assert tokens == sorted(tokens) and tokens[-1] == run.tokens_seen
         assert run.tokens_per_sec > 0 and run.peak_memory_mb > 0

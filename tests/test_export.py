@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,30 +13,13 @@ from dqt_lightning.cli import main
 from dqt_lightning.tools.export import export, load_exported, model_from_checkpoint
 from dqt_lightning.tools.generate import main as generate
 from dqt_lightning.quant.layers import DQTLinear
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY = ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--model.init_args.config.n_layer", "1",
-        "--model.init_args.config.n_embd", "32", "--model.init_args.config.n_head", "2",
-        "--model.init_args.config.intermediate_size", "64", "--data.init_args.vocab_size", "512",
-        "--data.init_args.seq_len", "16", "--data.init_args.batch_size", "4"]
-RUNS = {"ternary": ["ternary.yaml"], "bitnet-4bit": ["bitnet.yaml", "bits/4.yaml"], "fp": ["fp.yaml"],
-        "8-to-ternary": ["ternary.yaml", "schedule/8-to-ternary.yaml"]}
+from tests.trained import trained_runs  # noqa: F401 - a fixture
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, data_cache) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("export")
-    cwd = Path.cwd()
-    os.chdir(root)
-    try:
-        for configs in RUNS.values():
-            main(["fit", *(a for c in configs for a in ("--config", str(CONFIGS / c))), *TINY,
-                  "--data.init_args.cache_dir", data_cache])
-    finally:
-        os.chdir(cwd)
-    return {run: next((root / "runs" / "+".join(Path(c).stem for c in configs)).rglob("last.ckpt"))
-            for run, configs in RUNS.items()}
+def checkpoints(trained_runs) -> dict[str, Path]:
+    """last.ckpt of the session's runs (tests/trained.py), read-only: export writes elsewhere."""
+    return {run: trained_runs.checkpoint(run) for run in ("ternary", "bitnet-4bit", "fp", "8-to-ternary")}
 
 
 TOKENS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -86,9 +68,9 @@ def test_generate_samples_reproducibly_from_a_checkpoint_and_an_export(checkpoin
     assert capsys.readouterr().out.startswith("The")
 
 
-def test_a_run_directory_stands_for_its_last_checkpoint(checkpoints, capsys):
-    ckpt = checkpoints["ternary"]  # runs/ternary/version_0/checkpoints/last.ckpt
-    run_dir = ckpt.parent.parent
+def test_a_run_directory_stands_for_its_last_checkpoint(trained_runs, tmp_path, capsys):
+    run_dir = trained_runs.copy("ternary", tmp_path)  # export writes into it
+    ckpt = run_dir / "checkpoints" / "last.ckpt"  # runs/ternary/version_0/checkpoints/last.ckpt
     texts = []
     for model in (ckpt, run_dir, ckpt.parent):
         assert generate([str(model), "--prompt", "The", "--max-new-tokens", "8", "--seed", "1"]) == 0
@@ -155,7 +137,7 @@ def test_pack_applies_to_weights_that_hold_only_ternary_levels(checkpoints, tmp_
 
 
 def test_a_schedule_run_exports_the_grid_it_ended_on(checkpoints, tmp_path):
-    # Its config.yaml says 8 bits; from step 3 of 4 its weights are ternary, and the export must say so.
+    # Its config.yaml says 8 bits; from step 4 of 6 its weights are ternary, and the export must say so.
     out = export(checkpoints["8-to-ternary"], tmp_path / "export", pack=True)
     quantization = json.loads((out / "config.json").read_text())["quantization"]
     assert quantization["bits"] == 8.0 and set(quantization["integer_weights"].values()) == {1.58}

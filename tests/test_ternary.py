@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -14,8 +11,7 @@ from dqt_lightning.quant.layers import BitLinear, DQTWeight
 from dqt_lightning.train.precision import QuantPrecision
 from dqt_lightning.quant.ternary import TernaryWeights
 from tests.conftest import make_model
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.trained import TINY, config_args, trained_runs  # noqa: F401 - trained_runs is a fixture
 
 
 def _converted(mode: str, bits: float = 8, **plugin) -> nn.Module:
@@ -74,21 +70,12 @@ def test_bitnet_layers_switch_to_the_ternary_grid_only_inside():
     assert all(m.grid.qmax == 7 for m in model.modules() if isinstance(m, BitLinear))
 
 
-def test_validate_a_dqt_8bit_checkpoint_reports_both_losses(tmp_path, data_cache, capsys):
-    tiny = ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--data.init_args.vocab_size", "512",
-            "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4",
-            "--data.init_args.cache_dir", data_cache]
-    config = ["--config", str(REPO / "configs" / "dqt-8bit.yaml")]
-    cwd = Path.cwd()
-    os.chdir(tmp_path)
-    try:
-        main(["fit", *config, *tiny])
-        ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
-        capsys.readouterr()
-        main(["validate", *config, *tiny, "--ckpt_path", str(ckpt), "--model.init_args.ternary_eval", "true"])
-    finally:
-        os.chdir(cwd)
+def test_validate_a_dqt_8bit_checkpoint_reports_both_losses(tmp_path, trained_runs, capsys, monkeypatch):
+    ckpt = trained_runs.checkpoint("dqt-8bit")  # the session's dqt-8bit run (tests/trained.py)
+    monkeypatch.chdir(tmp_path)  # validate's own run directory lands here
+    capsys.readouterr()
+    main(["validate", *config_args("dqt-8bit"), *TINY, "--data.init_args.cache_dir", trained_runs.data_cache,
+          "--ckpt_path", str(ckpt), "--model.init_args.ternary_eval", "true"])
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("[validate]")]
     own = next(line for line in lines if "final validation loss" in line)
