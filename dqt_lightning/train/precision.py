@@ -219,6 +219,24 @@ class QuantPrecision(Precision):
         return result
 
     @override
+    def state_dict(self) -> dict[str, Any]:
+        """What Lightning saves into every checkpoint: how its weights were trained (``method``: what a model needs to
+        be rebuilt, by ``export`` and ``generate`` from the checkpoint alone) and how fast (``execution``), both plain
+        values so that ``torch.load(weights_only=True)`` reads them. Each layer's grid is saved beside them by the
+        LightningModule (a bit-width schedule moves grids while the configured bits stay)."""
+        grid = self.grid
+        return {
+            "method": {"mode": self.mode, "bits": grid.bits if grid else None,
+                       "symmetric": bool(grid and grid.qmin == -grid.qmax), "rounding": self.rounding,
+                       "per_row_scale": self.per_row_scale, "scale_policy": self.scale_policy,
+                       "quantize_embeddings": self.quantize_embeddings},
+            "execution": {"precision": self.precision, "grad_dtype": str(self.grad_dtype).removeprefix("torch."),
+                          "pack_ternary": self.pack_ternary, "pack_in_memory": self.pack_in_memory,
+                          "int8_matmul": self.int8_matmul, "fused_update": self.fused_update,
+                          "update_in_backward": self.update_in_backward},
+        }
+
+    @override
     def forward_context(self):
         if self.precision in ("bf16-mixed", "fp8"):
             return torch.autocast(self._device_type, dtype=torch.bfloat16)
