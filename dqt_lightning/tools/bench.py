@@ -208,7 +208,7 @@ def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len
     if compile:
         # Every recipe's model is new, and dynamo counts each one's compile against the same forward: past its
         # recompile limit (8) later recipes would silently run eagerly. Each recipe compiles as in a fresh process.
-        torch._dynamo.reset()
+        torch.compiler.reset()
         model.model.compile()  # lazy: compiles on the first forward, after QuantPrecision has swapped the layers
     timer = StepTimer(warmup)
     # A torchao recipe's suffix names torchao's method, not a bit width; its model trains under the fp plugin.
