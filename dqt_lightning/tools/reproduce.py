@@ -13,7 +13,9 @@ device calls (``--arms`` picks some). ``--report`` rewrites the report from the 
 
 ``--seeds`` trains every arm once per seed (``seed_everything``: initialization and rounding noise; the data order
 and the validation set stay the same), as ``<arm>/seed<S>``; the report then judges each claim on the arms' mean
-losses, says how many seeds agree with that verdict, and gives each arm's spread.
+losses, says how many seeds agree with that verdict, and gives each arm's spread. ``--lr-sweep`` trains every arm
+at each of several peak learning rates (``<arm>/lr<LR>``, ``<arm>/lr<LR>-seed<S>``) and judges the claims on each
+arm at its own best, with the whole grid in the report.
 
     python -m dqt_lightning reproduce --out runs/reproduce --max-steps 2000 \\
         --config configs/model/130m.yaml --config configs/data/shards.yaml
@@ -25,18 +27,18 @@ import argparse
 import datetime
 import importlib.resources
 import json
-import math
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dqt_lightning.tools.compare import Run, load_run, plot, plugin_args, run_config, table
+from dqt_lightning.tools.claims import (ArmPrecision, best_learning_rates, further_findings, judge, lr_table, mean_run,
+                                        precision_of, seed_table)
+from dqt_lightning.tools.compare import Run, load_run, plot, table
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
 
@@ -58,46 +60,61 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 # On an FP8 GPU only (H100, L40S): claim 3's FP8 part. Not in the default set, since elsewhere it refuses to start.
 OPTIONAL_ARMS = {"dqt-8bit-fp8": ("dqt-8bit.yaml", ("precision/fp8.yaml",))}
-TOLERANCE = 0.05  # "on par" / "close": within 5% of the reference loss, the paper's own (v1) margin
-BF16_TOLERANCE = 0.02  # "costs little": within 2% of the fp32 arm's loss
 
 
 @dataclass(frozen=True)
 class Job:
-    """One training run of the reproduction: an arm at the configs' own seed (``seed`` None), or at a given one."""
+    """One training run of the reproduction: an arm at the configs' own seed and learning rate (``None``), or at
+    given ones."""
 
     arm: str
     seed: int | None = None
+    lr: float | None = None
+
+    @property
+    def _suffix(self) -> str:
+        parts = ([] if self.lr is None else [f"lr{self.lr:g}"]) + ([] if self.seed is None else [f"seed{self.seed}"])
+        return "-".join(parts)
 
     @property
     def name(self) -> str:
         """How logs and messages name it."""
-        return self.arm if self.seed is None else f"{self.arm}-seed{self.seed}"
+        return f"{self.arm}-{self._suffix}" if self._suffix else self.arm
 
     @property
     def version(self) -> str:
         """Its run directory under ``<out>/<arm>``."""
-        return "version_0" if self.seed is None else f"seed{self.seed}"
+        return self._suffix or "version_0"
 
     @property
     def done(self) -> str:
         """The file under ``<out>/<arm>`` that marks it finished."""
-        return "DONE" if self.seed is None else f"DONE-seed{self.seed}"
+        return f"DONE-{self._suffix}" if self._suffix else "DONE"
+
+
+def _job_of_marker(arm: str, marker: str) -> Job | None:
+    """The job a ``DONE`` marker reproduce wrote stands for; None for any other file (a copy, a backup)."""
+    seed = lr = None
+    for part in [p for p in marker.removeprefix("DONE").split("-") if p]:
+        try:
+            if part.startswith("seed"):
+                seed = int(part.removeprefix("seed"))
+            elif part.startswith("lr"):
+                lr = float(part.removeprefix("lr"))
+            else:
+                return None
+        except ValueError:
+            return None
+    return Job(arm, seed, lr)
 
 
 def finished_jobs(out: Path, arms: list[str]) -> list[Job]:
-    """The jobs of ``arms`` that finished under ``out``, at the configs' seed and at given seeds."""
+    """The jobs of ``arms`` that finished under ``out``, at the configs' seed and learning rate and at given ones."""
     jobs = []
     for arm in arms:
-        if (out / arm / "DONE").exists():
-            jobs.append(Job(arm))
-        seeds = []
-        for done in (out / arm).glob("DONE-seed*"):
-            try:
-                seeds.append(int(done.name.removeprefix("DONE-seed")))
-            except ValueError:
-                continue  # not a marker reproduce wrote (a copy, a backup): no seed to report
-        jobs += [Job(arm, seed) for seed in sorted(seeds)]
+        found = [job for done in (out / arm).glob("DONE*") if (job := _job_of_marker(arm, done.name)) is not None]
+        jobs += sorted(found, key=lambda job: (job.lr is not None, job.lr or 0.0, job.seed is not None,
+                                               job.seed or 0))
     return jobs
 
 
@@ -107,17 +124,18 @@ def is_dqt_arm(arm: str) -> bool:
 
 
 def arm_command(arm: str, stack: list[str], max_steps: int, out: Path, extra: list[str],
-                dqt_stack: list[str] = (), seed: int | None = None) -> list[str]:
+                dqt_stack: list[str] = (), seed: int | None = None, lr: float | None = None) -> list[str]:
     """The ``fit`` command line of one arm: its base config, ``stack``, ``dqt_stack`` for DQT arms, its overlays;
-    with ``seed``, that ``seed_everything`` and its own run directory."""
+    with ``seed``, that ``seed_everything``, with ``lr`` that peak learning rate, and its own run directory."""
     base, overlays = {**ARMS, **OPTIONAL_ARMS}[arm]
-    job = Job(arm, seed)
+    job = Job(arm, seed, lr)
     own = list(dqt_stack) if is_dqt_arm(arm) else []
     configs = [str(CONFIGS / base), *stack, *own, *(str(CONFIGS / o) for o in overlays)]
     logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
               # One version per arm: an interrupted arm continues in the same directory, so its curve stays whole.
               "init_args": {"save_dir": str(out), "name": arm, "version": job.version, "default_hp_metric": False}}
     seeded = [] if seed is None else ["--seed_everything", str(seed)]
+    seeded += [] if lr is None else ["--model.init_args.optimizer.init_args.lr", f"{lr:g}"]
     return [sys.executable, "-m", "dqt_lightning", "fit", *(a for c in configs for a in ("--config", c)),
             "--trainer.max_steps", str(max_steps), "--model.init_args.ternary_eval", "true",
             "--trainer.logger", json.dumps(logger), *extra, *seeded]
@@ -164,139 +182,6 @@ def _unigram_entropy(logs: Path) -> float | None:
     return None
 
 
-@dataclass
-class Claim:
-    """One of the paper's claims, and what the runs say about it."""
-
-    text: str
-    verdict: str  # supported | not supported | not tested
-    evidence: str
-
-
-def _gap(loss: float, reference: float) -> float:
-    return (loss - reference) / reference
-
-
-@dataclass(frozen=True)
-class ArmPrecision:
-    """A run's numeric precision: the plugin's ``precision``, and torch's float32 matmul precision, since an "fp32"
-    arm whose matmuls ran on TF32 (``high``, on a GPU) is not full float32 and the report must say so."""
-
-    plugin: str = "32-true"
-    float32_matmuls: str = "highest"
-
-
-def precision_of(run_dir: Path) -> ArmPrecision:
-    """An arm's precision, from the ``config.yaml`` its run saved."""
-    config = run_config(run_dir)
-    return ArmPrecision(str(plugin_args(config).get("precision", "32-true")),
-                        str(config.get("float32_matmul_precision", "highest")))
-
-
-def judge(runs: dict[str, Run], precisions: dict[str, ArmPrecision],
-          unigram_entropy: float | None = None) -> list[Claim]:
-    """Each of the paper's claims against the finished arms, by the rules stated in its evidence.
-
-    Args:
-        runs: The finished arms.
-        precisions: Each arm's precision (:func:`precision_of`).
-        unigram_entropy: Of the training tokens: the loss of a model that learned token frequencies alone, the bar
-            a converged model must clear.
-    """
-    loss = {arm: run.final_val_loss for arm, run in runs.items() if run.final_val_loss is not None}
-    ternary = {arm: run.val_loss_ternary for arm, run in runs.items() if run.val_loss_ternary is not None}
-    claims = []
-
-    text = "Ternary-only DQT converges."
-    curve = runs["dqt-ternary"].val_curve if "dqt-ternary" in runs else []
-    if len(curve) >= 2 and unigram_entropy is not None:
-        first, last = curve[0][1], curve[-1][1]
-        # Converged: far below what token frequencies alone give, and no longer rising at the end.
-        ok = math.isfinite(last) and last < unigram_entropy - 0.5 and last <= curve[-2][1] + 0.01
-        vs = (f"; BitNet b1.58 reached {loss['bitnet']:.4f} ({_gap(last, loss['bitnet']):+.1%})"
-              if "bitnet" in loss else "")
-        claims.append(Claim(text, "supported" if ok else "not supported",
-                            f"validation loss {first:.4f} at the first validation, {last:.4f} at the end, against "
-                            f"{unigram_entropy:.4f} for token frequencies alone (rule: at least 0.5 nats below it, "
-                            f"and not rising at the last validation){vs}"))
-    else:
-        claims.append(Claim(text, "not tested", "needs arm dqt-ternary with two validations, and the unigram "
-                                                "entropy of its training tokens"))
-
-    def versus_bitnet(text: str, arm: str, value: dict[str, float], what: str) -> Claim:
-        if arm not in value or "bitnet" not in loss:
-            return Claim(text, "not tested", f"needs arms {arm} and bitnet")
-        gap = _gap(value[arm], loss["bitnet"])
-        return Claim(text, "supported" if gap <= TOLERANCE else "not supported",
-                     f"{what} {value[arm]:.4f} against BitNet b1.58's {loss['bitnet']:.4f}: {gap:+.1%} (rule: at most "
-                     f"{TOLERANCE:.0%} above)")
-
-    claims.append(versus_bitnet("8-bit DQT is on par with BitNet b1.58.", "dqt-8bit", loss, "8-bit DQT"))
-
-    text = "FP32 -> BF16 (and FP8) costs little."
-    fp32 = precisions.get("dqt-8bit")
-    if "dqt-8bit" in loss and "dqt-8bit-bf16" in loss and fp32 is not None and fp32.plugin == "32-true":
-        parts, ok = [], True
-        for arm, label in (("dqt-8bit-bf16", "bf16-mixed"), ("dqt-8bit-fp8", "fp8")):
-            if arm in loss:
-                gap = _gap(loss[arm], loss["dqt-8bit"])
-                ok &= gap <= BF16_TOLERANCE
-                parts.append(f"{label} {loss[arm]:.4f} ({gap:+.1%})")
-        fp8 = "" if "dqt-8bit-fp8" in loss else "; FP8 not run (arm dqt-8bit-fp8 needs an FP8 GPU)"
-        matmuls = "" if fp32.float32_matmuls == "highest" else \
-            f" (float32 matmul precision {fp32.float32_matmuls})"
-        claims.append(Claim(text, "supported" if ok else "not supported",
-                            f"8-bit DQT in fp32{matmuls} {loss['dqt-8bit']:.4f}, "
-                            + ", ".join(parts)
-                            + f" (rule: at most {BF16_TOLERANCE:.0%} above fp32){fp8}"))
-    else:
-        claims.append(Claim(text, "not tested", "needs arms dqt-8bit (at precision 32-true) and dqt-8bit-bf16"))
-
-    claim = versus_bitnet("An 8-bit DQT model runs with ternary weights and stays close to BitNet b1.58.",
-                          "dqt-8bit", ternary, "8-bit DQT evaluated with ternary weights (least-squares scale)")
-    absmean = runs["dqt-8bit"].val_loss_ternary_absmean if "dqt-8bit" in runs else None
-    if absmean is not None and "bitnet" in loss:
-        claim = replace(claim, evidence=f"{claim.evidence}; with BitNet's absmean scale {absmean:.4f} "
-                                        f"({_gap(absmean, loss['bitnet']):+.1%})")
-    claims.append(claim)
-    return claims
-
-
-def _findings(runs: dict[str, Run]) -> list[str]:
-    """What the ablation arms add beyond the claims: nearest rounding, and the bit-width schedule."""
-    loss = {arm: run.final_val_loss for arm, run in runs.items() if run.final_val_loss is not None}
-    lines = []
-    for bits in ("8bit", "ternary"):
-        sr, nearest = loss.get(f"dqt-{bits}"), loss.get(f"dqt-{bits}-nearest")
-        if sr is not None and nearest is not None:
-            lines.append(f"- DQT {bits} with round-to-nearest: {nearest:.4f} against {sr:.4f} with stochastic "
-                         f"rounding ({_gap(nearest, sr):+.1%}).")
-    schedule = loss.get("dqt-8bit-to-ternary")
-    if schedule is not None:
-        against = [f"{name} {value:.4f}" for name, value in (
-            ("BitNet b1.58", loss.get("bitnet")), ("DQT ternary from the start", loss.get("dqt-ternary")),
-            ("post-hoc ternary 8-bit DQT", runs["dqt-8bit"].val_loss_ternary if "dqt-8bit" in runs else None))
-            if value is not None]
-        lines.append(f"- Bit-width schedule 8 -> ternary at 70% (ends ternary, no float weight ever stored): "
-                     f"{schedule:.4f}; " + ", ".join(against) + ".")
-    return lines
-
-
-def mean_run(runs: list[Run]) -> Run:
-    """One arm's runs at several seeds as one: validation curves averaged point by point (every seed validates at the
-    same steps, so at the same tokens), the ternary loss averaged; a single run as it is."""
-    if len(runs) == 1:
-        return runs[0]
-    points = min(len(run.val_curve) for run in runs)
-    curve = [(runs[0].val_curve[i][0], statistics.fmean(run.val_curve[i][1] for run in runs)) for i in range(points)]
-    def mean_of_all(values: list[float | None]) -> float | None:
-        return statistics.fmean(values) if all(v is not None for v in values) else None
-
-    return replace(runs[0], path=runs[0].path.parent / f"mean of {len(runs)} seeds", val_curve=curve,
-                   val_loss_ternary=mean_of_all([run.val_loss_ternary for run in runs]),
-                   val_loss_ternary_absmean=mean_of_all([run.val_loss_ternary_absmean for run in runs]))
-
-
 def by_arm(runs: dict[Job, Run]) -> dict[str, list[Run]]:
     """The runs of each arm, in the order given."""
     grouped: dict[str, list[Run]] = {}
@@ -305,29 +190,27 @@ def by_arm(runs: dict[Job, Run]) -> dict[str, list[Run]]:
     return grouped
 
 
+def lr_means(runs: dict[Job, Run]) -> dict[tuple[str, float], Run]:
+    """Each (arm, learning rate) of a sweep as one run: its mean over seeds (:func:`mean_run`)."""
+    grouped: dict[tuple[str, float], list[Run]] = {}
+    for job, run in runs.items():
+        if job.lr is not None:
+            grouped.setdefault((job.arm, job.lr), []).append(run)
+    return {key: mean_run(group) for key, group in grouped.items()}
+
+
+def at_best_learning_rates(runs: dict[Job, Run]) -> tuple[dict[Job, Run], dict[tuple[str, float], Run],
+                                                           dict[str, float]]:
+    """A sweep's runs at each arm's best learning rate, with the sweep's grid (:func:`lr_means`) and the best rates
+    (:func:`~dqt_lightning.tools.claims.best_learning_rates`)."""
+    grid = lr_means(runs)
+    best = best_learning_rates(grid)
+    return {job: run for job, run in runs.items() if job.lr == best.get(job.arm)}, grid, best
+
+
 def arm_means(runs: dict[Job, Run]) -> dict[str, Run]:
     """Each arm as one run: its mean over seeds where it has several (:func:`mean_run`)."""
     return {arm: mean_run(arm_runs) for arm, arm_runs in by_arm(runs).items()}
-
-
-def _spread(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
-
-
-def seed_table(grouped: dict[str, list[Run]]) -> str:
-    """Each arm's final losses across its seeds: mean ± sample standard deviation, and the range."""
-    lines = ["| arm | seeds | final val loss, mean ± sd | range | val loss, ternary, mean ± sd |",
-             "|---|---:|---:|---:|---:|"]
-    for arm, runs in grouped.items():
-        losses = [run.final_val_loss for run in runs if run.final_val_loss is not None]
-        ternary = [run.val_loss_ternary for run in runs if run.val_loss_ternary is not None]
-        span = f"{min(losses):.4f} - {max(losses):.4f}" if losses else "-"
-        lines.append(f"| {arm} | {len(runs)} | {_spread(losses)} | {span} | {_spread(ternary)} |")
-    return "\n".join(lines)
 
 
 def report(runs: dict[Job, Run], invocations: list[str], max_steps: int, png: Path,
@@ -338,6 +221,9 @@ def report(runs: dict[Job, Run], invocations: list[str], max_steps: int, png: Pa
     at each seed alone: the "seeds agreeing" column counts the seeds whose own verdict is the mean's.
     """
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+    swept = any(job.lr is not None for job in runs)
+    if swept:  # every arm at its own best learning rate: the runs at the others only enter the grid
+        runs, grid, best = at_best_learning_rates(runs)
     grouped, means = by_arm(runs), arm_means(runs)
     seeds = sorted({job.seed for job in runs}, key=lambda seed: -1 if seed is None else seed)
     several = any(len(arm_runs) > 1 for arm_runs in grouped.values())
@@ -348,6 +234,9 @@ def report(runs: dict[Job, Run], invocations: list[str], max_steps: int, png: Pa
              f"Device: {device}; torch {torch.__version__}; Python {platform.python_version()}; "
              f"{datetime.date.today().isoformat()}. Every arm: {same}.", "",
              "## Results", "", table(list(runs.values())), ""]
+    if swept:
+        lines += ["Each arm at its own best learning rate (lowest final validation loss, mean over seeds), as "
+                  "quantization papers compare arms; the whole sweep:", "", lr_table(grid, best), ""]
     if several:
         lines += ["Across seeds:", "", seed_table(grouped), ""]
     lines += [f"![validation loss against tokens]({png.name})", "", "## The paper's claims", ""]
@@ -362,7 +251,7 @@ def report(runs: dict[Job, Run], invocations: list[str], max_steps: int, png: Pa
     else:
         lines += ["| claim | verdict | evidence |", "|---|---|---|"]
         lines += [f"| {c.text} | {c.verdict} | {c.evidence} |" for c in claims]
-    findings = _findings(means)
+    findings = further_findings(means)
     if findings:
         lines += ["", "## Beyond the claims", "", *findings]
     lines += ["", "## How it was run", "", "```bash", *invocations, "```", "",
@@ -391,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                         help="train every arm once per seed (seed_everything; the data order stays the same) and "
                              "judge the claims on the mean; default: the configs' own seed, once")
+    parser.add_argument("--lr-sweep", nargs="+", type=float, metavar="LR",
+                        help="train every arm at each of these peak learning rates and judge the claims on each "
+                             "arm's best (the report shows the whole grid); default: the configs' own rate")
     parser.add_argument("--report", action="store_true", help="only write the report from the finished arms")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more fit arguments for every arm")
     args = parser.parse_args(argv)
@@ -410,9 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     dqt_stack = [str(Path(c).resolve()) for c in args.dqt_config]
     if args.seeds and len(set(args.seeds)) < len(args.seeds):
         parser.error(f"--seeds lists a seed twice: {' '.join(map(str, args.seeds))}")
+    if args.lr_sweep and (len(set(args.lr_sweep)) < len(args.lr_sweep) or min(args.lr_sweep) <= 0):
+        parser.error(f"--lr-sweep takes distinct learning rates > 0; got {' '.join(f'{lr:g}' for lr in args.lr_sweep)}")
     # Seed by seed, so that a run cut short (a device call's limit) has whole comparisons at its first seeds.
-    jobs = [Job(arm, seed) for seed in (args.seeds or [None]) for arm in args.arms]
-    commands = {job: arm_command(job.arm, stack, args.max_steps, out, extra, dqt_stack, job.seed) for job in jobs}
+    jobs = [Job(arm, seed, lr) for seed in (args.seeds or [None]) for lr in (args.lr_sweep or [None])
+            for arm in args.arms]
+    commands = {job: arm_command(job.arm, stack, args.max_steps, out, extra, dqt_stack, job.seed, job.lr)
+                for job in jobs}
     if not args.report:  # every training invocation, for the report's "How it was run"
         out.mkdir(parents=True, exist_ok=True)
         given = list(sys.argv[1:] if argv is None else argv)
@@ -434,8 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     for job, run in runs.items():
         run.path = Path(job.arm) / run.path.name  # shown as <arm>/version_N (<arm>/seedS) in the table and the plot
     png = out / "val_loss.png"
-    # One line per arm: its mean over seeds where it has several.
-    plot(list(arm_means(runs).values()), png)
+    # One line per arm: its mean over seeds where it has several, at its best learning rate in a sweep.
+    best_runs = at_best_learning_rates(runs)[0] if any(job.lr is not None for job in runs) else runs
+    plot(list(arm_means(best_runs).values()), png)
     recorded = out / "commands.txt"
     invocations = recorded.read_text().splitlines() if recorded.exists() else []
     text = report(runs, invocations, args.max_steps, png, precisions, _unigram_entropy(out / "logs"))
