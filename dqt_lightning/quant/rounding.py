@@ -44,21 +44,22 @@ def step_seed(seed: int, step: int, index: int) -> int:
     return mixed % (2**63 - 1)
 
 
-def _mulmod32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    # (x * constant) mod 2**32 for x < 2**32, in two 16-bit halves of the constant: no product reaches 2**63, so the
-    # int64 arithmetic never overflows (undefined in the C++ a CPU compile emits).
-    low = x * (constant & 0xFFFF)
-    high = ((x * (constant >> 16)) & 0xFFFF) << 16
-    return (low + high) & _MASK32
+def _mulmod32_(x: torch.Tensor, constant: int) -> torch.Tensor:
+    # x = (x * constant) mod 2**32 in place, for x < 2**32, in two 16-bit halves of the constant: no product reaches
+    # 2**63, so the int64 arithmetic never overflows (undefined in the C++ a CPU compile emits). In place: eagerly,
+    # every fresh full-size int64 tensor costs as much as the arithmetic on it.
+    high = x * (constant >> 16)
+    high.bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return x.mul_(constant & 0xFFFF).add_(high).bitwise_and_(_MASK32)
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    # Chris Wellons' "lowbias32" integer hash: every output bit depends on every input bit, with low bias.
-    x = x ^ (x >> 16)
-    x = _mulmod32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mulmod32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+def _hash32_(x: torch.Tensor) -> torch.Tensor:
+    # Chris Wellons' "lowbias32" integer hash, in place: every output bit depends on every input bit, with low bias.
+    x.bitwise_xor_(x >> 16)
+    _mulmod32_(x, 0x7FEB352D)
+    x.bitwise_xor_(x >> 15)
+    _mulmod32_(x, 0x846CA68B)
+    return x.bitwise_xor_(x >> 16)
 
 
 def _splitmix64(x: int) -> int:
@@ -99,18 +100,21 @@ def noise_keys(seed: int | Sequence[int | tuple[int, int]], device: torch.device
 
 def counter_bits(key: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """32 random bits per element (in an int64 tensor of ``shape``): two rounds of a hash of the element's flat index
-    and the stream's ``key`` (one row of :func:`noise_keys`). A pure function of its arguments."""
+    and the stream's ``key`` (one row of :func:`noise_keys`), ``hash(hash(lo(i) ^ key[0]) ^ (hi(i) + key[1]))`` with
+    ``lo``/``hi`` the 32-bit words of the index. A pure function of its arguments."""
     numel = 1
     for size in shape:
         numel *= size
     index = torch.arange(numel, dtype=torch.int64, device=key.device).view(shape)
-    mixed = _hash32((index & _MASK32) ^ key[0])
-    return _hash32(mixed ^ (((index >> 32) + key[1]) & _MASK32))
+    if numel <= 2**32:  # every index is its own low word and its high word is 0 (key[1] < 2**32)
+        return _hash32_(_hash32_(index.bitwise_xor_(key[0])).bitwise_xor_(key[1]))
+    mixed = _hash32_((index & _MASK32).bitwise_xor_(key[0]))
+    return _hash32_(mixed.bitwise_xor_(((index >> 32) + key[1]) & _MASK32))
 
 
 def counter_uniform(key: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """Float32 uniforms in ``[0, 1)`` on a grid of ``2**-24`` from :func:`counter_bits`."""
-    return (counter_bits(key, shape) >> 8).float() * 2.0**-24
+    return counter_bits(key, shape).bitwise_right_shift_(8).float().mul_(2.0**-24)
 
 
 # --- the registry of rounding rules ---------------------------------------------------------------------------------

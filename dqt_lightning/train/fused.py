@@ -10,7 +10,9 @@ Nothing in it is written twice: the optimizer arithmetic is the registered rule 
 (:func:`~dqt_lightning.train.optim.adamw_update`), the step onto the grid is :func:`~dqt_lightning.quant.step.dqt_step`,
 the moments are encoded by :mod:`dqt_lightning.train.moments`, and the noise is the counter-based noise of
 :mod:`dqt_lightning.quant.rounding` under the same keys as the unfused path: run eagerly it gives the unfused path's
-weights bit for bit, stochastic rounding included.
+weights bit for bit, stochastic rounding included. Compiled it is the same up to float rounding: ATen's CPU ``lerp``
+and ``addcmul`` (which ``torch.optim.AdamW`` runs) use fused multiply-adds and the compiled kernel does not, so the
+moments differ in their last bits, and a level flips where ``y + u`` lands within that difference of an integer.
 """
 
 from __future__ import annotations

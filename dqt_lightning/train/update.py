@@ -232,9 +232,12 @@ class QuantizedUpdate(HookOwner):
             self._average_gradients_across_ranks()
         if not self._gradients_are_finite(optimizer, step) or not self._layers:
             return
+        # Clipped in float32 either way: a norm of bf16 buffers, and their scaling, would round differently.
         for _, layer in self._layers:
-            # Clipped in float32 either way: a norm of bf16 buffers, and their scaling, would round differently.
-            layer.widen_gradient() if self._fused is not None else layer.materialize()
+            if self._fused is not None:
+                layer.widen_gradient()
+            else:
+                layer.materialize()
         self._pending = "fused" if self._fused is not None else "round"
 
     def _gradients_are_finite(self, optimizer: torch.optim.Optimizer, step: int) -> bool:
