@@ -21,6 +21,10 @@ from dqt_lightning.train.schedule import BitWidthSchedule
 from dqt_lightning.data.sampling import ResumableSampler, training_position
 from tests.conftest import SMALL, TokenWindows, make_model
 
+# Torch on one thread (conftest.one_thread): these models are tiny, and on shared cores two OpenMP threads make
+# each small op wait for a descheduled partner (runs several times slower).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class Unpicklable:
     def __reduce__(self):

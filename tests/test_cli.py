@@ -14,6 +14,10 @@ from lightning.pytorch import LightningDataModule, LightningModule
 
 from dqt_lightning.cli import DQTLightningCLI, main
 
+# Torch on one thread (conftest.one_thread): these models are tiny, and on shared cores two OpenMP threads make
+# each small op wait for a descheduled partner (runs several times slower).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 BASES = sorted(p.name for p in CONFIGS.glob("*.yaml"))

@@ -13,6 +13,10 @@ from dqt_lightning.tools.compare import find_runs, load_run
 from dqt_lightning.tools.compare import main as compare
 from tests.trained import STEPS, trained_runs  # noqa: F401 - trained_runs is a fixture
 
+# Torch on one thread (conftest.one_thread): these models are tiny, and on shared cores two OpenMP threads make
+# each small op wait for a descheduled partner (runs several times slower).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def three_runs(tmp_path_factory, trained_runs) -> Path:

@@ -23,6 +23,10 @@ from dqt_lightning.cli import DQTLightningCLI
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.quant.fp8 import fp8_unsupported_reason
 
+# Torch on one thread (conftest.one_thread): these models are tiny, and on shared cores two OpenMP threads make
+# each small op wait for a descheduled partner (runs several times slower).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 OVERLAYS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "data")

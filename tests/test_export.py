@@ -15,6 +15,10 @@ from dqt_lightning.tools.generate import main as generate
 from dqt_lightning.quant.layers import DQTLinear
 from tests.trained import trained_runs  # noqa: F401 - a fixture
 
+# Torch on one thread (conftest.one_thread): these models are tiny, and on shared cores two OpenMP threads make
+# each small op wait for a descheduled partner (runs several times slower).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def checkpoints(trained_runs) -> dict[str, Path]:

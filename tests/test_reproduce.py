@@ -18,6 +18,10 @@ from dqt_lightning.tools.compare import Run
 from dqt_lightning.tools.reproduce import (ARMS, CONFIGS, ArmPrecision, Job, arm_command, judge, main, mean_run,
                                     precision_of, report)
 
+# Torch on one thread (conftest.one_thread): these models are tiny, and on shared cores two OpenMP threads make
+# each small op wait for a descheduled partner (runs several times slower).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = ["--", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
         "--trainer.enable_progress_bar", "false", "--model.init_args.config.n_layer", "1",
         "--model.init_args.config.n_embd", "32", "--model.init_args.config.n_head", "2",

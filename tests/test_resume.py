@@ -21,6 +21,10 @@ from dqt_lightning.data.text import TextCorpus, TextSource
 from tests.conftest import SMALL
 from tests.test_checkpoint import StopAfter
 
+# Torch on one thread (conftest.one_thread): these models are tiny, and on shared cores two OpenMP threads make
+# each small op wait for a descheduled partner (runs several times slower).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 24
 

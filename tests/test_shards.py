@@ -25,6 +25,10 @@ from dqt_lightning.data.shards import TokenShards, prepare_from_config
 from dqt_lightning.data.text import TextSource
 from dqt_lightning.data.tokenizer import resolve_tokenizer, train_bpe
 
+# Torch on one thread (conftest.one_thread): these models are tiny, and on shared cores two OpenMP threads make
+# each small op wait for a descheduled partner (runs several times slower).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 VOCAB = 300

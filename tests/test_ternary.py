@@ -13,6 +13,10 @@ from dqt_lightning.quant.ternary import TernaryWeights
 from tests.conftest import make_model
 from tests.trained import TINY, config_args, trained_runs  # noqa: F401 - trained_runs is a fixture
 
+# Torch on one thread (conftest.one_thread): these models are tiny, and on shared cores two OpenMP threads make
+# each small op wait for a descheduled partner (runs several times slower).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _converted(mode: str, bits: float = 8, **plugin) -> nn.Module:
     model = make_model(seed=3)

@@ -24,6 +24,10 @@ from dqt_lightning.errors import ConfigError
 from dqt_lightning.data.text import StreamedWindows, TextCorpus, TextSource
 from tests.test_tokenizer import make_docs
 
+# Torch on one thread (conftest.one_thread): these models are tiny, and on shared cores two OpenMP threads make
+# each small op wait for a descheduled partner (runs several times slower).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 DOCS = make_docs(60)

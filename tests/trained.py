@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from dqt_lightning.cli import main
 
@@ -45,12 +46,14 @@ class TrainedRuns:
         if name not in self._dirs:
             home = self.root / name
             home.mkdir()
-            cwd = Path.cwd()
+            cwd, threads = Path.cwd(), torch.get_num_threads()
             os.chdir(home)  # the CLI writes runs/ under the working directory
+            torch.set_num_threads(1)  # as conftest.one_thread: a session fixture is set up before a test's fixtures
             try:
                 main(["fit", *config_args(name), *TINY, "--data.init_args.cache_dir", self.data_cache])
             finally:
                 os.chdir(cwd)
+                torch.set_num_threads(threads)
             (run,) = (home / "runs").glob("*/version_0")
             self._dirs[name] = run
         return self._dirs[name]
