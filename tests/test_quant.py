@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.quant.grid import Grid, TernaryGrid, absmean_quantize, pack_ternary, quantize_activations, unpack_ternary
+from dqt_lightning.quant.grid import (Grid, TernaryGrid, absmean_quantize, pack_ternary, quantize_activations,
+                                     unpack_ternary)
 from dqt_lightning.quant.rounding import WEIGHTS, counter_uniform, noise_keys, step_seed
 from dqt_lightning.quant.step import dqt_step, rescaled_step, round_to_grid
 

@@ -11,8 +11,8 @@ import torch
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.quant import rounding
 from dqt_lightning.quant.grid import Grid
-from dqt_lightning.quant.rounding import (EXP_AVG, WEIGHTS, counter_bits, counter_uniform, noise_keys, register_rounding,
-                                          rounding_names, rounding_rule, run_seed, step_seed)
+from dqt_lightning.quant.rounding import (EXP_AVG, WEIGHTS, counter_bits, counter_uniform, noise_keys,
+                                          register_rounding, rounding_names, rounding_rule, run_seed, step_seed)
 from dqt_lightning.quant.step import round_to_grid
 
 

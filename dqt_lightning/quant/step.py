@@ -5,7 +5,8 @@ The optimizer moved the dequantized weight ``alpha * q`` to ``stepped``; the ste
 with the configured rounding rule (:mod:`dqt_lightning.quant.rounding`; ``stochastic`` is ``floor(y + u)``). Every
 path calls these functions: the usual update (:meth:`~dqt_lightning.quant.layers.DQTWeight.round_step`), the update
 inside backward, the fused kernel (:func:`~dqt_lightning.train.fused.dqt_adamw_step`, eager or compiled), the
-telemetry's update-size statistic, and a bit-width schedule's switch (:meth:`~dqt_lightning.quant.layers.DQTWeight.regrid`).
+telemetry's update-size statistic, and a bit-width schedule's switch
+(:meth:`~dqt_lightning.quant.layers.DQTWeight.regrid`).
 :func:`round_to_grid` is the one rounding entry point.
 """
 

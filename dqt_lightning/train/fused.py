@@ -1,10 +1,11 @@
 """The DQT update with its optimizer rule as one elementwise pass: dequantize, AdamW, rounding, back to int8.
 
-The usual path materializes a float32 ``alpha * q`` per layer (:meth:`~dqt_lightning.quant.layers.DQTWeight.materialize`),
-lets the optimizer step it in a dozen separate passes over memory, then rounds it back in a few more. For AdamW all of
-that is elementwise per weight, so it is one function of ``(levels, scale, grad, moments)``, :func:`dqt_adamw_step`,
-compiled (``torch.compile``: Triton on a GPU, C++ on a CPU) into one kernel that reads each weight's level, gradient
-and moments once and writes its new level and moments once; no float weight ever exists in memory.
+The usual path materializes a float32 ``alpha * q`` per layer
+(:meth:`~dqt_lightning.quant.layers.DQTWeight.materialize`), lets the optimizer step it in a dozen separate passes
+over memory, then rounds it back in a few more. For AdamW all of that is elementwise per weight, so it is one function
+of ``(levels, scale, grad, moments)``, :func:`dqt_adamw_step`, compiled (``torch.compile``: Triton on a GPU, C++ on
+a CPU) into one kernel that reads each weight's level, gradient and moments once and writes its new level and moments
+once; no float weight ever exists in memory.
 
 Nothing in it is written twice: the optimizer arithmetic is the registered rule the unfused optimizer runs
 (:func:`~dqt_lightning.train.optim.adamw_update`), the step onto the grid is :func:`~dqt_lightning.quant.step.dqt_step`,

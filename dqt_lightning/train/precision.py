@@ -75,14 +75,15 @@ class QuantPrecision(Precision):
             ``absmax``: every update re-derives the scale from the stepped weight, ``max|W'| / Qp`` per row with
             ``per_row_scale`` or per tensor (torchao's int8 quantized training), and rounds onto that grid.
         update_in_backward: Apply each DQT layer's update inside backward, as soon as its gradient is complete, and
-            free that gradient at once: no gradient buffer of a DQT weight outlives backward (the memory table's stretch). Same
-            optimizer, learning rate and rounding as the usual path, with the same results, but gradient
-            accumulation and clipping cannot work (both need every gradient before any update) and are refused.
+            free that gradient at once: no gradient buffer of a DQT weight outlives backward (the stretch goal of the
+            memory table). Same optimizer, learning rate and rounding as the usual path, with the same results, but
+            gradient accumulation and clipping cannot work (both need every gradient before any update) and are
+            refused.
         fused_update: Step the DQT weights with the optimizer's registered rule (AdamW) and round them in one pass
-            per layer, from int8 levels to int8 levels, with no float weight in memory (:mod:`dqt_lightning.train.fused`);
-            the optimizer (``torch.optim.AdamW`` or :class:`~dqt_lightning.train.optim.AdamW`, any state dtype) then
-            steps the float parameters alone. Same arithmetic and noise as the usual path. Fixed scales only. Works
-            with ``update_in_backward``.
+            per layer, from int8 levels to int8 levels, with no float weight in memory
+            (:mod:`dqt_lightning.train.fused`); the optimizer (``torch.optim.AdamW`` or
+            :class:`~dqt_lightning.train.optim.AdamW`, any state dtype) then steps the float parameters alone. Same
+            arithmetic and noise as the usual path. Fixed scales only. Works with ``update_in_backward``.
         compile_fused_update: Compile the fused update with ``torch.compile`` (one kernel per layer: Triton on a GPU,
             C++ on a CPU; the first step compiles, tens of seconds). ``false`` runs the same function eagerly, for
             debugging or where nothing can compile: slower than the usual path.

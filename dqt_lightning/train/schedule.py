@@ -18,7 +18,6 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
@@ -156,7 +155,8 @@ class BitWidthSchedule(Callback):
         total = 0
         for index, layer in enumerate(self._layers):
             n = layer.shape.numel()
-            clipped += layer.regrid(grid, self.rounding, keys[index, WEIGHTS].to(layer.weight.device), self.scale_rule) * n
+            key = keys[index, WEIGHTS].to(layer.weight.device)
+            clipped += layer.regrid(grid, self.rounding, key, self.scale_rule) * n
             total += n
         self.current = target
         record = {"step": step, "from_bits": old_bits, "to_bits": grid.bits, "clipped_share": clipped / total}

@@ -86,9 +86,10 @@ class QuantizedUpdate(HookOwner):
     """Runs the configured optimizer on ``alpha * q`` of every DQT layer and rounds the result back onto the grid.
 
     Every :class:`~dqt_lightning.quant.layers.DQTWeight` takes part: the projections, and the embedding and output
-    head when they are quantized too. The layers own the arithmetic (:meth:`~dqt_lightning.quant.layers.DQTWeight.materialize`,
-    :meth:`~dqt_lightning.quant.layers.DQTWeight.round_step`, :mod:`dqt_lightning.quant.step`); this callback schedules
-    it, seeds its noise by (run seed, global step, layer index), hands the float step to observers (telemetry), applies
+    head when they are quantized too. The layers own the arithmetic (:meth:`DQTWeight.materialize
+    <dqt_lightning.quant.layers.DQTWeight.materialize>`, :meth:`DQTWeight.round_step
+    <dqt_lightning.quant.layers.DQTWeight.round_step>`, :mod:`dqt_lightning.quant.step`); this callback schedules it,
+    seeds its noise by (run seed, global step, layer index), hands the float step to observers (telemetry), applies
     the non-finite policy and checks DDP replicas. Order within one optimizer step (after gradient accumulation):
 
     - ``on_before_optimizer_step``: under DDP, average the quantized gradients in one collective; skip or stop on a
