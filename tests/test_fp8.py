@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dqt_lightning.cli import main
 from dqt_lightning.quant import fp8
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.quant.fp8 import convert_fp_linears, fp8_linear, fp8_matmul, fp8_unsupported_reason
@@ -126,17 +125,20 @@ def test_fp8_on_cpu_stops_before_training_with_the_field_name(one_thread):
     assert message.endswith("use bf16-mixed") and "\n" not in message
 
 
-def test_the_fp8_overlay_on_cpu_ends_in_one_error_line(tmp_path, data_cache):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "dqt_lightning", "fit", "--config", str(REPO / "configs/ternary.yaml"),
-           "--config", str(REPO / "configs/precision/fp8.yaml"), "--config", str(REPO / "configs/model/tiny.yaml"),
-           "--trainer.max_steps", "1", "--data.init_args.vocab_size", "512", "--data.init_args.cache_dir", data_cache]
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    naming = [line for line in result.stderr.splitlines() if "trainer.plugins.precision" in line]
-    assert len(naming) == 1 and naming[0].startswith("error: trainer.plugins.precision: fp8"), result.stderr[-2000:]
-    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == naming
+def test_the_fp8_overlay_on_cpu_ends_in_one_error_line(tmp_path, data_cache, monkeypatch, capsys, one_thread):
+    # `python -m dqt_lightning fit ...`'s main(), in this process (tests/test_cli.py runs the real entry point).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["dqt_lightning"])
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(REPO / "configs/ternary.yaml"), "--config", str(REPO / "configs/precision/fp8.yaml"),
+              "--config", str(REPO / "configs/model/tiny.yaml"), "--trainer.max_steps", "1",
+              "--data.init_args.vocab_size", "512", "--data.init_args.cache_dir", data_cache])
+    stderr = capsys.readouterr().err
+    assert done.value.code == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    naming = [line for line in stderr.splitlines() if "trainer.plugins.precision" in line]
+    assert len(naming) == 1 and naming[0].startswith("error: trainer.plugins.precision: fp8"), stderr[-2000:]
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == naming
 
 
 def test_fp_mode_conversion_swaps_exactly_the_projections():
