@@ -17,6 +17,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dqt_lightning import LanguageModel, QuantizedUpdate, QuantPrecision
+from dqt_lightning.cli import main
 from dqt_lightning.data.text import TextCorpus, TextSource
 from tests.conftest import SMALL
 from tests.test_checkpoint import StopAfter
@@ -54,11 +55,21 @@ def _command(config: Path, data_cache: str, *extra: str) -> list[str]:
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, data_cache):
+def _fit_here(directory: Path, command: list[str]) -> None:
+    """``command`` (a ``python -m dqt_lightning ...`` line) as main() in this process, in ``directory``: the run
+    killed below needs a process of its own, the uninterrupted run and the resumed one do not."""
+    cwd = Path.cwd()
+    os.chdir(directory)
+    try:
+        main(command[3:])
+    finally:
+        os.chdir(cwd)
+
+
+def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, data_cache, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["dqt_lightning"])  # pytest's own arguments are not the command's
     straight = _config(tmp_path, tmp_path / "straight", slow=0.0)
-    done = subprocess.run(_command(straight, data_cache), cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _fit_here(tmp_path, _command(straight, data_cache))
 
     killed_dir = tmp_path / "killed"
     killed = _config(tmp_path, killed_dir, slow=0.25)
@@ -77,9 +88,7 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, data_cache)
     stopped_at = torch.load(last, weights_only=False)["global_step"]
     assert 8 <= stopped_at < STEPS
 
-    resumed = subprocess.run(_command(killed, data_cache, "--ckpt_path", str(last)), cwd=killed_dir, env=ENV,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _fit_here(killed_dir, _command(killed, data_cache, "--ckpt_path", str(last)))
     a, b = torch.load(tmp_path / "straight" / "rank0.pt"), torch.load(killed_dir / "rank0.pt")
     assert a["step"] == b["step"] == STEPS
     for name, w in a["weights"].items():
