@@ -142,11 +142,13 @@ floor.needs_noise = False
 """)
     assert "test_ceil" not in rounding_names()
     rule = rounding_rule("my_rules.ceil", field="trainer.plugins.rounding")
-    assert rule.name == "test_ceil" and rounding_rule("test_ceil") is rule  # now known by name too
+    assert rule.name == "test_ceil" and rounding_rule("test_ceil") is rule  # now known by its name too
+    assert "my_rules.ceil" in rounding_names()  # and by its path, without another import (the compiled kernel's lookup)
     assert rounding_rule("my_rules:ceil") is rule
     plain = rounding_rule("my_rules.floor")
     assert plain.name == "my_rules.floor" and not plain.needs_noise
-    assert round_to_grid(torch.tensor([0.5, -0.5]), Grid.from_bits(4), plain.name, None).tolist() == [0, -1]
+    assert round_to_grid(torch.tensor([0.5, -0.5]), Grid.from_bits(4), "my_rules.floor", None).tolist() == [0, -1]
+    assert round_to_grid(torch.tensor([0.5, -0.5]), Grid.from_bits(4), "my_rules.ceil", None).tolist() == [1, 0]
 
 
 @pytest.mark.parametrize("name,message", [

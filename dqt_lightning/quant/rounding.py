@@ -169,7 +169,8 @@ def rounding_names() -> tuple[str, ...]:
 def rounding_rule(name: str, field: str = "rounding") -> RoundingRule:
     """The rule registered as ``name``, or the function a dotted path ``package.module.function`` (or
     ``package.module:function``) names, imported and registered on first use: under the name its decorator gave it,
-    else under the path itself (``needs_noise`` from a ``needs_noise`` attribute of the function, default true).
+    else under the path itself (``needs_noise`` from a ``needs_noise`` attribute of the function, default true). The
+    path is then a registered name of the rule too, so that a run can keep naming the rule as its config does.
 
     Raises:
         ConfigError: one line naming ``field`` and the known rules, for a name that is neither.
@@ -191,6 +192,7 @@ def rounding_rule(name: str, field: str = "rounding") -> RoundingRule:
             raise ConfigError(f"{field}: '{name}' is not a function (y, u) -> rounded; known rules: {known}")
         register_rounding(name, needs_noise=bool(getattr(fn, "needs_noise", True)))(fn)
         rule = _RULES[name]
+    _RULES.setdefault(name, rule)
     return rule
 
 

@@ -101,7 +101,8 @@ class QuantPrecision(Precision):
                  fused_update: bool = False, compile_fused_update: bool = True) -> None:
         super().__init__()
         self.mode = _choice("mode", mode, MODES)
-        self.rounding = rounding_rule(rounding, field="trainer.plugins.rounding").name
+        rounding_rule(rounding, field="trainer.plugins.rounding")  # a dotted path is imported and registered here
+        self.rounding = rounding
         self.precision = _choice("precision", precision, PRECISIONS)  # type: ignore[assignment]
         self.grad_dtype = GRAD_DTYPES[_choice("grad_dtype", grad_dtype, tuple(GRAD_DTYPES))]
         self.grid = Grid.from_bits(bits, symmetric, field="trainer.plugins.bits") if mode != "fp" else None

@@ -84,7 +84,8 @@ class BitWidthSchedule(Callback):
     def __init__(self, schedule: list[list[float]], rounding: str = "stochastic", scale_rule: str = "absmean",
                  seed: int | None = None) -> None:
         self.schedule = _parse_schedule(schedule)
-        self.rounding = rounding_rule(rounding, field="BitWidthSchedule.rounding").name
+        rounding_rule(rounding, field="BitWidthSchedule.rounding")  # a dotted path is imported and registered here
+        self.rounding = rounding
         if scale_rule not in SCALE_RULES:
             raise ConfigError(f"BitWidthSchedule.scale_rule must be one of {', '.join(SCALE_RULES)}; "
                               f"got '{scale_rule}'")
