@@ -264,3 +264,46 @@ def test_a_resume_may_train_longer_or_elsewhere_but_not_change_the_experiment():
     assert differing_settings(saved, longer) == []
     other = {**longer, "trainer": {**longer["trainer"], "plugins": {"init_args": {"bits": 1.58}}}, "seed_everything": 2}
     assert differing_settings(saved, other) == ["seed_everything", "trainer.plugins.init_args.bits"]
+
+
+def _diverging_run(steps: int, **update) -> pl.Trainer:
+    """A DQT run at lr 1e30: the first step saturates every weight, every later gradient is non-finite."""
+    from dqt_lightning.train.optim import default_adamw
+
+    pl.seed_everything(0, verbose=False)
+    model = LanguageModel(SMALL, vocab_size=128, warmup_steps=0, optimizer=default_adamw(lr=1e30))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         plugins=[QuantPrecision(mode="dqt", bits=1.58)], callbacks=[QuantizedUpdate(**update)])
+    trainer.fit(model, DataLoader(torch.randint(0, 128, (64, 17)), batch_size=2))
+    return trainer
+
+
+def test_a_run_that_skips_step_after_step_stops_with_one_line():
+    from dqt_lightning.errors import TrainingStopped
+
+    with pytest.raises(TrainingStopped, match=r"^10 optimizer steps in a row skipped for non-finite gradients \(the "
+                                              r"last at step 10\): the run is not learning"):
+        _diverging_run(30)
+
+
+def test_a_run_whose_steps_were_mostly_skipped_never_ends_as_a_success():
+    from dqt_lightning.errors import TrainingStopped
+
+    with pytest.raises(TrainingStopped, match=r"^11 of 12 optimizer steps were skipped for non-finite gradients"):
+        _diverging_run(12, max_skipped_in_a_row=0)
+
+
+def test_ddp_replicas_are_compared_at_the_end_of_every_run(monkeypatch):
+    from types import SimpleNamespace
+
+    update = QuantizedUpdate(check_replicas_every_n_steps=50)
+    update._layers = [("layer", None)]
+    checked: list[int] = []
+    monkeypatch.setattr(update, "_check_replicas", checked.append)
+    update.on_train_end(SimpleNamespace(world_size=2, global_step=20), None)  # a 20-step run: none of every 50
+    assert checked == [19]
+    update._checked_at = 49
+    update.on_train_end(SimpleNamespace(world_size=2, global_step=50), None)  # its last step was checked already
+    update.on_train_end(SimpleNamespace(world_size=1, global_step=20), None)  # no replicas to compare
+    assert checked == [19]

@@ -124,15 +124,21 @@ class QuantizedUpdate(HookOwner):
         on_nonfinite: What a NaN or inf gradient does: ``skip`` the step (no weight moves) or ``stop`` the run.
             Either way it never reaches the integer weights or a checkpoint.
         shared_noise: Draw the same rounding noise on every rank. Turn off only to watch the replica check fire.
+        max_skipped_in_a_row: Stop the run after this many optimizer steps in a row skipped for non-finite gradients
+            (0: never): such a run has stopped learning. Whatever it is, a run that skipped more steps than it took
+            ends with an error, never as a success.
 
     Raises:
         ConfigError: for an unknown ``on_nonfinite`` or a negative check interval.
     """
 
     def __init__(self, seed: int | None = None, log_per_layer: bool = True, check_replicas_every_n_steps: int = 50,
-                 on_nonfinite: str = "skip", shared_noise: bool = True) -> None:
+                 on_nonfinite: str = "skip", shared_noise: bool = True, max_skipped_in_a_row: int = 10) -> None:
         if on_nonfinite not in ("skip", "stop"):
             raise ConfigError(f"QuantizedUpdate.on_nonfinite must be skip or stop; got '{on_nonfinite}'")
+        if max_skipped_in_a_row < 0:
+            raise ConfigError(f"QuantizedUpdate.max_skipped_in_a_row must be >= 0 (0: never stop); got "
+                              f"{max_skipped_in_a_row}")
         if check_replicas_every_n_steps < 0:
             raise ConfigError("QuantizedUpdate.check_replicas_every_n_steps must be >= 0, "
                               f"got {check_replicas_every_n_steps}")
@@ -141,8 +147,11 @@ class QuantizedUpdate(HookOwner):
         self.check_every = check_replicas_every_n_steps
         self.on_nonfinite = on_nonfinite
         self.shared_noise = shared_noise
+        self.max_skipped_in_a_row = max_skipped_in_a_row
         self.skipped_steps = 0
+        self.skipped_in_a_row = 0
         self.n_updates = 0
+        self._checked_at: int | None = None  # the last step whose replicas were compared
         self._names: dict[int, str] = {}
         self._layers: list[tuple[str, DQTWeight]] = []
         self._handles: list[Any] = []
@@ -224,7 +233,7 @@ class QuantizedUpdate(HookOwner):
                 self._count_skipped_layers(step)
             if self._skipped_in_backward:  # one step counted, however many layers it skipped
                 self._skipped_in_backward = False
-                self.skipped_steps += 1
+                self._count_skipped_step(step)
             if self._updated_in_backward:
                 self._updated_in_backward = False
                 self._finish_step(step)
@@ -251,8 +260,16 @@ class QuantizedUpdate(HookOwner):
             return True
         for p in params:  # without gradients the optimizer moves nothing this step, so no NaN reaches any weight
             p.grad = None
-        self.skipped_steps += 1
+        self._count_skipped_step(step)
         return False
+
+    def _count_skipped_step(self, step: int) -> None:
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        if self.max_skipped_in_a_row and self.skipped_in_a_row >= self.max_skipped_in_a_row:
+            raise TrainingStopped(f"{self.skipped_in_a_row} optimizer steps in a row skipped for non-finite gradients "
+                                  f"(the last at step {step}): the run is not learning; lower the learning rate, or "
+                                  "raise QuantizedUpdate.max_skipped_in_a_row")
 
     def _count_skipped_layers(self, step: int) -> None:
         # One host sync per step for all the fused steps in backward, instead of one per layer.
@@ -366,10 +383,22 @@ class QuantizedUpdate(HookOwner):
 
     def _finish_step(self, step: int) -> None:
         self.n_updates += 1
+        self.skipped_in_a_row = 0
         if self._trainer.world_size > 1 and self.check_every and (step + 1) % self.check_every == 0:
             self._check_replicas(step)
 
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Every DDP run compares its replicas at least once, however short: at the end, unless its last step did.
+        last = trainer.global_step - 1
+        if trainer.world_size > 1 and self.check_every and self._layers and last >= 0 and self._checked_at != last:
+            self._check_replicas(last)
+        if self.skipped_steps > self.n_updates:
+            raise TrainingStopped(f"{self.skipped_steps} of {self.skipped_steps + self.n_updates} optimizer steps were "
+                                  "skipped for non-finite gradients: the run did not learn; lower the learning rate")
+
     def _check_replicas(self, step: int) -> None:
+        self._checked_at = step
         # Two int64 sums per layer (plain and position-weighted) catch any flipped level; MAX and MIN across ranks
         # agree only if every rank holds the same integers. Summed over the stored bytes, packed or not: the same
         # levels are the same bytes.
@@ -404,7 +433,8 @@ class QuantizedUpdate(HookOwner):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "n_updates": self.n_updates, "skipped_steps": self.skipped_steps}
+        return {"seed": self.seed, "n_updates": self.n_updates, "skipped_steps": self.skipped_steps,
+                "skipped_in_a_row": self.skipped_in_a_row}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -412,3 +442,4 @@ class QuantizedUpdate(HookOwner):
         self.seed = state_dict.get("seed", self.seed)
         self.n_updates = state_dict.get("n_updates", 0)
         self.skipped_steps = state_dict.get("skipped_steps", 0)
+        self.skipped_in_a_row = state_dict.get("skipped_in_a_row", 0)
