@@ -154,9 +154,9 @@ def optimizer_for(recipe: str) -> Callable[..., torch.optim.Optimizer] | None:
     AdamW's decoupled decay applies to the weight, and the step fails with ``NotImplementedError``.
     ``torchao-bitnet`` keeps a float master weight and takes the decay.
 
-    On a GPU the float32-moment AdamW is ``torch.optim.AdamW(fused=True)``, the baseline the published peer measurements use
-    (torch's default there is the slower ``foreach`` form, which would flatter every ratio to fp); torchao's int8
-    weights keep the default form, as the peers ran them.
+    On a GPU the float32-moment AdamW is ``torch.optim.AdamW(fused=True)``, the baseline the published peer
+    measurements use (torch's default there is the slower ``foreach`` form, which would flatter every ratio to fp);
+    torchao's int8 weights keep the default form, as the peers ran them.
 
     Args:
         recipe: A recipe name (see :func:`run_recipe`).

@@ -61,7 +61,9 @@ def measure_checkpoint_sizes(size: str, vocab_size: int, directory: Path) -> dic
 
 
 def main() -> None:
-    """Print checkpoint sizes of the 130m model per storage format: ``python -m dqt_lightning.tools.checkpoint_sizes``."""
+    """Print checkpoint sizes of the 130m model per storage format.
+
+    ``python -m dqt_lightning.tools.checkpoint_sizes``."""
     import argparse
     import datetime
     import logging
@@ -86,7 +88,8 @@ def main() -> None:
                   f"{weights / 1e6:.1f} | {weights / fp_weights:.2f} |")
     print(f"\nMeasured with torch {torch.__version__} on {platform.machine()} CPU, {datetime.date.today()}, in "
           f"{time.perf_counter() - started:.0f} s: "
-          f"`python -m dqt_lightning.tools.checkpoint_sizes --size {args.size} --vocab-size {' '.join(map(str, args.vocab_size))}`")
+          f"`python -m dqt_lightning.tools.checkpoint_sizes --size {args.size} "
+          f"--vocab-size {' '.join(map(str, args.vocab_size))}`")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def encode_tokens_per_second(tokenizer_file: Path, docs: list[str]) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dqt_lightning.tools.databench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dqt_lightning.tools.databench",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="passes over the training windows per measurement")
     parser.add_argument("--cache-dir", default=".cache/dqt_lightning/databench")
     parser.add_argument("--shard-dir", action="append", default=[],

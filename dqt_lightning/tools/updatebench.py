@@ -4,8 +4,8 @@
 
 For each weight shape and AdamW state dtype it times one optimizer step of one ternary layer, stochastic rounding
 included: the usual path (materialize ``alpha * q``, the optimizer's step, ``round_step``) and
-:func:`~dqt_lightning.train.fused.dqt_adamw_step` run eagerly and compiled. On a GPU (when one is present) the kernels are
-timed with the device synchronized. The first compiled call compiles and is not timed. A benchmark, not a test.
+:func:`~dqt_lightning.train.fused.dqt_adamw_step` run eagerly and compiled. On a GPU (when one is present) the kernels
+are timed with the device synchronized. The first compiled call compiles and is not timed. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dqt_lightning.tools.updatebench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dqt_lightning.tools.updatebench",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", type=_shape, default=[(256, 256), (768, 2048)])
     parser.add_argument("--state-dtypes", nargs="+", choices=STATE_DTYPES, default=list(STATE_DTYPES))
     parser.add_argument("--repeats", type=int, default=10)

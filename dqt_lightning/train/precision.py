@@ -67,8 +67,8 @@ class QuantPrecision(Precision):
             the backward is the same.
         quantize_embeddings: Also quantize the token embedding and the output head (``embed_tokens``, ``lm_head``),
             as the official DQT code does; off by default, as in BitNet and torchao. ``dqt``: a
-            :class:`~dqt_lightning.quant.layers.DQTEmbedding` and a :class:`~dqt_lightning.quant.layers.DQTLinear` head (8-bit
-            activations); ``ste``: their BitNet counterparts (float masters behind an STE).
+            :class:`~dqt_lightning.quant.layers.DQTEmbedding` and a :class:`~dqt_lightning.quant.layers.DQTLinear`
+            head (8-bit activations); ``ste``: their BitNet counterparts (float masters behind an STE).
         grad_dtype: ``float32`` or ``bfloat16``: the gradient buffer of DQT weights. The optimizer step itself stays
             float32 (the gradient is widened inside the step), so bf16 costs gradient precision, not update precision.
         scale_policy: ``fixed``: the absmean scale of initialisation stays for the whole run (the paper's default);

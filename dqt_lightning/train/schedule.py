@@ -2,8 +2,8 @@
 
 DQT weights are integers on a grid, so the grid itself can be coarsened mid-run: 8 bits for most of the run, then
 ternary (in one step or through 4 and 2 bits), with training continuing under stochastic rounding on the coarser
-grid. At a switch every DQT layer is moved with :meth:`~dqt_lightning.quant.layers.DQTWeight.regrid`: a new absmean scale
-and one (by default stochastic) rounding of ``alpha * q`` onto the new levels. No full-precision weight is ever
+grid. At a switch every DQT layer is moved with :meth:`~dqt_lightning.quant.layers.DQTWeight.regrid`: a new absmean
+scale and one (by default stochastic) rounding of ``alpha * q`` onto the new levels. No full-precision weight is ever
 stored: the float ``alpha * q`` exists only inside that call, as it does inside every DQT update.
 
 The update callback reads ``layer.grid`` at every step, so once a layer's grid has changed the update rounds onto the
