@@ -15,11 +15,12 @@ of the callback's checkpoint state, so a run resumed after a switch continues on
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from torch.optim.lr_scheduler import LambdaLR
 from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError
@@ -57,6 +58,25 @@ def _parse_schedule(schedule: Any) -> list[tuple[float, float]]:
     return entries
 
 
+def rewarmed(factor: Callable[[int], float], switches: list[int], steps: int, to: float,
+             total: int) -> Callable[[int], float]:
+    """``factor`` (the learning-rate multiplier of each step) re-warmed after each switch: from ``factor`` at the
+    switch linearly up to ``to`` over ``steps`` steps, then a cosine down to ``factor(total)``, the schedule's end."""
+    floor = factor(total)
+
+    def multiplier(step: int) -> float:
+        start = max((s for s in switches if s <= step), default=None)
+        if start is None:
+            return factor(step)
+        if step < start + steps:
+            return factor(start) + (to - factor(start)) * (step - start + 1) / steps
+        top = start + steps - 1  # the last step of the climb, at ``to`` exactly
+        progress = min((step - top) / max(total - top, 1), 1.0)
+        return floor + (to - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
 def _same_bits(a: float, b: float) -> bool:
     return math.isclose(a, b, abs_tol=1e-6)
 
@@ -75,6 +95,11 @@ class BitWidthSchedule(Callback):
         scale_rule: The new scale at a switch: ``absmean`` (BitNet's quantizer on the current weight,
             ``mean|W| / Qp'``) or ``range`` (the old grid's range kept, ``alpha * Qp / Qp'``: nothing is clipped).
         seed: Seed of the switch's rounding noise; default: the run seed (``seed_everything``), as the update's.
+        rewarm_steps: After each switch, warm the learning rate up again over this many steps (0: no re-warm), from
+            where the schedule had it to ``rewarm_to`` of the peak, then decay it by a cosine to where the schedule
+            ends: a late switch otherwise leaves too little learning rate to recover. Needs the model's own
+            warm-up + cosine schedule (a ``LambdaLR``).
+        rewarm_to: The fraction of the peak learning rate the re-warm reaches.
 
     Raises:
         ConfigError: for a malformed schedule, an unknown rounding, a first entry whose bits differ from the
@@ -82,7 +107,7 @@ class BitWidthSchedule(Callback):
     """
 
     def __init__(self, schedule: list[list[float]], rounding: str = "stochastic", scale_rule: str = "absmean",
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, rewarm_steps: int = 0, rewarm_to: float = 0.5) -> None:
         self.schedule = _parse_schedule(schedule)
         rounding_rule(rounding, field="BitWidthSchedule.rounding")  # a dotted path is imported and registered here
         self.rounding = rounding
@@ -90,6 +115,10 @@ class BitWidthSchedule(Callback):
             raise ConfigError(f"BitWidthSchedule.scale_rule must be one of {', '.join(SCALE_RULES)}; "
                               f"got '{scale_rule}'")
         self.scale_rule = scale_rule
+        if rewarm_steps < 0 or not 0.0 < rewarm_to <= 1.0:
+            raise ConfigError(f"BitWidthSchedule: rewarm_steps must be >= 0 and rewarm_to in (0, 1]; got "
+                              f"{rewarm_steps} and {rewarm_to}")
+        self.rewarm_steps, self.rewarm_to = rewarm_steps, rewarm_to
         self.seed = seed
         self.current = 0  # index into schedule of the grid the weights are on now
         self.switch_steps: list[int] = []
@@ -130,11 +159,27 @@ class BitWidthSchedule(Callback):
         if not math.isfinite(total):
             raise ConfigError("BitWidthSchedule needs a finite run: set trainer.max_steps or trainer.max_epochs")
         self.switch_steps = [round(fraction * int(total)) for fraction, _ in self.schedule]
+        if self.rewarm_steps:
+            self._rewarm_learning_rate(trainer, int(total))
         # A resumed run's weights (int levels and scales) come from the checkpoint already on the current grid;
         # only the layers' grid attribute, which the update reads, has to be told.
         grid = self._grid(self.current)
         for layer in self._layers:
             layer.grid = grid
+
+    def _rewarm_learning_rate(self, trainer: pl.Trainer, total: int) -> None:
+        # The learning rate is a pure function of the step, so wrapping the scheduler's factor here (again on a
+        # resume, before any step) keeps a resumed run's rates those of an uninterrupted one.
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        if len(schedulers) != 1 or not isinstance(schedulers[0], LambdaLR):
+            raise ConfigError("BitWidthSchedule.rewarm_steps re-warms the model's own warm-up + cosine schedule (one "
+                              "LambdaLR); this run's schedulers are "
+                              f"{', '.join(type(s).__name__ for s in schedulers) or 'none'}")
+        scheduler = schedulers[0]
+        scheduler.lr_lambdas = [rewarmed(factor, self.switch_steps[1:], self.rewarm_steps, self.rewarm_to, total)
+                                for factor in scheduler.lr_lambdas]
+        for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
