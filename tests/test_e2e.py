@@ -17,7 +17,8 @@ from tests.trained import STEPS, TINY, config_args, trained_runs  # noqa: F401 -
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--trainer.max_steps", "40", "--trainer.val_check_interval", "40", "--trainer.limit_val_batches", "4",
+# 20 steps: every mode's validation loss falls by 0.91-0.92 nats by then (0.94-0.95 after 40, where this stood).
+FAST = ["--trainer.max_steps", "20", "--trainer.val_check_interval", "20", "--trainer.limit_val_batches", "4",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--data.init_args.vocab_size", "512", "--data.init_args.seq_len", "64", "--data.init_args.batch_size", "8",
         "--model.init_args.warmup_steps", "5"]
