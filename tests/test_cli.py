@@ -239,9 +239,12 @@ def test_a_run_refused_at_its_start_leaves_no_run_directory_behind(tmp_path, cli
 
 @pytest.fixture
 def lightning_log(caplog):
-    """What Lightning logs (its loggers write to the stderr of their import time, which capsys does not see)."""
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    for logger in loggers:
+    """What Lightning logs at INFO (its loggers write to the stderr of their import time, which capsys does not see;
+    and a command run in this process before, bench's, may have raised their level)."""
+    names = ("lightning.pytorch", "lightning.fabric")
+    loggers = [logging.getLogger(name) for name in names]
+    for name, logger in zip(names, loggers):
+        caplog.set_level(logging.INFO, logger=name)  # restored after the test
         logger.addHandler(caplog.handler)
     yield caplog
     for logger in loggers:
