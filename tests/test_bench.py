@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from dqt_lightning import cli
-
 from dqt_lightning.tools import bench
 from dqt_lightning.tools.bench import TORCHAO, Row, _torchao, main, optimizer_for, plot, run_benchmark, table
 from dqt_lightning.model import SIZES, Config
@@ -151,7 +150,7 @@ def test_torchao_recipes_use_our_adamw_and_int8_only_drops_weight_decay() -> Non
 
 
 def test_on_a_gpu_the_float32_adamw_is_the_fused_one(monkeypatch) -> None:
-    # SPEC §5's baseline is fused AdamW; torch's CUDA default (foreach) would be a slower fp row to compare against.
+    # The published peers' baseline is fused AdamW; torch's CUDA default (foreach) would be a slower fp row to compare against.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     params = [nn.Parameter(torch.zeros(2, 2))]  # CPU tensors: torch has a fused AdamW there too
     for recipe in ("fp", "ste", "dqt-1.58", "dqt-8-fused", "torchao-bitnet"):

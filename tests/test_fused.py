@@ -13,9 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from dqt_lightning import QuantizedUpdate
-
 from dqt_lightning.train import optim
-
 from dqt_lightning.tools import updatebench
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.quant.grid import Grid, TernaryGrid

@@ -65,7 +65,7 @@ def test_packed_weights_take_a_quarter_byte():
     packed = measure("dqt", state_dtype="int8", update_in_backward=True, pack_in_memory=True).per_param()
     assert 0.25 < packed["weights"] < 0.27  # plus one float scale and one placeholder number per layer
     assert packed["grads"] == 0.0
-    assert packed["total"] < 2.35  # SPEC §4's stretch row: 2.25
+    assert packed["total"] < 2.35  # the stretch goal of the memory table: 2.25 bytes
 
 
 def test_a_packed_layer_computes_what_its_int8_twin_computes():

@@ -147,7 +147,7 @@ def test_activation_quantizer_levels_and_straight_through():
 
 
 def _textbook_activations(x: torch.Tensor) -> torch.Tensor:
-    # BitNet b1.58's expression with the usual detach-style STE, written out as the SPEC gives it.
+    # BitNet b1.58's expression with the usual detach-style STE, written out as the paper gives it.
     x32 = x.float()
     s = 127.0 / x32.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
     x_q = (torch.round(x32 * s).clamp(-128, 127) / s).to(x.dtype)

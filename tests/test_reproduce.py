@@ -1,4 +1,4 @@
-"""``reproduce``: arms trained as ordinary fits on the same data, skipped once done, and the claims of SPEC §6 judged
+"""``reproduce``: arms trained as ordinary fits on the same data, skipped once done, and the paper's claims judged
 by the stated rules."""
 
 from __future__ import annotations

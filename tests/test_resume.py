@@ -1,4 +1,4 @@
-"""Exact resume (SPEC §3 invariant 6): kill a run with SIGKILL, resume from its last checkpoint, and reach the same
+"""Exact resume: kill a run with SIGKILL, resume from its last checkpoint, and reach the same
 integer weights as a run that was never interrupted, bit for bit."""
 
 from __future__ import annotations

@@ -15,9 +15,7 @@ import torch
 import yaml
 
 from dqt_lightning.data import embedded as data
-
 from dqt_lightning.data import text, text_source
-
 from dqt_lightning.data import tokenizer as tok
 from dqt_lightning.cli import main
 from dqt_lightning.errors import ConfigError

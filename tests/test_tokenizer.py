@@ -10,7 +10,6 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from dqt_lightning.data import embedded as data
-
 from dqt_lightning.data import tokenizer as tok
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.data.tokenizer import EOT, TextTokenizer, resolve_tokenizer, tokenizer_vocab_size
