@@ -17,6 +17,7 @@ from dqt_lightning import LanguageModel, QuantizedUpdate, QuantPrecision
 from dqt_lightning.files import atomic_directory, atomic_write, remove_dead_writers_files
 from dqt_lightning.tools import export
 from tests.conftest import SMALL
+from tests.test_cli import cli  # noqa: F401 - the in-process command fixture
 
 
 @pytest.fixture(scope="module")
@@ -171,22 +172,12 @@ QUICK = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "2", "--trai
 
 
 @pytest.fixture
-def command(tmp_path, monkeypatch, capsys):
-    """``python -m dqt_lightning ARGS`` in this process, in tmp_path: (exit code, stdout, stderr)."""
-    from dqt_lightning.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["dqt_lightning"])
+def command(cli):
+    """test_cli's in-process ``python -m dqt_lightning ARGS``, as (exit code, stdout, stderr)."""
 
     def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as done:
-            code = 0 if done.code is None else done.code
-        out, err = capsys.readouterr()
-        return code, out, err
+        done = cli(*args)
+        return done.returncode, done.stdout, done.stderr
 
     return run
 
