@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from dqt_lightning.data.tokenizer import TextTokenizer, train_bpe
+from dqt_lightning.errors import ConfigError
 from dqt_lightning.model import LLaMA
 from dqt_lightning.tools.generate import TextStream, main as generate, sample
 from dqt_lightning.train.precision import QuantPrecision
@@ -61,7 +62,7 @@ def test_cached_and_uncached_sampling_give_the_same_tokens(mode):
 
 
 def test_a_sample_longer_than_the_block_size_is_refused():
-    with pytest.raises(Exception, match="--max-new-tokens 62 with a prompt of 3 tokens is more than the model's "
+    with pytest.raises(ConfigError, match="--max-new-tokens 62 with a prompt of 3 tokens is more than the model's "
                                         "block size of 64 tokens"):
         sample(_model("fp"), [1, 2, 3], 62)
 
