@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-interop install clean
 
 # torch==2.13.0 goes in first: here it resolves to the local CPU wheel, and with it present nothing
 # that depends on torch can pull a multi-GB CUDA build.
@@ -22,6 +22,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The optional interop packages (transformers, gguf, llama-cpp-python built from source, lm-eval) and the tests
+# that check our exports and evaluation against them.
+INTEROP_STAMP := $(VENV)/.interop
+$(INTEROP_STAMP): $(STAMP)
+	$(PY) -m pip install -q torch==2.13.0 -e '.[interop]'
+	touch $(INTEROP_STAMP)
+
+test-interop: $(INTEROP_STAMP)
+	$(PY) -m pytest -q -m interop
 
 clean:
 	rm -rf $(VENV) runs

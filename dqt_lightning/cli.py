@@ -40,7 +40,8 @@ from dqt_lightning.train.precision import PRECISIONS
 
 FLOAT32_MATMUL_PRECISIONS = ("highest", "high", "medium")
 # Commands beside LightningCLI's, each a module with a main(argv) -> exit code; imported only when used.
-TOOLS = {name: f"dqt_lightning.tools.{name}" for name in ("compare", "export", "generate", "bench", "reproduce")}
+TOOLS = {**{name: f"dqt_lightning.tools.{name}" for name in ("compare", "export", "generate", "bench", "reproduce")},
+         "eval": "dqt_lightning.tools.evaluate"}
 
 
 def _user_facing_error_in(error: BaseException | None) -> Exception | None:
@@ -379,8 +380,9 @@ _OTHER_COMMANDS = (
     "other commands (each takes --help): "
     "prepare --config ... (tokenize the data section's source into shards); "
     "compare RUN_DIR... (table and validation-loss plot of finished runs); "
-    "export CKPT (safetensors with integer weights); "
+    "export CKPT (safetensors with integer weights, --format hf or gguf for transformers and llama.cpp); "
     "generate CKPT_OR_EXPORT (sample text); "
+    "eval CKPT_OR_EXPORT (perplexity on local text, multiple-choice accuracy); "
     "bench (throughput and memory of every recipe); "
     "reproduce (train and report the paper's comparison)"
 )

@@ -23,3 +23,18 @@ class ConfigError(ValueError):
 
 class TrainingStopped(RuntimeError):
     """The run stopped itself on purpose (diverged replicas, non-finite values); the message says where and why."""
+
+
+def require_extra(module: str, extra: str, what: str) -> None:
+    """Refuse in one line when an optional dependency is missing, naming the extra that installs it.
+
+    Args:
+        module: The import name (``transformers``, ``gguf``, ``llama_cpp``, ``lm_eval``).
+        extra: The ``pyproject.toml`` extra that brings it (``hf``, ``gguf``, ``eval``).
+        what: The command or option that needs it, as the user typed it.
+    """
+    import importlib.util  # noqa: PLC0415 - only this check needs it
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{what} needs the optional package '{module}': pip install -e '.[{extra}]' "
+                          f"(or pip install {module.replace('_', '-')})")

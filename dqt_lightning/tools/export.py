@@ -205,31 +205,68 @@ def tokenizer_beside(directory: Path, vocab_size: int) -> TextTokenizer | None:
     return resolve_tokenizer(str(found), vocab_size, lambda: [], directory, "")
 
 
-def default_output(ckpt: Path) -> Path:
-    """``<run dir>/export`` for a checkpoint in a run's ``checkpoints/``; ``<name>-export`` beside any other."""
+def default_output(ckpt: Path, fmt: str = "dqt", gguf_type: str = "tq2_0") -> Path:
+    """Where an export goes unless ``--output`` says: beside the run (``<run dir>/export``, ``export-hf``,
+    ``model-<type>.gguf``) for a checkpoint in a run's ``checkpoints/``, else beside the checkpoint, named after it."""
+    name = {"dqt": "export", "hf": "export-hf", "gguf": f"model-{gguf_type}.gguf"}[fmt]
     if ckpt.parent.name == "checkpoints":
-        return ckpt.parent.parent / "export"
-    return ckpt.with_name(f"{ckpt.stem}-export")
+        return ckpt.parent.parent / name
+    return ckpt.with_name(f"{ckpt.stem}-{name.removeprefix('model-')}")
+
+
+FORMATS = ("dqt", "hf", "gguf")
+GGUF_TYPES = ("tq2_0", "tq1_0", "f16")
+HF_DTYPES = ("float32", "bfloat16")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dqt_lightning export",
-                                     description="Export a checkpoint to safetensors with integer weights.")
+    parser = argparse.ArgumentParser(
+        prog="python -m dqt_lightning export",
+        description="Export a checkpoint: our safetensors with integer weights (dqt), a Hugging Face model directory "
+                    "that transformers loads without custom code (hf), or a GGUF file for llama.cpp (gguf).")
     parser.add_argument("ckpt", help="a checkpoint written by fit (runs/<name>/version_N/checkpoints/*.ckpt), or a "
                         "run directory for its checkpoints/last.ckpt")
-    parser.add_argument("--output", help="directory to write (default: <run dir>/export, or <checkpoint name>-export "
-                        "beside a checkpoint outside a run directory)")
-    parser.add_argument("--pack", action="store_true", help="store weights that hold only -1, 0 and 1 four per byte")
+    parser.add_argument("--format", default="dqt", choices=FORMATS,
+                        help="dqt: int8 levels and scales, read back by this package; hf: BitNet layout for ternary "
+                             "models, float LlamaForCausalLM otherwise; gguf: llama.cpp (default: dqt)")
+    parser.add_argument("--output", help="directory (a .gguf file for --format gguf) to write (default: export, "
+                        "export-hf or model-<type>.gguf in the run directory, or named after a checkpoint outside one)")
+    parser.add_argument("--pack", action="store_true",
+                        help="--format dqt: store weights that hold only -1, 0 and 1 four per byte")
+    parser.add_argument("--dtype", choices=HF_DTYPES, default=None,
+                        help="--format hf: dtype of the float weights of a non-ternary model (default: float32)")
+    parser.add_argument("--type", dest="gguf_type", choices=GGUF_TYPES, default=None,
+                        help="--format gguf: tensor type of the projections (default: tq2_0)")
+    parser.add_argument("--ternary", action="store_true",
+                        help="--format hf or gguf: re-quantize every projection to ternary first (as validation's "
+                             "ternary_eval), so an n-bit or full-precision model goes into the ternary layout")
     args = parser.parse_args(argv)
     try:
+        for flag, value, fmt in (("--pack", args.pack, "dqt"), ("--dtype", args.dtype, "hf"),
+                                 ("--type", args.gguf_type, "gguf"), ("--ternary", args.ternary, "hf or gguf")):
+            if value and args.format not in fmt.split(" or "):
+                raise ConfigError(f"{flag} applies to --format {fmt}, not --format {args.format}")
         ckpt = resolve_checkpoint(args.ckpt)
-        out = export(ckpt, args.output or default_output(ckpt), pack=args.pack)
+        gguf_type = args.gguf_type or "tq2_0"
+        out = Path(args.output) if args.output else default_output(ckpt, args.format, gguf_type)
+        if args.format == "hf":
+            from dqt_lightning.tools.export_hf import export_hf  # noqa: PLC0415 - needs the optional transformers
+
+            export_hf(ckpt, out, dtype=args.dtype or "float32", ternary=args.ternary)
+        elif args.format == "gguf":
+            from dqt_lightning.tools.export_gguf import export_gguf  # noqa: PLC0415 - needs the optional gguf
+
+            export_gguf(ckpt, out, gguf_type=gguf_type, ternary=args.ternary)
+        else:
+            export(ckpt, out, pack=args.pack)
     except ConfigError as error:
         sys.stderr.write(f"error: {error}\n")
         return 2
-    size = (out / "model.safetensors").stat().st_size
-    print(f"[export] {out}: model.safetensors {size / 1e6:.2f} MB, "
-          f"{', '.join(p.name for p in sorted(out.iterdir()) if p.name != 'model.safetensors')}")
+    if out.is_file():
+        print(f"[export] {out}: {out.stat().st_size / 1e6:.2f} MB")
+    else:
+        files = sorted(out.iterdir())
+        print(f"[export] {out}: {sum(p.stat().st_size for p in files) / 1e6:.2f} MB in {', '.join(p.name for p in files)}")
     return 0
 
 
