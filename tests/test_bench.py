@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from dataclasses import replace
@@ -218,6 +219,8 @@ def test_a_run_stopped_midway_leaves_the_recipes_it_measured(tmp_path, monkeypat
 
     monkeypatch.setattr(bench, "run_recipe", interrupted_after_fp)
     out = tmp_path / "bench.md"
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
     with pytest.raises(KeyboardInterrupt):
         main(["--recipes", "fp", "dqt-1.58", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--seq-len", "8",
               "--vocab-size", "256", "--out", str(out)])
@@ -227,6 +230,7 @@ def test_a_run_stopped_midway_leaves_the_recipes_it_measured(tmp_path, monkeypat
     assert "PARTIAL: 1 of 2 recipes measured so far" in report
     assert "bench: round 1, 1 of 2: fp: " in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["bench.md"]  # no temporary file left beside it
+    assert lightning_log.level == level  # quieted for the table only, not for whoever called bench in-process
 
 
 def test_every_compiled_recipe_runs_compiled(monkeypatch) -> None:

@@ -114,11 +114,12 @@ def state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[in
 
 
 @contextlib.contextmanager
-def _quiet_loggers(names: Sequence[str]) -> Iterator[None]:
+def _quiet_loggers(names: Sequence[str], level: int = logging.ERROR) -> Iterator[None]:
+    """Raise the named loggers to ``level`` inside ``with``, and give them their own levels back after it."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(level)
     try:
         yield
     finally:
@@ -375,10 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 atomic_write(args.out, lambda f: f.write((render(rows, note) + "\n").encode()))
 
     # Lightning's "GPU available / TPU available" banners are noise in a table meant for pasting.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    rows = run_benchmark(recipes, size=args.size, vocab_size=args.vocab_size, batch_size=args.batch_size,
-                         seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, precision=precision,
-                         compile=args.compile, repeats=args.repeats, on_row=progress)
+    with _quiet_loggers(["lightning.pytorch"], logging.WARNING):
+        rows = run_benchmark(recipes, size=args.size, vocab_size=args.vocab_size, batch_size=args.batch_size,
+                             seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, precision=precision,
+                             compile=args.compile, repeats=args.repeats, on_row=progress)
     report = render(rows)
     print(report)
     try:

@@ -426,7 +426,7 @@ class QuantizedUpdate(HookOwner):
         metrics = {"dqt/flip_rate": flipped.float() / total, "dqt/skipped_steps": self.skipped_steps}
         # Per-layer rates only when the logger writes this step (as Lightning's own monitors decide): logging dozens
         # of metrics every step cost as much as the rounding itself at small sizes, and loggers drop the rest anyway.
-        if self.log_per_layer and (trainer._logger_connector.should_update_logs or trainer.fast_dev_run):
+        if self.log_per_layer and (_logger_writes(trainer) or trainer.fast_dev_run):
             metrics.update({f"dqt_layers/{n}": f.float() / self._sizes[n] for n, f in self._flips.items()})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         self._flips = {}
@@ -443,3 +443,11 @@ class QuantizedUpdate(HookOwner):
         self.n_updates = state_dict.get("n_updates", 0)
         self.skipped_steps = state_dict.get("skipped_steps", 0)
         self.skipped_in_a_row = state_dict.get("skipped_in_a_row", 0)
+
+
+def _logger_writes(trainer: pl.Trainer) -> bool:
+    """Whether the logger writes the metrics of the optimizer step that just ended: every ``log_every_n_steps``-th
+    step and the last one, which is Lightning's own rule, read from public attributes (here, after the step,
+    ``global_step`` is one past the count of batches that stepped that Lightning's rule adds one to)."""
+    every = trainer.log_every_n_steps
+    return every > 0 and (trainer.global_step % every == 0 or trainer.should_stop)
