@@ -21,6 +21,7 @@ from dqt_lightning.model import LLaMA, Config
 from dqt_lightning.tools.compare import main as compare
 from dqt_lightning.tools.evaluate import TASKS_DIR, encode_pair, loglikelihoods, read_task
 from dqt_lightning.tools.evaluate import main as evaluate
+from dqt_lightning.tools.export import main as export_main
 from dqt_lightning.tools.export import model_from_checkpoint, tokenizer_of_checkpoint
 from tests.trained import trained_runs  # noqa: F401 - trained_runs is a fixture
 
@@ -273,3 +274,11 @@ def test_eval_json_lands_in_the_run_directory_and_compare_shows_it(trained_runs,
     code, _, err = run([str(lone), "--tasks", "counting"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "lone" / "model-eval.json").read_text())["tasks"]["counting"]["n"] == 9
+    # An export's scores live in its directory, and a new export there replaces them with the weights they describe.
+    export = tmp_path / "export"
+    assert export_main([str(run_dir), "--output", str(export)]) == 0
+    code, _, err = run([str(export), "--tasks", "counting"], capsys)
+    assert code == 0, err
+    assert (export / "eval.json").is_file()
+    assert export_main([str(run_dir), "--output", str(export)]) == 0
+    assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]

@@ -39,7 +39,8 @@ from dqt_lightning.quant.grid import Grid, absmean_quantize, pack_ternary, unpac
 from dqt_lightning.data.tokenizer import TextTokenizer, resolve_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-EXPORT_FILES = ("model.safetensors", "config.json", *TOKENIZER_FILES)
+# What an export directory may hold: its own files, and the scores `eval` wrote of them (replaced with the weights).
+EXPORT_FILES = ("model.safetensors", "config.json", *TOKENIZER_FILES, "eval.json")
 
 
 def _plugin(mode: str, bits: float, quantize_embeddings: bool, per_row_scale: bool) -> QuantPrecision:
