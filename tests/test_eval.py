@@ -19,10 +19,11 @@ from safetensors.torch import save_file
 
 from dqt_lightning.model import LLaMA, Config
 from dqt_lightning.tools.compare import main as compare
-from dqt_lightning.tools.evaluate import TASKS_DIR, encode_pair, loglikelihoods, read_task
+from dqt_lightning.tools.evaluate import TASKS_DIR, read_task
+from dqt_lightning.tools.scoring import encode_pair, loglikelihoods
 from dqt_lightning.tools.evaluate import main as evaluate
 from dqt_lightning.tools.export import main as export_main
-from dqt_lightning.tools.export import model_from_checkpoint, tokenizer_of_checkpoint
+from dqt_lightning.tools.loading import model_from_checkpoint, tokenizer_of_checkpoint
 from tests.trained import trained_runs  # noqa: F401 - trained_runs is a fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -166,7 +167,7 @@ def test_a_model_forced_to_the_answer_scores_1_and_a_random_one_near_chance(toke
 
 
 def test_choice_loglikelihood_is_the_sum_over_its_tokens(tokenizer, tmp_path):
-    from dqt_lightning.tools.export import load_exported
+    from dqt_lightning.tools.loading import load_exported
 
     model, _ = load_exported(hand_export(tmp_path / "m", tokenizer, seed=3))
     context, choice = "The answer is", " forty two"

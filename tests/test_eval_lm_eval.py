@@ -11,7 +11,8 @@ import re
 import pytest
 import torch
 
-from dqt_lightning.tools.evaluate import TASKS_DIR, stream_logprob
+from dqt_lightning.tools.evaluate import TASKS_DIR
+from dqt_lightning.tools.scoring import stream_logprob
 from dqt_lightning.tools.evaluate import main as evaluate
 from tests.trained import trained_runs  # noqa: F401 - trained_runs is a fixture
 

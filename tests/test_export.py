@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 
 from dqt_lightning.cli import main
-from dqt_lightning.tools.export import export, load_exported, model_from_checkpoint
+from dqt_lightning.tools.export import export
+from dqt_lightning.tools.loading import load_exported, model_from_checkpoint
 from dqt_lightning.tools.generate import main as generate
 from dqt_lightning.quant.layers import DQTLinear
 from tests.trained import trained_runs  # noqa: F401 - a fixture

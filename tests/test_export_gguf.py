@@ -19,7 +19,7 @@ import torch
 from dqt_lightning.cli import main
 from dqt_lightning.model import LLaMA
 from dqt_lightning.quant.ternary import TernaryWeights
-from dqt_lightning.tools.export import integer_state, model_from_checkpoint, tokenizer_of_checkpoint
+from dqt_lightning.tools.loading import integer_state, model_from_checkpoint, tokenizer_of_checkpoint
 from dqt_lightning.tools.export_gguf import unpermute_rope_rows
 from tests.trained import CONFIGS, trained_runs  # noqa: F401 - the fixture, for the subln refusal
 

@@ -33,7 +33,8 @@ from safetensors import safe_open
 from dqt_lightning.cli import main
 from dqt_lightning.quant import bitnet, layers
 from dqt_lightning.quant.ternary import TernaryWeights
-from dqt_lightning.tools.export import main as export_main, model_from_checkpoint, tokenizer_of_checkpoint
+from dqt_lightning.tools.export import main as export_main
+from dqt_lightning.tools.loading import model_from_checkpoint, tokenizer_of_checkpoint
 from dqt_lightning.tools.export_hf import pack_ternary_rows
 
 pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("one_thread")]

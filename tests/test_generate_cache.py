@@ -87,7 +87,7 @@ def test_generate_streams_the_text_and_reports_tokens_per_second(export_dir, cap
     assert generate([str(out), "--prompt", "the", "--max-new-tokens", "20", "--seed", "2", "--top-k", "0"]) == 0
     written = capsys.readouterr()
     prompt = tokenizer.encode_batch(["the"])[0]
-    from dqt_lightning.tools.export import load_exported
+    from dqt_lightning.tools.loading import load_exported
 
     model, _ = load_exported(out)
     new = sample(model, prompt, 20, 0.8, None, torch.Generator().manual_seed(2), stop_id=tokenizer.eot_id)

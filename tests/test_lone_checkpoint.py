@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dqt_lightning.cli import main as cli_main
-from dqt_lightning.tools import export, generate
+from dqt_lightning.tools import export, generate, loading
 from dqt_lightning.train.checkpoint import METHOD_KEY, TOKENIZER_KEY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_export_and_generate_work_on_a_checkpoint_alone(lone: Path, run_dir: Pat
     assert json.loads((out / "config.json").read_text())["quantization"]["integer_weights"]
     # The tokenizer came out of the checkpoint, byte for byte the run's own.
     assert (out / "tokenizer.json").read_bytes() == (run_dir / "tokenizer.json").read_bytes()
-    model, _ = export.model_from_checkpoint(lone)
+    model, _ = loading.model_from_checkpoint(lone)
     levels = model.layers[0].attn.q_proj.weight
     assert levels.dtype == torch.int8 and int(levels.abs().max()) > 1  # 8-bit levels, not ternary
     capsys.readouterr()
@@ -82,7 +82,7 @@ def test_a_checkpoint_without_the_record_exports_through_its_run_config(run_dir:
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     del ckpt[METHOD_KEY], ckpt[TOKENIZER_KEY]
     torch.save(ckpt, ckpt_path)
-    model, settings = export.model_from_checkpoint(ckpt_path)
+    model, settings = loading.model_from_checkpoint(ckpt_path)
     assert settings["mode"] == "dqt" and settings["bits"] == 8.0
     assert export.main([str(ckpt_path)]) == 0
     assert (old_run / "export" / "tokenizer.json").is_file()  # from the run directory, as before

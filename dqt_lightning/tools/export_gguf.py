@@ -39,7 +39,8 @@ import torch
 from dqt_lightning.errors import ConfigError, require_extra
 from dqt_lightning.files import atomic_write
 from dqt_lightning.quant.ternary import TernaryWeights
-from dqt_lightning.tools.export import integer_state, model_from_checkpoint, resolve_checkpoint, tokenizer_of_checkpoint
+from dqt_lightning.tools.loading import (integer_state, model_from_checkpoint, resolve_checkpoint,
+                                         tokenizer_of_checkpoint)
 
 QK_K = 256  # weights per TQ1_0 / TQ2_0 block, and per block of llama.cpp's 8-bit activations
 # Our module names (llama layout) -> llama.cpp's tensor names in block N (gguf's MODEL_TENSOR names for LLAMA).

@@ -50,7 +50,8 @@ from dqt_lightning.errors import ConfigError, require_extra
 from dqt_lightning.files import atomic_directory
 from dqt_lightning.model import LLaMA
 from dqt_lightning.quant.ternary import TernaryWeights
-from dqt_lightning.tools.export import integer_state, model_from_checkpoint, resolve_checkpoint, tokenizer_of_checkpoint
+from dqt_lightning.tools.loading import (integer_state, model_from_checkpoint, resolve_checkpoint,
+                                         tokenizer_of_checkpoint)
 
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

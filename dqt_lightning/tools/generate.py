@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.tools.export import load_exported, model_from_checkpoint, resolve_checkpoint, tokenizer_of_checkpoint
+from dqt_lightning.tools.loading import (load_exported, model_from_checkpoint, resolve_checkpoint,
+                                         tokenizer_of_checkpoint)
 from dqt_lightning.model import LLaMA
 from dqt_lightning.quant.ternary import TernaryWeights
 from dqt_lightning.data.tokenizer import TextTokenizer

@@ -6,7 +6,7 @@ Importing this module imports ``lm_eval`` (the ``eval`` extra) and registers the
     lm_eval.simple_evaluate(model="dqt_lightning", model_args="path=runs/ternary/version_0", tasks=[...])
 
 or ``python -m dqt_lightning eval MODEL --lm-eval-tasks NAME ...``. Scoring is the ``eval`` command's own
-(:mod:`dqt_lightning.tools.evaluate`): ``loglikelihood`` splits context and continuation as lm-eval's ``TemplateLM``
+(:mod:`dqt_lightning.tools.scoring`): ``loglikelihood`` splits context and continuation as lm-eval's ``TemplateLM``
 does, ``loglikelihood_rolling`` scores a whole document after an end-of-text token in windows of the model's context
 (disjoint windows: each predicts the ``max_length`` tokens after the previous one's), and ``generate_until`` decodes
 greedily with the key-value cache until a stop string, the end-of-text token or ``max_gen_toks``.
@@ -25,7 +25,7 @@ from lm_eval.api.registry import register_model
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.model import LLaMA
 from dqt_lightning.data.tokenizer import TextTokenizer
-from dqt_lightning.tools.evaluate import load_model, loglikelihoods, score_windows, sliding_windows
+from dqt_lightning.tools.scoring import load_model, loglikelihoods, score_windows, sliding_windows
 
 
 class _Stop(Exception):

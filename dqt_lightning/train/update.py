@@ -97,11 +97,10 @@ class QuantizedUpdate(HookOwner):
     - Lightning clips all gradients, float and quantized together;
     - the optimizer steps every parameter with its own hyper-parameters and the scheduled learning rate;
     - then (from :meth:`QuantPrecision.optimizer_step <dqt_lightning.train.precision.QuantPrecision.optimizer_step>`,
-      which wraps the step) each layer is rounded once and its float values freed. Nothing float of the weight
-      outlives the step.
+      which wraps the step) each layer is rounded once and its float values freed: none outlives the step.
 
     Under DDP every rank draws the same noise, so the integer replicas stay bit-identical; every
-    ``check_replicas_every_n_steps`` steps a checksum comparison proves it, and stops the run if it ever fails.
+    ``check_replicas_every_n_steps`` steps a checksum comparison proves it, or stops the run.
 
     With ``QuantPrecision(update_in_backward=True)`` the same update runs per layer inside backward instead, from a
     hook that fires as soon as the layer's gradient is complete: average it across ranks (one collective per layer,
@@ -111,10 +110,10 @@ class QuantizedUpdate(HookOwner):
 
     With ``QuantPrecision(fused_update=True)`` no float weight is materialized: after clipping, each layer's levels,
     gradient and moments go through the optimizer's registered rule fused with the rounding
-    (:class:`~dqt_lightning.train.fused.FusedUpdate`), and the optimizer then steps the float parameters alone. Same
-    arithmetic and noise as the usual path. Inside backward too, when both options are on; there the fused step
-    itself leaves a layer with a non-finite gradient untouched, decided on the device, and the skipped layers are
-    counted once after backward: one host sync per step instead of one per layer.
+    (:class:`~dqt_lightning.train.fused.FusedUpdate`), then the optimizer steps the float parameters alone. Same
+    arithmetic and noise as the usual path. Inside backward too, when both are on; there the fused step leaves a
+    layer with a non-finite gradient untouched, decided on the device, and skipped layers are counted once after
+    backward (one host sync per step, not per layer).
 
     Args:
         seed: Seed of the rounding noise; ``None`` takes the run's ``seed_everything`` value (``PL_GLOBAL_SEED``).
@@ -446,8 +445,6 @@ class QuantizedUpdate(HookOwner):
 
 
 def _logger_writes(trainer: pl.Trainer) -> bool:
-    """Whether the logger writes the metrics of the optimizer step that just ended: every ``log_every_n_steps``-th
-    step and the last one, which is Lightning's own rule, read from public attributes (here, after the step,
-    ``global_step`` is one past the count of batches that stepped that Lightning's rule adds one to)."""
+    """Lightning's rule for the steps the logger writes (every ``log_every_n_steps``-th, and the last), publicly."""
     every = trainer.log_every_n_steps
     return every > 0 and (trainer.global_step % every == 0 or trainer.should_stop)
