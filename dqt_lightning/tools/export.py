@@ -34,7 +34,7 @@ from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_directory
 from dqt_lightning.quant.layers import BitEmbedding, BitLinear, DQTWeight
 from dqt_lightning.model import LLaMA, Config
-from dqt_lightning.train.precision import QuantPrecision
+from dqt_lightning.train.precision import Method, QuantPrecision
 from dqt_lightning.quant.grid import Grid, absmean_quantize, pack_ternary, unpack_ternary
 from dqt_lightning.data.tokenizer import TextTokenizer, resolve_tokenizer
 
@@ -43,7 +43,8 @@ EXPORT_FILES = ("model.safetensors", "config.json", *TOKENIZER_FILES)
 
 
 def _plugin(mode: str, bits: float, quantize_embeddings: bool, per_row_scale: bool) -> QuantPrecision:
-    return QuantPrecision(mode=mode, bits=bits, quantize_embeddings=quantize_embeddings, per_row_scale=per_row_scale)
+    return QuantPrecision(Method(mode=mode, bits=bits, quantize_embeddings=quantize_embeddings,
+                                 per_row_scale=per_row_scale))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -266,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[export] {out}: {out.stat().st_size / 1e6:.2f} MB")
     else:
         files = sorted(out.iterdir())
-        print(f"[export] {out}: {sum(p.stat().st_size for p in files) / 1e6:.2f} MB in {', '.join(p.name for p in files)}")
+        size = sum(p.stat().st_size for p in files)
+        print(f"[export] {out}: {size / 1e6:.2f} MB in {', '.join(p.name for p in files)}")
     return 0
 
 

@@ -103,13 +103,13 @@ class QuantizedUpdate(HookOwner):
     Under DDP every rank draws the same noise, so the integer replicas stay bit-identical; every
     ``check_replicas_every_n_steps`` steps a checksum comparison proves it, and stops the run if it ever fails.
 
-    With ``QuantPrecision(update_in_backward=True)`` the same update runs per layer inside backward instead, from a
+    With ``Execution(update_in_backward=True)`` the same update runs per layer inside backward instead, from a
     hook that fires as soon as the layer's gradient is complete: average it across ranks (one collective per layer,
     on a process group of its own), step the one parameter with the configured optimizer, round, free the gradient.
     Same seeds, same arithmetic, same weights as the usual path. A non-finite gradient then skips (or stops at) that
     layer only: the layers before it in backward have already moved.
 
-    With ``QuantPrecision(fused_update=True)`` no float weight is materialized: after clipping, each layer's levels,
+    With ``Execution(fused_update=True)`` no float weight is materialized: after clipping, each layer's levels,
     gradient and moments go through the optimizer's registered rule fused with the rounding
     (:class:`~dqt_lightning.train.fused.FusedUpdate`), and the optimizer then steps the float parameters alone. Same
     arithmetic and noise as the usual path. Inside backward too, when both options are on; there the fused step
@@ -196,16 +196,17 @@ class QuantizedUpdate(HookOwner):
                               f"whose optimizer step applies the update; the precision plugin is "
                               f"{type(plugin).__name__}")
         self._handles = [_AttributeHandle(plugin, "quantized_update", self)]
-        self._in_backward = bool(plugin.update_in_backward)
-        if plugin.fused_update:
+        self._in_backward = bool(plugin.execution.update_in_backward)
+        if plugin.execution.fused_update:
             if len(trainer.optimizers) != 1:
                 raise ConfigError(f"{FusedUpdate.field} needs exactly one optimizer; got {len(trainer.optimizers)}")
-            self._fused = FusedUpdate(trainer.optimizers[0], trainer.strategy.root_device, plugin.compile_fused_update)
+            self._fused = FusedUpdate(trainer.optimizers[0], trainer.strategy.root_device,
+                                      plugin.execution.compile_fused_update)
         if self._in_backward:
             self._hook_into_backward(trainer)
 
     def _hook_into_backward(self, trainer: pl.Trainer) -> None:
-        field = "trainer.plugins.update_in_backward"
+        field = "trainer.plugins.execution.update_in_backward"
         if (accumulate := trainer.accumulate_grad_batches) != 1:
             raise ConfigError(f"{field} needs trainer.accumulate_grad_batches: 1 (got {accumulate}): an update in "
                               "backward cannot wait for the gradients of later micro-batches")
