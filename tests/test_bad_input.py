@@ -216,7 +216,7 @@ def test_an_empty_or_non_mapping_config_file_is_named(command, tmp_path):
 def test_an_unknown_command_lists_every_command(command):
     code, _, err = command("frobnicate")
     assert code == 2 and err == ("error: unknown command 'frobnicate'; choose from fit, validate, test, prepare, "
-                                 "compare, export, generate, bench, reproduce (python -m dqt_lightning --help)\n")
+                                 "compare, export, generate, bench, reproduce, eval (python -m dqt_lightning --help)\n")
 
 
 def test_a_truncated_checkpoint_is_one_whole_sentence(command, checkpoint, tmp_path):

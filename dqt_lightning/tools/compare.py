@@ -4,16 +4,19 @@ A run is a ``runs/<name>/version_N`` directory as the CLI writes it: TensorBoard
 ``config.yaml``. Naming a directory above runs (``runs/`` or ``runs/ternary``) takes every run under it. The table
 gives, per run, what a paper's results table needs: mode, bits and rounding (from the run's config), the final
 validation loss and perplexity, tokens seen, median training throughput and peak memory; the PNG plots validation
-loss against tokens seen, so runs with different batch sizes or device counts line up at equal data.
+loss against tokens seen, so runs with different batch sizes or device counts line up at equal data. A run whose
+directory holds the ``eval.json`` that ``eval`` writes gets its perplexity and task accuracies as extra columns
+(``eval ppl``, ``<task> acc``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -39,6 +42,7 @@ class Run:
 
     last_step: int | None = None  # the last step anything was logged at (None: nothing was)
     max_steps: int | None = None  # trainer.max_steps of its config (None or -1: not set)
+    evals: dict[str, float] = field(default_factory=dict)  # {column: value} from the run's eval.json
 
     @property
     def final_val_loss(self) -> float | None:
@@ -91,6 +95,30 @@ def plugin_args(config: dict) -> dict:
             **(init_args.get("method") or {}), **(init_args.get("execution") or {})}
 
 
+EVAL_METRICS = {"perplexity": "ppl", "acc": "acc", "word_perplexity": "word ppl"}  # what eval.json adds as columns
+
+
+def eval_columns(run_dir: Path) -> dict[str, float]:
+    """``{column: value}`` of the ``eval.json`` in a run directory (empty when there is none): the text perplexity as
+    ``eval ppl`` and each task's accuracy as ``<task> acc`` (``, ternary`` added when evaluated with ``--ternary``)."""
+    file = run_dir / "eval.json"
+    if not file.is_file():
+        return {}
+    try:
+        report = json.loads(file.read_text())
+        rows = report["results"]
+        suffix = ", ternary" if report.get("ternary") else ""
+        columns = {}
+        for row in rows:
+            if row["metric"] in EVAL_METRICS and isinstance(row["value"], (int, float)):
+                task = "eval" if row["metric"] == "perplexity" and row["task"] == "text" else row["task"]
+                columns[f"{task} {EVAL_METRICS[row['metric']]}{suffix}"] = float(row["value"])
+        return columns
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"compare: {file} is not an eval.json written by eval ({type(error).__name__}: "
+                          f"{error})") from error
+
+
 def load_run(run_dir: Path) -> Run:
     """Read one run's scalars and configuration."""
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every point, not a sample
@@ -129,6 +157,7 @@ def load_run(run_dir: Path) -> Run:
         val_loss_ternary_absmean=ternary_absmean[-1][1] if ternary_absmean else None,
         last_step=max(logged) if logged else None,
         max_steps=(config.get("trainer") or {}).get("max_steps"),
+        evals=eval_columns(run_dir),
     )
 
 
@@ -150,11 +179,14 @@ def _fmt(value: float | None, spec: str) -> str:
 def table(runs: list[Run]) -> str:
     """A Markdown table of the runs, finished ones first and the best final validation loss first among them, each
     with its :attr:`Run.status`; with a ``val loss, ternary`` column (the loss with weights re-quantized to ternary)
-    when any run logged one."""
+    when any run logged one, and a column per ``eval`` result (:func:`eval_columns`) when any run has an eval.json."""
     with_ternary = any(run.val_loss_ternary is not None for run in runs)
+    evals = list(dict.fromkeys(column for run in runs for column in run.evals))
     lines = ["| run | mode | bits | rounding | final val loss |" + (" val loss, ternary |" if with_ternary else "")
-             + " val ppl | tokens seen | tokens/s | peak memory (MB) | status |",
-             "|---|---|---:|---|---:|" + ("---:|" if with_ternary else "") + "---:|---:|---:|---:|---|"]
+             + " val ppl |" + "".join(f" {column} |" for column in evals)
+             + " tokens seen | tokens/s | peak memory (MB) | status |",
+             "|---|---|---:|---|---:|" + ("---:|" if with_ternary else "") + "---:|" + "---:|" * len(evals)
+             + "---:|---:|---:|---|"]
     # Finished runs first, best final validation loss first among them.
     ranked = sorted(runs, key=lambda r: (r.status != "finished", r.final_val_loss is None, r.final_val_loss or 0.0))
     for run in ranked:
@@ -162,7 +194,9 @@ def table(runs: list[Run]) -> str:
         lines.append(
             f"| {run.path} | {run.mode} | {run.bits} | {run.rounding} | {_fmt(loss, '.4f')} | "
             + (f"{_fmt(run.val_loss_ternary, '.4f')} | " if with_ternary else "") +
-            f"{_fmt(math.exp(loss) if loss is not None else None, '.2f')} | {_fmt(run.tokens_seen, ',.0f')} | "
+            f"{_fmt(math.exp(loss) if loss is not None else None, '.2f')} | "
+            + "".join(f"{_fmt(run.evals.get(column), '.2f' if 'ppl' in column else '.3f')} | " for column in evals)
+            + f"{_fmt(run.tokens_seen, ',.0f')} | "
             f"{_fmt(run.tokens_per_sec, ',.0f')} | {_fmt(run.peak_memory_mb, ',.0f')} | {run.status} |"
         )
     return "\n".join(lines)
