@@ -1,4 +1,4 @@
-"""The fused DQT update (``QuantPrecision(fused_update=True)``): the usual path's arithmetic and noise in one pass per
+"""The fused DQT update (``Execution(fused_update=True)``): the usual path's arithmetic and noise in one pass per
 layer (the same integer weights, stochastic rounding included), and the run-level guarantees (clipping, checkpoints,
 telemetry) kept. The noise itself is tested in test_rounding.py."""
 

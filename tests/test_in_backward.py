@@ -1,4 +1,4 @@
-"""The update applied inside backward (``QuantPrecision(update_in_backward=True)``): the same weights as the usual
+"""The update applied inside backward (``Execution(update_in_backward=True)``): the same weights as the usual
 path bit for bit, stochastic rounding included (same keys, same counter-based noise), with no DQT gradient buffer
 ever reaching the optimizer step; and the configurations it must refuse."""
 

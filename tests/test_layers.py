@@ -112,7 +112,7 @@ def test_dqt_linear_under_bf16_autocast_keeps_float32_gradient_buffer():
     assert torch.allclose(y.double(), ref, rtol=0.05, atol=0.02)
 
 
-# Quantized embeddings and head (QuantPrecision(quantize_embeddings=True)) and bf16 gradient buffers.
+# Quantized embeddings and head (Method(quantize_embeddings=True)) and bf16 gradient buffers.
 
 
 def _embedding(vocab=10, width=6, seed=0):
