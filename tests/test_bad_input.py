@@ -250,10 +250,11 @@ def test_a_resume_may_train_longer_or_elsewhere_but_not_change_the_experiment():
     from dqt_lightning.runs import differing_settings
 
     saved = {"model": {"init_args": {"optimizer": {"init_args": {"lr": 0.002}}}}, "seed_everything": 1,
-             "trainer": {"max_steps": 100, "devices": 1, "plugins": {"init_args": {"bits": 8}}}}
+             "trainer": {"max_steps": 100, "devices": 1, "plugins": {"init_args": {"method": {"bits": 8}}}}}
     longer = {**saved, "trainer": {**saved["trainer"], "max_steps": 500, "devices": 2}}
     assert differing_settings(saved, longer) == []
-    other = {**longer, "trainer": {**longer["trainer"], "plugins": {"init_args": {"bits": 1.58}}}, "seed_everything": 2}
+    other = {**longer, "trainer": {**longer["trainer"], "plugins": {"init_args": {"method": {"bits": 1.58}}}},
+             "seed_everything": 2}
     assert differing_settings(saved, other) == ["seed_everything", "trainer.plugins.init_args.method.bits"]
 
 
