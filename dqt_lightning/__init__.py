@@ -5,7 +5,7 @@ from dqt_lightning.quant.layers import BitLinear, DQTLinear, quantized_parameter
 from dqt_lightning.model import LLaMA, Config
 from dqt_lightning.module import LanguageModel
 from dqt_lightning.train.optim import AdamW
-from dqt_lightning.train.precision import QuantPrecision
+from dqt_lightning.train.precision import Execution, Method, QuantPrecision
 from dqt_lightning.quant.grid import Grid, TernaryGrid
 from dqt_lightning.quant.rounding import register_rounding
 from dqt_lightning.train.update import QuantizedUpdate
@@ -16,9 +16,11 @@ __all__ = [
     "Config",
     "ConfigError",
     "DQTLinear",
+    "Execution",
     "Grid",
     "LLaMA",
     "LanguageModel",
+    "Method",
     "QuantPrecision",
     "QuantizedUpdate",
     "TernaryGrid",

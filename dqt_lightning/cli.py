@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from dqt_lightning.train.checkpoint import AtomicCheckpointIO
 from dqt_lightning.errors import ConfigError, TrainingStopped
 from dqt_lightning.files import atomic_write
 from dqt_lightning.runs import RUNS_DIR, resumable_checkpoint, run_name
-from dqt_lightning.train.precision import PRECISIONS
+from dqt_lightning.train.precision import PRECISIONS, Execution
 
 FLOAT32_MATMUL_PRECISIONS = ("highest", "high", "medium")
 # Commands beside LightningCLI's, each a module with a main(argv) -> exit code; imported only when used.
@@ -180,8 +181,11 @@ def _move_trainer_precision_into_the_plugin(trainer: Namespace) -> None:
     value = {"32": "32-true", "bf16": "bf16-mixed"}.get(str(wanted), str(wanted))
     if value not in PRECISIONS:
         raise ConfigError(f"trainer.precision={wanted} is not one the DQT precision plugin runs; choose from "
-                          f"{', '.join(PRECISIONS)} (it sets trainer.plugins.init_args.precision)")
-    ours[0].init_args.precision = value
+                          f"{', '.join(PRECISIONS)} (it sets trainer.plugins.init_args.execution.precision)")
+    init_args = ours[0].init_args
+    if init_args.get("execution") is None:  # no execution block: Execution's defaults, with this precision
+        init_args.execution = Namespace(**asdict(Execution()))
+    init_args.execution.precision = value
     trainer.precision = None
 
 

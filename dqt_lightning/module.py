@@ -114,7 +114,8 @@ class LanguageModel(pl.LightningModule):
         if tokenizer is not None:  # so that the checkpoint alone decodes: no run directory needed beside it
             checkpoint[TOKENIZER_KEY] = tokenizer_record(tokenizer)
         plugin = self.trainer.precision_plugin
-        if getattr(plugin, "pack_ternary", False) or getattr(plugin, "pack_in_memory", False):
+        execution = getattr(plugin, "execution", None)
+        if execution is not None and (execution.pack_ternary or execution.pack_in_memory):
             checkpoint[PACKED_KEY] = pack_ternary_weights(self, checkpoint["state_dict"])
 
     @override
@@ -135,8 +136,8 @@ class LanguageModel(pl.LightningModule):
         # would never move: a traceback from inside torch.optim at the first step, or worse, a run that learns nothing.
         if any(isinstance(m, DQTWeight) for m in self.modules()) and not any(
                 isinstance(c, QuantizedUpdate) for c in self.trainer.callbacks):
-            raise ConfigError("trainer.plugins.mode=dqt needs the callback that updates the integer weights: add "
-                              "'- class_path: dqt_lightning.QuantizedUpdate' to trainer.callbacks")
+            raise ConfigError("trainer.plugins.method.mode=dqt needs the callback that updates the integer weights: "
+                              "add '- class_path: dqt_lightning.QuantizedUpdate' to trainer.callbacks")
         # The run directory keeps the tokenizer beside config.yaml, for people and for tools that read a run.
         tokenizer = self._training_tokenizer()
         if self.trainer.logger is None or tokenizer is None:

@@ -40,7 +40,7 @@ def fit(model: LanguageModel, mode: str = "dqt", bits: float = 1.58, rounding: s
         batch_size: int = 8, accumulate: int = 1, clip: float | None = None, callbacks=(), **plugin) -> pl.Trainer:
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, accumulate_grad_batches=accumulate, gradient_clip_val=clip,
-        plugins=[QuantPrecision(mode=mode, bits=bits, rounding=rounding, **plugin)],
+        plugins=[QuantPrecision.from_settings(mode=mode, bits=bits, rounding=rounding, **plugin)],
         callbacks=[QuantizedUpdate(seed=11), *callbacks], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
     )

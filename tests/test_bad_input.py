@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dqt_lightning import LanguageModel, QuantizedUpdate, QuantPrecision
+from dqt_lightning import LanguageModel, Method, QuantizedUpdate, QuantPrecision
 from dqt_lightning.files import atomic_directory, atomic_write, remove_dead_writers_files
 from dqt_lightning.tools import export
 from tests.conftest import SMALL
@@ -28,7 +28,7 @@ def checkpoint(tmp_path_factory) -> Path:
     model = LanguageModel(SMALL, vocab_size=128, warmup_steps=0)
     trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
-                         plugins=[QuantPrecision(mode="dqt", bits=1.58)], callbacks=[QuantizedUpdate()])
+                         plugins=[QuantPrecision(Method(mode="dqt", bits=1.58))], callbacks=[QuantizedUpdate()])
     trainer.fit(model, DataLoader(torch.randint(0, 128, (8, 17)), batch_size=4))
     trainer.save_checkpoint(path)
     return path
@@ -250,11 +250,12 @@ def test_a_resume_may_train_longer_or_elsewhere_but_not_change_the_experiment():
     from dqt_lightning.runs import differing_settings
 
     saved = {"model": {"init_args": {"optimizer": {"init_args": {"lr": 0.002}}}}, "seed_everything": 1,
-             "trainer": {"max_steps": 100, "devices": 1, "plugins": {"init_args": {"bits": 8}}}}
+             "trainer": {"max_steps": 100, "devices": 1, "plugins": {"init_args": {"method": {"bits": 8}}}}}
     longer = {**saved, "trainer": {**saved["trainer"], "max_steps": 500, "devices": 2}}
     assert differing_settings(saved, longer) == []
-    other = {**longer, "trainer": {**longer["trainer"], "plugins": {"init_args": {"bits": 1.58}}}, "seed_everything": 2}
-    assert differing_settings(saved, other) == ["seed_everything", "trainer.plugins.init_args.bits"]
+    other = {**longer, "trainer": {**longer["trainer"], "plugins": {"init_args": {"method": {"bits": 1.58}}}},
+             "seed_everything": 2}
+    assert differing_settings(saved, other) == ["seed_everything", "trainer.plugins.init_args.method.bits"]
 
 
 def _diverging_run(steps: int, **update) -> pl.Trainer:
@@ -265,7 +266,7 @@ def _diverging_run(steps: int, **update) -> pl.Trainer:
     model = LanguageModel(SMALL, vocab_size=128, warmup_steps=0, optimizer=default_adamw(lr=1e30))
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
-                         plugins=[QuantPrecision(mode="dqt", bits=1.58)], callbacks=[QuantizedUpdate(**update)])
+                         plugins=[QuantPrecision(Method(mode="dqt", bits=1.58))], callbacks=[QuantizedUpdate(**update)])
     trainer.fit(model, DataLoader(torch.randint(0, 128, (64, 17)), batch_size=2))
     return trainer
 

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from dqt_lightning import LanguageModel, QuantizedUpdate, QuantPrecision
+from dqt_lightning import Execution, LanguageModel, Method, QuantizedUpdate, QuantPrecision
 from dqt_lightning.tools.checkpoint_sizes import FORMATS, measure_checkpoint_sizes
 from dqt_lightning.train.checkpoint import GRIDS_KEY, AtomicCheckpointIO
 from dqt_lightning.errors import ConfigError
@@ -48,7 +48,8 @@ def _fit(tmp_path: Path, steps: int, pack: bool, ckpt_path=None, data=None, seed
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, default_root_dir=tmp_path,
-        plugins=[QuantPrecision(mode="dqt", bits=1.58, pack_ternary=pack, **plugin), AtomicCheckpointIO()],
+        plugins=[QuantPrecision.from_settings(mode="dqt", bits=1.58, pack_ternary=pack, **plugin),
+                 AtomicCheckpointIO()],
         callbacks=[QuantizedUpdate(seed=3), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), *callbacks],
     )
     trainer.fit(model, datamodule=data or TokenWindows(), ckpt_path=ckpt_path)
@@ -101,7 +102,8 @@ def test_quantized_embeddings_checkpoint_is_packed_and_validates_to_the_same_los
 
     def validate(module, **kwargs) -> float:
         checker = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                             plugins=[QuantPrecision(mode="dqt", pack_ternary=True, quantize_embeddings=True)])
+                             plugins=[QuantPrecision(Method(mode="dqt", quantize_embeddings=True),
+                                                     Execution(pack_ternary=True))])
         return checker.validate(module, datamodule=data, verbose=False, **kwargs)[0]["val/loss"]
 
     trained = validate(model)
@@ -160,7 +162,7 @@ def test_quantized_embeddings_resume_exactly(tmp_path, state_dtype):
 def _trained_checkpoint(tmp_path: Path, steps: int = 2, callbacks=(), **plugin) -> Path:
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
-                         plugins=[QuantPrecision(**plugin)],
+                         plugins=[QuantPrecision.from_settings(**plugin)],
                          callbacks=[QuantizedUpdate(seed=3), ModelCheckpoint(dirpath=tmp_path, save_last=True),
                                     *callbacks])
     trainer.fit(make_model(0), datamodule=TokenWindows())
@@ -170,7 +172,8 @@ def _trained_checkpoint(tmp_path: Path, steps: int = 2, callbacks=(), **plugin) 
 def _validate(ckpt: Path, callbacks=(), model=None, **plugin) -> tuple[float, pl.LightningModule]:
     model = model or make_model(seed=5)  # another init: only the file can make it match
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, plugins=[QuantPrecision(**plugin)], callbacks=list(callbacks))
+                         enable_checkpointing=False, plugins=[QuantPrecision.from_settings(**plugin)],
+                         callbacks=list(callbacks))
     return trainer.validate(model, datamodule=TokenWindows(), ckpt_path=ckpt, verbose=False)[0]["val/loss"], model
 
 

@@ -76,7 +76,7 @@ def test_trainer_precision_the_lightning_way_sets_the_plugins_precision(tmp_path
                           run=False, args=["--config", str(CONFIGS / "ternary.yaml"), "--trainer.precision", given])
     assert type(cli.trainer.precision_plugin).__name__ == "QuantPrecision"
     assert cli.trainer.precision_plugin.precision == runs
-    assert cli.config.trainer.plugins.init_args.precision == runs  # and so says the run's config.yaml
+    assert cli.config.trainer.plugins.init_args.execution.precision == runs  # and so says the run's config.yaml
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +139,9 @@ def _fit(*args: str) -> list[str]:
 
 
 MISTAKES = {
-    "bits0": (["--trainer.plugins.init_args.bits", "0"], "trainer.plugins.bits"),
-    "bits9": (["--trainer.plugins.init_args.bits", "9"], "trainer.plugins.bits"),
-    "mode-foo": (["--trainer.plugins.init_args.mode", "foo"], "trainer.plugins.mode"),
+    "bits0": (["--trainer.plugins.init_args.method.bits", "0"], "trainer.plugins.method.bits"),
+    "bits9": (["--trainer.plugins.init_args.method.bits", "9"], "trainer.plugins.method.bits"),
+    "mode-foo": (["--trainer.plugins.init_args.method.mode", "foo"], "trainer.plugins.method.mode"),
     "negative-lr": (["--model.init_args.optimizer.init_args.lr", "-0.001"], "model.optimizer"),
     "seq-len-too-long": (["--data.init_args.seq_len", "100000"], "data.seq_len"),
     # Lightning's own refusal (the base config has a ModelCheckpoint), as one line too
@@ -211,8 +211,8 @@ def test_a_run_refused_at_its_start_leaves_no_config_behind_to_block_its_rerun(t
     # fp8 is refused on a CPU only once training starts, after Lightning has written config.yaml.
     args = _fit("--trainer.max_steps", "2", "--trainer.limit_val_batches", "2", *SMALL_DATA,
                 "--data.init_args.cache_dir", data_cache, "--trainer.logger", "false")
-    refused = cli(*args, "--trainer.plugins.init_args.precision", "fp8")
-    assert _one_error_line(refused, "fp8").startswith("error: trainer.plugins.precision: fp8")
+    refused = cli(*args, "--trainer.plugins.init_args.execution.precision", "fp8")
+    assert _one_error_line(refused, "fp8").startswith("error: trainer.plugins.execution.precision: fp8")
     assert not (tmp_path / "config.yaml").exists()
     rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -224,7 +224,7 @@ def test_a_run_refused_at_its_start_leaves_no_run_directory_behind(tmp_path, cli
     (tmp_path / "runs" / "ternary" / "version_0").mkdir(parents=True)
     (tmp_path / "runs" / "ternary" / "version_0" / "notes.txt").write_text("an earlier run")
     refused = cli(*_fit("--trainer.max_steps", "2", *SMALL_DATA, "--data.init_args.cache_dir", data_cache,
-                        "--trainer.plugins.init_args.precision", "fp8"))
+                        "--trainer.plugins.init_args.execution.precision", "fp8"))
     _one_error_line(refused, "fp8")
     assert sorted(p.name for p in (tmp_path / "runs" / "ternary").iterdir()) == ["version_0"]
     assert sorted(p.name for p in (tmp_path / "runs" / "ternary" / "version_0").iterdir()) == ["notes.txt"]

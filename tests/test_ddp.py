@@ -24,17 +24,19 @@ STEPS = 30
 SMALL_MODEL = ["--model.init_args.config.n_layer", "2", "--model.init_args.config.n_embd", "32",
                "--model.init_args.config.n_head", "2", "--model.init_args.config.intermediate_size", "64"]
 EVERY_STEP = {"check_replicas_every_n_steps": 1}
-# run name: (base config, the plugin's init_args changed, QuantizedUpdate's init_args)
+# run name: (base config, the plugin's init_args changed (by block), QuantizedUpdate's init_args)
 IDENTICAL = {
     "ternary": ("ternary.yaml", None, EVERY_STEP),
     "8bit": ("dqt-8bit.yaml", None, EVERY_STEP),
-    "8bit-nearest": ("dqt-8bit.yaml", {"rounding": "nearest"}, EVERY_STEP),
+    "8bit-nearest": ("dqt-8bit.yaml", {"method": {"rounding": "nearest"}}, EVERY_STEP),
     "bitnet": ("bitnet.yaml", None, EVERY_STEP),
     # The fused update's counter-based noise must agree across ranks too (eager: the same function, no compile time).
-    "ternary-fused": ("ternary.yaml", {"fused_update": True, "compile_fused_update": False}, EVERY_STEP),
+    "ternary-fused": ("ternary.yaml", {"execution": {"fused_update": True, "compile_fused_update": False}},
+                      EVERY_STEP),
 }
 # bf16 gradient buffers on both sides: the per-layer average in backward must round like the one-bucket one.
-IN_BACKWARD = {arm: ("ternary.yaml", {"grad_dtype": "bfloat16", "update_in_backward": arm == "in-backward"},
+IN_BACKWARD = {arm: ("ternary.yaml",
+                     {"execution": {"grad_dtype": "bfloat16", "update_in_backward": arm == "in-backward"}},
                      EVERY_STEP) for arm in ("usual", "in-backward")}
 DIFFERENT_NOISE = {"different-noise": ("ternary.yaml", None, {"check_replicas_every_n_steps": 5,
                                                               "shared_noise": False})}
@@ -43,8 +45,11 @@ RUNS = {**IDENTICAL, **IN_BACKWARD, **DIFFERENT_NOISE}  # the failing run last: 
 
 def _config(directory: Path, base: str, plugin: dict | None, update_args: dict) -> Path:
     config = yaml.safe_load((REPO / "configs" / base).read_text())
-    config["trainer"]["plugins"]["init_args"].update(plugin or {})
-    if "update_in_backward" in (plugin or {}):  # either way, so that both arms of a comparison run unclipped
+    init_args = config["trainer"]["plugins"]["init_args"]
+    for block, values in (plugin or {}).items():
+        init_args.setdefault(block, {}).update(values)
+    # Either way, so that both arms of a comparison run unclipped.
+    if "update_in_backward" in init_args.get("execution", {}):
         config["trainer"]["gradient_clip_val"] = None
     config["trainer"]["callbacks"] = [
         {"class_path": "dqt_lightning.QuantizedUpdate", "init_args": update_args},

@@ -45,7 +45,7 @@ SHRINK = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--tr
 CONFIG_SETS = ([[b] for b in BASES] + [["ternary.yaml", o] for o in OVERLAYS]
                + [["bitnet.yaml", o] for o in OVERLAYS if o.startswith("bits/")])
 # config set: (the config set whose run takes the same code path, the only keys in which they differ once shrunk)
-BITS = {"trainer.plugins.init_args.bits"}
+BITS = {"trainer.plugins.init_args.method.bits"}
 SIZE = {"model.init_args.config.name"}  # the sizes themselves are overridden by SHRINK
 SAME_PATH = {
     **{f"dqt-{n}bit.yaml": ("dqt-8bit.yaml", BITS) for n in (2, 3, 4)},
@@ -119,8 +119,8 @@ def test_config_trains_a_few_steps(configs, data_cache, tmp_path, monkeypatch):
     if FP8_OVERLAY in configs and FP8_REFUSED_BECAUSE is not None:
         with pytest.raises(ConfigError) as error:
             _fit(configs, data_cache)
-        assert str(error.value) == (f"trainer.plugins.precision: fp8 needs an NVIDIA GPU of compute capability 8.9+ "
-                                    f"and torchao; {FP8_REFUSED_BECAUSE}; use bf16-mixed")
+        assert str(error.value) == ("trainer.plugins.execution.precision: fp8 needs an NVIDIA GPU of compute "
+                                    f"capability 8.9+ and torchao; {FP8_REFUSED_BECAUSE}; use bf16-mixed")
         return
     if name in SAME_PATH:
         twin, differs_in = SAME_PATH[name]

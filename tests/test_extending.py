@@ -51,7 +51,7 @@ def test_a_rounding_rule_defined_outside_the_package_trains_through_the_cli(tmp_
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules" / "my_rounding.py").write_text(RULE)
     steps = 3
-    result = _run(tmp_path, "--trainer.plugins.init_args.rounding", "my_rounding.half_away",
+    result = _run(tmp_path, "--trainer.plugins.init_args.method.rounding", "my_rounding.half_away",
                   "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "2",
                   "--trainer.val_check_interval", str(steps), "--trainer.enable_progress_bar", "false",
                   "--data.init_args.vocab_size", "512", "--data.init_args.seq_len", "64",
@@ -68,10 +68,10 @@ def test_a_rounding_rule_defined_outside_the_package_trains_through_the_cli(tmp_
 
 
 def test_an_unknown_rounding_rule_is_one_line_naming_the_field_and_the_known_rules(tmp_path):
-    result = _run(tmp_path, "--trainer.plugins.init_args.rounding", "floor")
+    result = _run(tmp_path, "--trainer.plugins.init_args.method.rounding", "floor")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: trainer.plugins.rounding must be a registered rounding rule (stochastic, nearest) or "
+    assert errors == ["error: trainer.plugins.method.rounding must be a registered rounding rule (stochastic, nearest) or "
                       "the dotted path of one (package.module.function); got 'floor'"]
 
 
@@ -125,9 +125,9 @@ def test_the_optimizer_rule_in_the_docs_trains_fused_and_unfused_alike(tmp_path,
 
 
 def make_model_converted():
-    from dqt_lightning import QuantPrecision
+    from dqt_lightning import Method, QuantPrecision
     from tests.conftest import make_model
 
     model = make_model()
-    QuantPrecision(bits=8).convert_module(model)
+    QuantPrecision(Method(bits=8)).convert_module(model)
     return model

@@ -21,7 +21,7 @@ from dqt_lightning.quant import fp8
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.quant.fp8 import convert_fp_linears, fp8_linear, fp8_matmul, fp8_unsupported_reason
 from dqt_lightning.quant.layers import BitLinear, DQTLinear
-from dqt_lightning.train.precision import PROJECTIONS, QuantPrecision, is_projection
+from dqt_lightning.train.precision import Execution, is_projection, PROJECTIONS, QuantPrecision
 from dqt_lightning.quant.grid import Grid
 from tests.conftest import fit, make_model
 
@@ -121,7 +121,7 @@ def test_fp8_on_cpu_stops_before_training_with_the_field_name(one_thread):
     with pytest.raises(ConfigError) as error:
         fit(make_model(), mode="dqt", precision="fp8")
     message = str(error.value)
-    assert message.startswith("trainer.plugins.precision: fp8 needs") and "cpu" in message
+    assert message.startswith("trainer.plugins.execution.precision: fp8 needs") and "cpu" in message
     assert message.endswith("use bf16-mixed") and "\n" not in message
 
 
@@ -136,8 +136,8 @@ def test_the_fp8_overlay_on_cpu_ends_in_one_error_line(tmp_path, data_cache, mon
     stderr = capsys.readouterr().err
     assert done.value.code == 2, stderr[-2000:]
     assert "Traceback" not in stderr
-    naming = [line for line in stderr.splitlines() if "trainer.plugins.precision" in line]
-    assert len(naming) == 1 and naming[0].startswith("error: trainer.plugins.precision: fp8"), stderr[-2000:]
+    naming = [line for line in stderr.splitlines() if "trainer.plugins.execution.precision" in line]
+    assert len(naming) == 1 and naming[0].startswith("error: trainer.plugins.execution.precision: fp8"), stderr[-2000:]
     assert [line for line in stderr.splitlines() if line.startswith("error:")] == naming
 
 
@@ -196,9 +196,9 @@ def test_every_mode_trains_with_fp8_matmuls_where_the_hardware_check_passes(mode
 
 
 def test_fp8_runs_under_bf16_autocast_and_bad_values_are_still_refused():
-    plugin = QuantPrecision(precision="fp8")
+    plugin = QuantPrecision(execution=Execution(precision="fp8"))
     with plugin.forward_context():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    with pytest.raises(ConfigError, match="trainer.plugins.precision"):
-        QuantPrecision(precision="fp4")
+    with pytest.raises(ConfigError, match="trainer.plugins.execution.precision"):
+        QuantPrecision(execution=Execution(precision="fp4"))
     assert fp8.FP8_MAX == 448

@@ -1,4 +1,4 @@
-"""The fused DQT update (``QuantPrecision(fused_update=True)``): the usual path's arithmetic and noise in one pass per
+"""The fused DQT update (``Execution(fused_update=True)``): the usual path's arithmetic and noise in one pass per
 layer (the same integer weights, stochastic rounding included), and the run-level guarantees (clipping, checkpoints,
 telemetry) kept. The noise itself is tested in test_rounding.py."""
 
@@ -22,7 +22,7 @@ from dqt_lightning.quant.rounding import EXP_AVG, EXP_AVG_SQ, WEIGHTS, counter_u
 from dqt_lightning.train.fused import compiled_dqt_adamw_step, dqt_adamw_step
 from dqt_lightning.train.moments import dequantize_blockwise, init_state, quantize_blockwise, stochastic_round_bf16
 from dqt_lightning.train.optim import adamw_scalars
-from dqt_lightning.train.precision import QuantPrecision
+from dqt_lightning.train.precision import Method, QuantPrecision
 from dqt_lightning.train.telemetry import WeightTelemetry
 from tests.conftest import TokenWindows, fit, make_model
 from tests.test_checkpoint import ResumableWindows, StopAfter
@@ -270,7 +270,7 @@ def test_lean_states_draw_the_same_noise_fused_and_unfused(state_dtype, one_thre
 
 def _initial_levels(bits: float) -> list[torch.Tensor]:
     fresh = make_model(warmup_steps=2)
-    QuantPrecision(bits=bits).convert_module(fresh)
+    QuantPrecision(Method(bits=bits)).convert_module(fresh)
     return [layer.weight.clone() for layer in dqt_layers(fresh)]
 
 
@@ -298,7 +298,7 @@ def _fit_8bit(root, steps: int, ckpt_path=None, callbacks=(), **plugin):
     model = make_model(seed=2)
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, default_root_dir=root, plugins=[QuantPrecision(bits=8, **plugin)],
+        limit_val_batches=0, default_root_dir=root, plugins=[QuantPrecision.from_settings(bits=8, **plugin)],
         callbacks=[QuantizedUpdate(seed=3), *callbacks])
     trainer.fit(model, datamodule=ResumableWindows(), ckpt_path=ckpt_path)
     return trainer, model
@@ -341,7 +341,7 @@ def test_telemetry_sees_the_fused_update(tmp_path, one_thread):
         logger = Recorder(tmp_path / arm)
         trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=logger, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                             plugins=[QuantPrecision(bits=8, rounding="nearest", **plugin)],
+                             plugins=[QuantPrecision.from_settings(bits=8, rounding="nearest", **plugin)],
                              callbacks=[QuantizedUpdate(seed=1), WeightTelemetry(every_n_steps=2)])
         trainer.fit(make_model(), datamodule=TokenWindows())
         runs[arm] = [m for m in logger.seen if "telemetry/update_over_step" in m]
@@ -358,12 +358,12 @@ def test_telemetry_sees_the_fused_update(tmp_path, one_thread):
 ])
 def test_fused_update_refuses_what_it_cannot_fuse(plugin, message):
     with pytest.raises(ConfigError, match=message):
-        QuantPrecision(fused_update=True, **plugin)
+        QuantPrecision.from_settings(fused_update=True, **plugin)
 
 
 def test_fused_update_needs_adamw(one_thread):
     model = make_model(optimizer=partial(torch.optim.SGD, lr=0.1))
-    with pytest.raises(ConfigError, match=r"trainer.plugins.fused_update fuses a registered optimizer rule .*adamw: "
+    with pytest.raises(ConfigError, match=r"trainer.plugins.execution.fused_update fuses a registered optimizer rule .*adamw: "
                                           r"torch.optim.adamw.AdamW.*the optimizer is SGD"):
         fit(model, steps=1, **EAGER)
     model = make_model(optimizer=partial(torch.optim.AdamW, lr=0.1, amsgrad=True))

@@ -16,7 +16,7 @@ from dqt_lightning.data.tokenizer import TextTokenizer, train_bpe
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.model import LLaMA
 from dqt_lightning.tools.generate import TextStream, main as generate, sample
-from dqt_lightning.train.precision import QuantPrecision
+from dqt_lightning.train.precision import Method, QuantPrecision
 from tests.conftest import SMALL
 
 CONFIG = replace(SMALL, vocab_size=128, block_size=64)
@@ -28,7 +28,7 @@ def _model(mode: str) -> LLaMA:
     for p in model.parameters():  # larger than the init, so that logits differ from token to token
         p.data.mul_(8)
     if mode != "fp":
-        QuantPrecision(mode=mode, bits=8).convert_module(model)
+        QuantPrecision(Method(mode=mode, bits=8)).convert_module(model)
     return model.eval()
 
 

@@ -1,4 +1,4 @@
-"""The update applied inside backward (``QuantPrecision(update_in_backward=True)``): the same weights as the usual
+"""The update applied inside backward (``Execution(update_in_backward=True)``): the same weights as the usual
 path bit for bit, stochastic rounding included (same keys, same counter-based noise), with no DQT gradient buffer
 ever reaching the optimizer step; and the configurations it must refuse."""
 
@@ -74,23 +74,23 @@ def test_update_in_backward_counts_steps_and_flips(one_thread):
 def test_update_in_backward_refuses_what_needs_every_gradient_first(fit_args, message, one_thread):
     with pytest.raises(ConfigError, match=message) as caught:
         fit(make_model(), steps=1, update_in_backward=True, **fit_args)
-    assert "trainer.plugins.update_in_backward" in str(caught.value)
+    assert "trainer.plugins.execution.update_in_backward" in str(caught.value)
 
 
 def test_update_in_backward_is_for_dqt_only():
-    from dqt_lightning import QuantPrecision
+    from dqt_lightning import Execution, Method, QuantPrecision
 
     with pytest.raises(ConfigError, match="update_in_backward.*mode: dqt"):
-        QuantPrecision(mode="ste", update_in_backward=True)
+        QuantPrecision(Method(mode="ste"), Execution(update_in_backward=True))
 
 
 @pytest.mark.parametrize("plugin", [{}, {"fused_update": True, "compile_fused_update": False}], ids=["usual", "fused"])
 def test_a_nonfinite_gradient_in_backward_skips_that_layer_only(plugin, one_thread):
     # The fused update decides on the device (no host sync per layer) and counts after backward: the same outcome.
-    from dqt_lightning import QuantPrecision
+    from dqt_lightning import Method, QuantPrecision
 
     model = make_model()
-    QuantPrecision(mode="dqt").convert_module(model)  # fit converts again: a no-op
+    QuantPrecision(Method(mode="dqt")).convert_module(model)  # fit converts again: a no-op
     layers = list(dqt_layers(model))
     first = layers[0]
 
@@ -114,18 +114,18 @@ def test_a_nonfinite_gradient_in_backward_skips_that_layer_only(plugin, one_thre
 
 
 def test_a_nonfinite_gradient_stops_a_fused_run_in_backward_when_asked(one_thread):
-    from dqt_lightning import QuantizedUpdate, QuantPrecision
+    from dqt_lightning import Execution, Method, QuantizedUpdate, QuantPrecision
     from dqt_lightning.errors import TrainingStopped
     from tests.conftest import TokenWindows
 
     model = make_model()
-    QuantPrecision(mode="dqt").convert_module(model)
+    QuantPrecision(Method(mode="dqt")).convert_module(model)
     layers = list(dqt_layers(model))
     layers[3].update_param.register_hook(lambda grad: torch.full_like(grad, float("inf")))
     trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         plugins=[QuantPrecision(update_in_backward=True, fused_update=True,
-                                                 compile_fused_update=False)],
+                         plugins=[QuantPrecision(execution=Execution(update_in_backward=True, fused_update=True,
+                                                                     compile_fused_update=False))],
                          callbacks=[QuantizedUpdate(seed=1, on_nonfinite="stop")])
     with pytest.raises(TrainingStopped, match=r"non-finite gradient at step 0 in model\.layers\.0\."):
         trainer.fit(model, datamodule=TokenWindows())

@@ -72,4 +72,4 @@ def test_training_with_integer_matmuls_keeps_integer_weights_and_learns(one_thre
                                            ({"precision": "fp8"}, "choose one")])
 def test_int8_matmul_refuses_what_it_cannot_serve(plugin, message):
     with pytest.raises(ConfigError, match=message):
-        QuantPrecision(int8_matmul=True, **plugin)
+        QuantPrecision.from_settings(int8_matmul=True, **plugin)

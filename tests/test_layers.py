@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dqt_lightning.quant.grid as grid_module  # where the shared input quantizer lives
-from dqt_lightning import QuantizedUpdate, QuantPrecision
+from dqt_lightning import Method, QuantizedUpdate, QuantPrecision
 from dqt_lightning.tools.bench import state_bytes
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.quant.layers import (
@@ -112,7 +112,7 @@ def test_dqt_linear_under_bf16_autocast_keeps_float32_gradient_buffer():
     assert torch.allclose(y.double(), ref, rtol=0.05, atol=0.02)
 
 
-# Quantized embeddings and head (QuantPrecision(quantize_embeddings=True)) and bf16 gradient buffers.
+# Quantized embeddings and head (Method(quantize_embeddings=True)) and bf16 gradient buffers.
 
 
 def _embedding(vocab=10, width=6, seed=0):
@@ -168,7 +168,8 @@ def test_bit_embedding_looks_up_the_quantized_table_and_passes_the_gradient_stra
 
 
 def test_quantize_embeddings_converts_embedding_and_head_in_every_quantized_mode():
-    dqt = QuantPrecision(mode="dqt", quantize_embeddings=True).convert_module(LLaMA(Config(vocab_size=64, n_layer=1)))
+    dqt = QuantPrecision(Method(mode="dqt", quantize_embeddings=True)).convert_module(LLaMA(Config(vocab_size=64,
+                                                                                                   n_layer=1)))
     assert isinstance(dqt.embed_tokens, DQTEmbedding) and isinstance(dqt.lm_head, DQTLinear)
     layers = list(dqt_layers(dqt))
     assert len(layers) == 9 and layers[0] is dqt.embed_tokens and layers[-1] is dqt.lm_head
@@ -176,26 +177,27 @@ def test_quantize_embeddings_converts_embedding_and_head_in_every_quantized_mode
     ignored = set(dqt._ddp_params_and_buffers_to_ignore)
     assert {"embed_tokens.weight", "embed_tokens.scale", "lm_head.weight", "lm_head.scale"} <= ignored
 
-    ste = QuantPrecision(mode="ste", quantize_embeddings=True).convert_module(LLaMA(Config(vocab_size=64, n_layer=1)))
+    ste = QuantPrecision(Method(mode="ste", quantize_embeddings=True)).convert_module(LLaMA(Config(vocab_size=64,
+                                                                                                   n_layer=1)))
     assert type(ste.embed_tokens) is BitEmbedding and type(ste.lm_head) is BitLinear
 
-    default = QuantPrecision(mode="dqt").convert_module(LLaMA(Config(vocab_size=64, n_layer=1)))
+    default = QuantPrecision(Method(mode="dqt")).convert_module(LLaMA(Config(vocab_size=64, n_layer=1)))
     assert type(default.embed_tokens) is nn.Embedding and type(default.lm_head) is nn.Linear
 
 
 @pytest.mark.parametrize(("args", "field"), [
-    (dict(mode="fp", quantize_embeddings=True), "quantize_embeddings"),
-    (dict(mode="ste", grad_dtype="bfloat16"), "grad_dtype"),
-    (dict(mode="dqt", grad_dtype="float16"), "grad_dtype"),
+    (dict(mode="fp", quantize_embeddings=True), "method.quantize_embeddings"),
+    (dict(mode="ste", grad_dtype="bfloat16"), "execution.grad_dtype"),
+    (dict(mode="dqt", grad_dtype="float16"), "execution.grad_dtype"),
 ])
 def test_plugin_refuses_options_that_do_not_apply(args, field):
     with pytest.raises(ConfigError, match=f"trainer.plugins.{field}"):
-        QuantPrecision(**args)
+        QuantPrecision.from_settings(**args)
 
 
 def _initial_integers(**plugin):
     fresh = make_model()
-    QuantPrecision(mode="dqt", **plugin).convert_module(fresh)
+    QuantPrecision.from_settings(mode="dqt", **plugin).convert_module(fresh)
     return [layer.weight.clone() for layer in dqt_layers(fresh)]
 
 
@@ -351,7 +353,7 @@ def test_each_block_quantizes_four_inputs_for_seven_projections(monkeypatch):
     original = grid_module.fake_quantize_activations
     monkeypatch.setattr(grid_module, "fake_quantize_activations", lambda x: calls.append(1) or original(x))
     model = make_model()
-    QuantPrecision(mode="dqt").convert_module(model)
+    QuantPrecision(Method(mode="dqt")).convert_module(model)
     model(torch.randint(0, 128, (2, 8))).sum().backward()
     assert len(calls) == 4 * model.config.n_layer
 
@@ -387,3 +389,24 @@ def test_the_layer_owns_its_float_view_for_one_step(scale_policy):
         assert torch.equal(layer.scale, new_alpha)
     assert torch.equal(layer.weight, expected) and int(flips) == int((expected != q).sum()) > 0
     assert not layer.materialized and layer.update_param.grad.dtype == torch.bfloat16
+
+
+def test_the_plugin_takes_the_method_and_how_it_runs_as_two_groups():
+    from dqt_lightning import Execution, Method
+    from dqt_lightning.tools.compare import plugin_args
+
+    plugin = QuantPrecision(Method(mode="dqt", bits=8, rounding="nearest"), Execution(fused_update=True))
+    record = plugin.state_dict()
+    assert record["method"]["bits"] == 8 and record["method"]["rounding"] == "nearest"
+    assert record["execution"]["fused_update"] and record["execution"]["precision"] == "32-true"
+    # Flat settings go each to its group; a name neither group has is refused by name.
+    flat = QuantPrecision.from_settings(mode="dqt", bits=8, rounding="nearest", fused_update=True)
+    assert flat.state_dict() == record
+    with pytest.raises(TypeError, match="'bitz'"):
+        QuantPrecision.from_settings(bitz=8)
+    # A run's config.yaml, with the two blocks or from before them (flat), reads the same.
+    nested = {"trainer": {"plugins": {"class_path": "dqt_lightning.QuantPrecision", "init_args": {
+        "method": {"mode": "dqt", "bits": 8}, "execution": {"precision": "bf16-mixed"}}}}}
+    before = {"trainer": {"plugins": {"class_path": "dqt_lightning.QuantPrecision", "init_args": {
+        "mode": "dqt", "bits": 8, "precision": "bf16-mixed"}}}}
+    assert plugin_args(nested) == plugin_args(before) == {"mode": "dqt", "bits": 8, "precision": "bf16-mixed"}

@@ -7,7 +7,7 @@ import torch
 
 from dqt_lightning.tools.memory import StateBytes, measure, quantized_state_bytes, storage_bytes
 from dqt_lightning.model import LLaMA, Config
-from dqt_lightning.train.precision import QuantPrecision
+from dqt_lightning.train.precision import Method, QuantPrecision
 
 REL = 1e-3  # AdamW's 0-dim step counters add 4 bytes per tensor: ~1e-4 bytes per parameter on the tiny model
 
@@ -66,7 +66,7 @@ def test_dqt_needs_less_than_bitnet(per_param: dict[str, dict[str, float]]) -> N
 def test_finds_projections_in_bitlinear_layout(mode: str) -> None:
     # Microsoft's layout wraps every projection as (RMSNorm, Linear) in a Sequential named after the projection.
     config = Config(norm_layout="bitlinear", vocab_size=64)
-    model = QuantPrecision(mode=mode).convert_module(LLaMA(config))
+    model = QuantPrecision(Method(mode=mode)).convert_module(LLaMA(config))
     d, h = config.n_embd, config.intermediate_size
     optimizer = torch.optim.AdamW(model.parameters())  # state-less: measured before any step
     state = quantized_state_bytes(model, optimizer)

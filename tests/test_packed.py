@@ -104,5 +104,5 @@ def test_ternary_evaluation_of_packed_weights_is_that_of_their_int8_twin(tmp_pat
 
 @pytest.mark.parametrize("plugin", [{"bits": 8}, {"mode": "ste"}, {"mode": "fp"}])
 def test_only_ternary_dqt_weights_pack(plugin):
-    with pytest.raises(ConfigError, match="trainer.plugins.pack_in_memory"):
-        QuantPrecision(pack_in_memory=True, **plugin)
+    with pytest.raises(ConfigError, match="trainer.plugins.execution.pack_in_memory"):
+        QuantPrecision.from_settings(pack_in_memory=True, **plugin)

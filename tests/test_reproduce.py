@@ -85,7 +85,7 @@ def test_claims_follow_the_stated_rules():
 
 
 def test_an_arms_precision_names_lowered_float32_matmuls(tmp_path):
-    plugin = "trainer:\n  plugins:\n    init_args:\n      precision: {}\n"
+    plugin = "trainer:\n  plugins:\n    init_args:\n      execution:\n        precision: {}\n"
     (tmp_path / "config.yaml").write_text(plugin.format("32-true"))
     assert precision_of(tmp_path) == ArmPrecision("32-true", "highest")
     (tmp_path / "config.yaml").write_text("float32_matmul_precision: high\n" + plugin.format("32-true"))

@@ -16,7 +16,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from dqt_lightning import LanguageModel, QuantizedUpdate, QuantPrecision
+from dqt_lightning import LanguageModel, Method, QuantizedUpdate, QuantPrecision
 from dqt_lightning.cli import main
 from dqt_lightning.data.text import TextCorpus, TextSource
 from tests.conftest import SMALL
@@ -150,7 +150,7 @@ def _fit(root: Path, corpus: Path, stop: dict, accumulate: int = 1, streaming: b
     trainer = pl.Trainer(
         accelerator="cpu", accumulate_grad_batches=accumulate, limit_val_batches=0, logger=False,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=bool(save), default_root_dir=root,
-        plugins=[QuantPrecision(mode="dqt", bits=1.58)],
+        plugins=[QuantPrecision(Method(mode="dqt", bits=1.58))],
         callbacks=[QuantizedUpdate(seed=3), batches, *checkpoints, *callbacks], **stop,
     )
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from dqt_lightning import LanguageModel, QuantizedUpdate, QuantPrecision
+from dqt_lightning import LanguageModel, Method, QuantizedUpdate, QuantPrecision
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.train.schedule import BitWidthSchedule, rewarmed
 from tests.conftest import SMALL
@@ -56,7 +56,7 @@ def _fit(tmp_path, rewarm: int, ckpt_path=None, stop: int | None = None) -> list
     schedule = BitWidthSchedule([[0.0, 8], [0.7, 1.58]], rewarm_steps=rewarm, rewarm_to=0.5)
     trainer = pl.Trainer(accelerator="cpu", max_steps=20, logger=False, enable_checkpointing=bool(stop),
                          enable_progress_bar=False, enable_model_summary=False,
-                         plugins=[QuantPrecision(mode="dqt", bits=8)],
+                         plugins=[QuantPrecision(Method(mode="dqt", bits=8))],
                          callbacks=[QuantizedUpdate(), schedule, rates, *extra])
     trainer.fit(model, DataLoader(torch.randint(0, 128, (64, 17)), batch_size=2), ckpt_path=ckpt_path)
     return rates.seen

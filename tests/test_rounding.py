@@ -141,7 +141,7 @@ def floor(y, u):  # not registered: the dotted path registers it under the path
 floor.needs_noise = False
 """)
     assert "test_ceil" not in rounding_names()
-    rule = rounding_rule("my_rules.ceil", field="trainer.plugins.rounding")
+    rule = rounding_rule("my_rules.ceil", field="trainer.plugins.method.rounding")
     assert rule.name == "test_ceil" and rounding_rule("test_ceil") is rule  # now known by its name too
     assert "my_rules.ceil" in rounding_names()  # and by its path, without another import (the compiled kernel's lookup)
     assert rounding_rule("my_rules:ceil") is rule
@@ -152,24 +152,24 @@ floor.needs_noise = False
 
 
 @pytest.mark.parametrize("name,message", [
-    ("floor", r"^trainer\.plugins\.rounding must be a registered rounding rule \(stochastic, nearest\) or the dotted "
+    ("floor", r"^trainer\.plugins\.method\.rounding must be a registered rounding rule \(stochastic, nearest\) or the dotted "
               r"path of one \(package\.module\.function\); got 'floor'$"),
-    ("no_such_module.rule", r"^trainer\.plugins\.rounding: cannot load the rounding rule 'no_such_module\.rule' "
+    ("no_such_module.rule", r"^trainer\.plugins\.method\.rounding: cannot load the rounding rule 'no_such_module\.rule' "
                             r"\(No module named 'no_such_module'\); known rules: stochastic, nearest$"),
-    ("math.pi", r"^trainer\.plugins\.rounding: 'math\.pi' is not a function"),
+    ("math.pi", r"^trainer\.plugins\.method\.rounding: 'math\.pi' is not a function"),
 ])
 def test_an_unknown_rule_is_one_line_naming_the_field_and_the_known_rules(name, message):
     with pytest.raises(ConfigError, match=message) as caught:
-        rounding_rule(name, field="trainer.plugins.rounding")
+        rounding_rule(name, field="trainer.plugins.method.rounding")
     assert "\n" not in str(caught.value)
 
 
 def test_the_plugin_and_the_schedule_check_their_rounding():
-    from dqt_lightning import QuantPrecision
+    from dqt_lightning import Method, QuantPrecision
     from dqt_lightning.train.schedule import BitWidthSchedule
 
-    with pytest.raises(ConfigError, match=r"^trainer\.plugins\.rounding must be a registered rounding rule"):
-        QuantPrecision(rounding="up")
+    with pytest.raises(ConfigError, match=r"^trainer\.plugins\.method\.rounding must be a registered rounding rule"):
+        QuantPrecision(Method(rounding="up"))
     with pytest.raises(ConfigError, match=r"^BitWidthSchedule\.rounding must be a registered rounding rule"):
         BitWidthSchedule([[0.0, 8]], rounding="up")
 

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 
-from dqt_lightning import ConfigError, QuantizedUpdate, QuantPrecision
+from dqt_lightning import ConfigError, Method, QuantizedUpdate, QuantPrecision
 from dqt_lightning.cli import _ParseOnly
 from dqt_lightning.quant.grid import Grid, TernaryGrid
 from dqt_lightning.quant.layers import DQTLinear, dqt_layers
@@ -166,7 +166,7 @@ class _TextLogger(Logger):
 def _trainer(*callbacks: pl.Callback, logger: Logger | bool = False) -> pl.Trainer:
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     return pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=STEPS, plugins=[QuantPrecision(mode="dqt", bits=8)],
+        accelerator="cpu", devices=1, max_steps=STEPS, plugins=[QuantPrecision(Method(mode="dqt", bits=8))],
         callbacks=[QuantizedUpdate(seed=11), BitWidthSchedule(SCHEDULE, seed=5), *callbacks], logger=logger,
         enable_checkpointing=checkpointing, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
     )
@@ -234,7 +234,8 @@ def test_schedule_overlays_keep_the_base_callbacks(overlay):
 
 
 def test_schedule_must_start_at_the_plugins_bits():
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, plugins=[QuantPrecision(mode="dqt", bits=4)],
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2,
+                         plugins=[QuantPrecision(Method(mode="dqt", bits=4))],
                          callbacks=[QuantizedUpdate(seed=1), BitWidthSchedule(SCHEDULE)], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ConfigError, match=r"BitWidthSchedule.schedule\[0\] starts at 8 bits .* start at 4"):
@@ -242,7 +243,8 @@ def test_schedule_must_start_at_the_plugins_bits():
 
 
 def test_schedule_refuses_a_model_without_dqt_weights():
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, plugins=[QuantPrecision(mode="ste", bits=8)],
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2,
+                         plugins=[QuantPrecision(Method(mode="ste", bits=8))],
                          callbacks=[BitWidthSchedule(SCHEDULE)], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ConfigError, match="BitWidthSchedule needs DQT weights"):

@@ -80,7 +80,8 @@ def _fit(callbacks: list[pl.Callback], steps: int = 5, bits: float = 8,
          **plugin) -> tuple[pl.Trainer, _RecordingLogger]:
     logger = _RecordingLogger()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, plugins=[QuantPrecision(mode="dqt", bits=bits, **plugin)],
+        accelerator="cpu", devices=1, max_steps=steps,
+        plugins=[QuantPrecision.from_settings(mode="dqt", bits=bits, **plugin)],
         callbacks=callbacks, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, log_every_n_steps=1,
     )

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _converted(mode: str, bits: float = 8, **plugin) -> nn.Module:
     model = make_model(seed=3)
     if mode != "fp":
-        QuantPrecision(mode=mode, bits=bits, **plugin).convert_module(model)
+        QuantPrecision.from_settings(mode=mode, bits=bits, **plugin).convert_module(model)
     return model.model
 
 

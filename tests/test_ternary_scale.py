@@ -10,7 +10,7 @@ from torch import nn
 from dqt_lightning.quant.grid import TernaryGrid, absmean_quantize
 from dqt_lightning.quant.layers import DQTWeight
 from dqt_lightning.quant.ternary import TernaryWeights, ternary_levels
-from dqt_lightning.train.precision import QuantPrecision
+from dqt_lightning.train.precision import Method, QuantPrecision
 from tests.conftest import make_model
 
 TOKENS = torch.randint(0, 128, (4, 17), generator=torch.Generator().manual_seed(2))
@@ -18,7 +18,7 @@ TOKENS = torch.randint(0, 128, (4, 17), generator=torch.Generator().manual_seed(
 
 def _ternary_dqt_model(per_row: bool) -> nn.Module:
     model = make_model(seed=5).model
-    QuantPrecision(mode="dqt", bits=1.58, per_row_scale=per_row).convert_module(model)
+    QuantPrecision(Method(mode="dqt", bits=1.58, per_row_scale=per_row)).convert_module(model)
     # Scales that are not the absmean of the levels, as training with absmax or per-row scales leaves them.
     for layer in model.modules():
         if isinstance(layer, DQTWeight):
@@ -78,7 +78,7 @@ def test_a_ternary_dqt_checkpoint_validates_to_the_same_loss_with_ternary_eval()
                           warmup_steps=0, ternary_eval=True)
     trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
-                         plugins=[QuantPrecision(mode="dqt", bits=1.58)], callbacks=[QuantizedUpdate()])
+                         plugins=[QuantPrecision(Method(mode="dqt", bits=1.58))], callbacks=[QuantizedUpdate()])
     trainer.fit(model, DataLoader(tokens, batch_size=4), DataLoader(tokens, batch_size=4))
     metrics = trainer.validate(model, DataLoader(tokens, batch_size=4), verbose=False)[0]
     assert abs(metrics["val/loss_ternary"] - metrics["val/loss"]) <= 1e-4

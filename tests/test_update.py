@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from dqt_lightning import QuantizedUpdate, QuantPrecision
+from dqt_lightning import Method, QuantizedUpdate, QuantPrecision
 from dqt_lightning.errors import TrainingStopped
 from dqt_lightning.quant.layers import DQTLinear, dqt_layers
 from tests.conftest import TokenWindows, fit, make_model
@@ -184,7 +184,7 @@ def test_a_nonfinite_gradient_can_stop_the_run_naming_step_and_layer():
     model = make_model()
     trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         plugins=[QuantPrecision(mode="dqt")],
+                         plugins=[QuantPrecision(Method(mode="dqt"))],
                          callbacks=[QuantizedUpdate(on_nonfinite="stop"), PoisonGradient(step=1)])
     stopped = r"non-finite gradient at step 1 in model\.layers\.0\.attn\.q_proj\.weight; lower the learning rate, "
     with pytest.raises(TrainingStopped, match=stopped + r"or set on_nonfinite: skip$"):
@@ -195,7 +195,7 @@ def test_the_update_needs_the_quant_precision_plugin(one_thread):
     from dqt_lightning.errors import ConfigError
 
     model = make_model()
-    QuantPrecision(mode="dqt").convert_module(model)
+    QuantPrecision(Method(mode="dqt")).convert_module(model)
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          callbacks=[QuantizedUpdate()])
@@ -220,7 +220,7 @@ def test_flip_rates_reach_the_logger_overall_every_step_and_per_layer_when_it_wr
 
     model = make_model()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=6, plugins=[QuantPrecision(mode="dqt")],
+        accelerator="cpu", devices=1, max_steps=6, plugins=[QuantPrecision(Method(mode="dqt"))],
         callbacks=[QuantizedUpdate(seed=11)], logger=CSVLogger(tmp_path, name="", version=""), log_every_n_steps=2,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
     )
@@ -259,7 +259,7 @@ def test_absmax_scale_policy_follows_the_weights_every_step(one_thread):
 def test_scale_policy_is_checked():
     from dqt_lightning.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="trainer.plugins.scale_policy must be one of fixed, absmax"):
-        QuantPrecision(scale_policy="rescale")
+    with pytest.raises(ConfigError, match="trainer.plugins.method.scale_policy must be one of fixed, absmax"):
+        QuantPrecision(Method(scale_policy="rescale"))
     with pytest.raises(ConfigError, match="scale_policy applies to DQT weights only"):
-        QuantPrecision(mode="ste", scale_policy="absmax")
+        QuantPrecision(Method(mode="ste", scale_policy="absmax"))

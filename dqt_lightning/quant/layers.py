@@ -312,7 +312,7 @@ class DQTLinear(DQTWeight):
     """
 
     fp8 = False  # set by the fp8 precision on a GPU that has FP8 matmuls
-    int8_matmul = False  # set by QuantPrecision(int8_matmul=True): the forward matmul on integers
+    int8_matmul = False  # set by Execution(int8_matmul=True): the forward matmul on integers
 
     def __init__(self, in_features: int, out_features: int, grid: Grid, rounding: str = "stochastic",
                  per_row_scale: bool = False, grad_dtype: torch.dtype = torch.float32) -> None:

@@ -12,9 +12,9 @@ they are stored in bfloat16 or 8 bits.
 numbers as a float tensor; clipping to the grid and the cast to int8 are done by the caller
 (:func:`dqt_lightning.quant.step.round_to_grid`). Rules run inside the fused update's compiled kernel too, so they
 must be traceable by ``torch.compile``: tensor operations only, no host syncs, no side effects on tensors. A rule is
-registered with :func:`register_rounding` and chosen by name (``trainer.plugins.rounding``); a rule defined outside
-the package is named by its dotted path (``package.module.function`` or ``package.module:function``), imported and
-registered on first use (:func:`rounding_rule`). See docs/extending.md.
+registered with :func:`register_rounding` and chosen by name (``trainer.plugins.method.rounding``); a rule defined
+outside the package is named by its dotted path (``package.module.function`` or ``package.module:function``),
+imported and registered on first use (:func:`rounding_rule`). See docs/extending.md.
 """
 
 from __future__ import annotations

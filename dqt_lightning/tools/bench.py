@@ -37,7 +37,7 @@ from dqt_lightning.tools.memory import fit_on_tokens, unique_storage_bytes
 from dqt_lightning.model import SIZES, Config
 from dqt_lightning.module import LanguageModel
 from dqt_lightning.train.optim import default_adamw
-from dqt_lightning.train.precision import QuantPrecision, is_projection
+from dqt_lightning.train.precision import Execution, Method, QuantPrecision, is_projection
 
 RECIPES = ("fp", "ste", "dqt-1.58", "dqt-2", "dqt-3", "dqt-4", "dqt-8", "dqt-1.58-lean", "dqt-8-lean")
 # Lean-state options a DQT recipe can add as suffixes, e.g. `dqt-1.58-packed-inbwd`: weights packed four per
@@ -214,10 +214,10 @@ def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len
     timer = StepTimer(warmup)
     # A torchao recipe's suffix names torchao's method, not a bit width; its model trains under the fp plugin.
     grid_bits = float(bits) if bits and not torchao else 1.58
-    plugin = QuantPrecision(mode=mode, bits=grid_bits, precision=precision, update_in_backward="inbwd" in options,
-                            pack_in_memory="packed" in options and grid_bits == 1.58,
-                            quantize_embeddings="qemb" in options, int8_matmul="int8mm" in options,
-                            fused_update="fused" in options)
+    plugin = QuantPrecision(
+        Method(mode=mode, bits=grid_bits, quantize_embeddings="qemb" in options),
+        Execution(precision=precision, update_in_backward="inbwd" in options, int8_matmul="int8mm" in options,
+                  pack_in_memory="packed" in options and grid_bits == 1.58, fused_update="fused" in options))
     trainer = fit_on_tokens(model, tokens, batch_size, plugins=[plugin], callbacks=[timer], accelerator="auto")
     peak = torch.cuda.max_memory_allocated() if cuda else None
     # Measured after fit, between steps: gradients are still allocated (Lightning frees them at the next step's

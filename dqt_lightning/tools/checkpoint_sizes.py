@@ -45,7 +45,7 @@ def measure_checkpoint_sizes(size: str, vocab_size: int, directory: Path) -> dic
         torch.manual_seed(0)
         model = LanguageModel(Config.from_name(size), vocab_size=vocab_size, optimizer=default_adamw(state_dtype),
                               warmup_steps=0)
-        plugins = [QuantPrecision(**plugin_args), AtomicCheckpointIO()]
+        plugins = [QuantPrecision.from_settings(**plugin_args), AtomicCheckpointIO()]
         trainer = fit_on_tokens(model, tokens, batch_size=2, plugins=plugins)
         full, weights = directory / "full.ckpt", directory / "weights.ckpt"
         trainer.save_checkpoint(full)

@@ -87,9 +87,12 @@ def run_config(run_dir: Path) -> dict:
 def plugin_args(config: dict) -> dict:
     """The precision plugin's init args (mode, bits, ...) from a run's saved config (:func:`run_config`)."""
     plugins = (config.get("trainer") or {}).get("plugins") or {}
-    if isinstance(plugins, list):  # several plugins: ours is the one with a training mode
-        plugins = next((p for p in plugins if "mode" in (p.get("init_args") or {})), {})
-    return plugins.get("init_args") or {}
+    if isinstance(plugins, list):  # several plugins: ours is the one with a training method
+        plugins = next((p for p in plugins if str(p.get("class_path", "")).endswith("QuantPrecision")), {})
+    init_args = plugins.get("init_args") or {}
+    # The method and execution blocks, flattened; runs from before the two blocks have the same names at the top.
+    return {**{k: v for k, v in init_args.items() if not isinstance(v, dict)},
+            **(init_args.get("method") or {}), **(init_args.get("execution") or {})}
 
 
 EVAL_METRICS = {"perplexity": "ppl", "acc": "acc", "word_perplexity": "word ppl"}  # what eval.json adds as columns

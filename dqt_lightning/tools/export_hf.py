@@ -83,7 +83,7 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "float32", ternary: bool = Fal
     model, settings = model_from_checkpoint(ckpt)
     config = model.config
     if settings["quantize_embeddings"]:
-        raise ConfigError(f"checkpoint {ckpt} has quantized embeddings (trainer.plugins.quantize_embeddings): "
+        raise ConfigError(f"checkpoint {ckpt} has quantized embeddings (trainer.plugins.method.quantize_embeddings): "
                           "transformers keeps the embedding and head float and does not quantize the head's input; "
                           "use --format dqt")
     levels = _ternary_levels(model, settings, ternary, ckpt)
@@ -165,7 +165,7 @@ def _ternary_levels(model: LLaMA, settings: dict, ternary: bool,
             return None
     levels = {name: (tensors[f"{name}.weight"], tensors[f"{name}.scale"]) for name in names}
     if any(alpha.numel() != 1 for _, alpha in levels.values()):
-        raise ConfigError(f"checkpoint {ckpt} has per-row scales (trainer.plugins.per_row_scale): transformers' "
+        raise ConfigError(f"checkpoint {ckpt} has per-row scales (trainer.plugins.method.per_row_scale): transformers' "
                           "BitNet layout holds one scale per weight (weight_scale of shape (1,)); use --format dqt")
     for name, (q, _) in levels.items():
         if q.shape[0] % 4:

@@ -27,13 +27,14 @@ from dqt_lightning.quant.layers import BitEmbedding, BitLinear, DQTWeight
 from dqt_lightning.tools.compare import plugin_args, run_config
 from dqt_lightning.train.checkpoint import (GRIDS_KEY, METHOD_KEY, PACKED_KEY, check_checkpoint_fits,
                                            tokenizer_from_checkpoint, unpack_ternary_weights)
-from dqt_lightning.train.precision import QuantPrecision
+from dqt_lightning.train.precision import Method, QuantPrecision
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def _plugin(mode: str, bits: float, quantize_embeddings: bool, per_row_scale: bool) -> QuantPrecision:
-    return QuantPrecision(mode=mode, bits=bits, quantize_embeddings=quantize_embeddings, per_row_scale=per_row_scale)
+    return QuantPrecision(Method(mode=mode, bits=bits, quantize_embeddings=quantize_embeddings,
+                                 per_row_scale=per_row_scale))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -183,7 +183,8 @@ def measure(mode: str, bits: float = 1.58, steps: int = 2, state_dtype: str = "f
             torch.manual_seed(0)
             tokens = torch.randint(0, VOCAB, (BATCH * steps, SEQ_LEN + 1))
             model = LanguageModel(Config(), vocab_size=VOCAB, optimizer=default_adamw(state_dtype), warmup_steps=0)
-            trainer = fit_on_tokens(model, tokens, BATCH, plugins=[QuantPrecision(mode=mode, bits=bits, **plugin)])
+            plugins = [QuantPrecision.from_settings(mode=mode, bits=bits, **plugin)]
+            trainer = fit_on_tokens(model, tokens, BATCH, plugins=plugins)
     finally:
         torch.set_num_threads(threads)
     return quantized_state_bytes(model, trainer.optimizers[0])

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from dqt_lightning.model import Config
 from dqt_lightning.module import LanguageModel
 from dqt_lightning.tools.bench import StepTimer
-from dqt_lightning.train.precision import QuantPrecision
+from dqt_lightning.train.precision import Method, QuantPrecision
 from dqt_lightning.train.telemetry import WeightTelemetry
 from dqt_lightning.train.update import QuantizedUpdate
 
@@ -47,7 +47,7 @@ def measure_overhead(every_n_steps: tuple[int, ...] = (50, 10, 1), steps: int = 
                 extra = [] if n is None else [WeightTelemetry(every_n_steps=n), _ResetAt(warmup)]
                 trainer = pl.Trainer(
                     accelerator="cpu", devices=1, max_steps=warmup + steps,
-                    plugins=[QuantPrecision(mode="dqt", bits=8)], callbacks=[QuantizedUpdate(), *extra, timer],
+                    plugins=[QuantPrecision(Method(mode="dqt", bits=8))], callbacks=[QuantizedUpdate(), *extra, timer],
                     logger=TensorBoardLogger(log_dir, name="overhead"), enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                     log_every_n_steps=10,

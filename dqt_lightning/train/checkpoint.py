@@ -111,7 +111,7 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], module: nn.Module, source:
         if key in expected and tensor.is_floating_point() == is_dqt:
             held, made = ("float", "DQT integer levels") if is_dqt else ("DQT integer levels", "float weights")
             raise ConfigError(f"{source} holds {key} as {held}, this config makes it {made} "
-                              f"(trainer.plugins.mode); {_WHERE_FROM}")
+                              f"(trainer.plugins.method.mode); {_WHERE_FROM}")
     saved_grids = checkpoint.get(GRIDS_KEY, {})
     for name, layer in layers.items():
         if name not in saved_grids or tuple(saved_grids[name]) == (layer.grid.qmin, layer.grid.qmax):
@@ -119,12 +119,12 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], module: nn.Module, source:
         other = next((g for g in grids if (g.qmin, g.qmax) == tuple(saved_grids[name])), None)
         if other is None:
             raise ConfigError(f"{source} holds {name} on {_levels(*saved_grids[name])}, this config's DQT grid has "
-                              f"{_levels(layer.grid.qmin, layer.grid.qmax)} (trainer.plugins.bits, symmetric); "
+                              f"{_levels(layer.grid.qmin, layer.grid.qmax)} (trainer.plugins.method.bits, symmetric); "
                               f"{_WHERE_FROM}")
         layer.grid = other
     for key, shape in expected.items():
         if key in saved and tuple(saved[key].shape) != shape:
-            differ = ("trainer.plugins.per_row_scale differs" if key.endswith(".scale")
+            differ = ("trainer.plugins.method.per_row_scale differs" if key.endswith(".scale")
                       else "model sizes or data vocab_size differ")
             raise ConfigError(f"{source} holds {key} of shape {list(saved[key].shape)}, this config makes "
                               f"{list(shape)} ({differ}); {_WHERE_FROM}")
@@ -134,5 +134,5 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], module: nn.Module, source:
         first = f"lacks {missing[0]}" if missing else f"holds {unexpected[0]}"
         raise ConfigError(f"{source} {first}, which this config's model "
                           f"{'has' if missing else 'does not have'} ({len(missing)} missing, {len(unexpected)} "
-                          f"unexpected tensors: trainer.plugins.quantize_embeddings or the model's norm_layout "
+                          f"unexpected tensors: trainer.plugins.method.quantize_embeddings or the model's norm_layout "
                           f"differ?); {_WHERE_FROM}")

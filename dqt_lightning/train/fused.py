@@ -102,11 +102,11 @@ class FusedUpdate:
         compile: Compile :func:`dqt_adamw_step` (one kernel per layer shape) or run it eagerly.
 
     Raises:
-        ConfigError: one line naming ``trainer.plugins.fused_update`` (or ``compile_fused_update``) for an optimizer
-            without a registered rule, an option the rule does not do, or a machine that cannot compile.
+        ConfigError: one line naming ``trainer.plugins.execution.fused_update`` (or ``compile_fused_update``) for an
+            optimizer without a registered rule, an option the rule does not do, or a machine that cannot compile.
     """
 
-    field = "trainer.plugins.fused_update"
+    field = "trainer.plugins.execution.fused_update"
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, compile: bool) -> None:
         rule = optimizer_rule(optimizer)
@@ -127,8 +127,8 @@ class FusedUpdate:
             return
         reason = compile_unavailable_reason(device)
         if reason is not None:
-            raise ConfigError(f"trainer.plugins.compile_fused_update: torch.compile cannot build the fused update here "
-                              f"({reason}); install one, or set it to false (the same update, run eagerly)")
+            raise ConfigError(f"trainer.plugins.execution.compile_fused_update: torch.compile cannot build the fused "
+                              f"update here ({reason}); install one, or set it to false (the same update, run eagerly)")
         self.step_fn = compiled_dqt_adamw_step(device.type)
 
     def step(self, layer: DQTWeight, keys: torch.Tensor, skip_nonfinite: bool = False

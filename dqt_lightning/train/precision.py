@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import torch
@@ -42,8 +43,9 @@ def _choice(field: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-class QuantPrecision(Precision):
-    """Converts a model for one training mode, in place, and runs its forward in the chosen numeric precision.
+@dataclass
+class Method:
+    """What is trained: the weights' format and the rule that moves them (the ``method:`` block of a config).
 
     Args:
         mode: ``fp`` leaves ``nn.Linear`` alone; ``ste`` swaps in BitNet b1.58 layers (float master weight, STE);
@@ -54,31 +56,60 @@ class QuantPrecision(Precision):
             by name or by dotted path (``package.module.function``, imported on first use; docs/extending.md).
         symmetric: Use the symmetric grid [-(2^(n-1)-1), 2^(n-1)-1] instead of the official asymmetric one.
         per_row_scale: One DQT scale per output row instead of one per tensor.
-        precision: ``32-true``, ``bf16-mixed`` (autocast in forward; weights, grads and states stay float32) or
-            ``fp8``: ``bf16-mixed`` plus FP8 matmuls in the projections (see :mod:`dqt_lightning.quant.fp8`), on NVIDIA
-            GPUs of compute capability 8.9+ only; never yet run on a GPU in this project.
-        pack_ternary: Store ternary DQT weights in checkpoints 4 per byte instead of one int8 each.
-        pack_in_memory: Keep ternary DQT weights packed 4 per byte in memory too (0.25 bytes per weight instead of
-            1); every forward and backward unpacks a layer's levels transiently, so it costs time where nothing fuses
-            the unpacking into the matmul. Checkpoints are then packed as well.
-        int8_matmul: Run the forward matmul of every DQT linear layer on integers (``torch._int_mm``): the int8
-            activation levels times the int8 weight levels, summed exactly, scaled once. INT8 tensor cores on a GPU,
-            VNNI/AMX on a CPU. Not bit-identical to the float forward (it rounds once instead of at every product);
-            the backward is the same.
+        scale_policy: ``fixed``: the absmean scale of initialisation stays for the whole run (the paper's default);
+            ``absmax``: every update re-derives the scale from the stepped weight, ``max|W'| / Qp`` per row with
+            ``per_row_scale`` or per tensor (torchao's int8 quantized training), and rounds onto that grid.
         quantize_embeddings: Also quantize the token embedding and the output head (``embed_tokens``, ``lm_head``),
             as the official DQT code does; off by default, as in BitNet and torchao. ``dqt``: a
             :class:`~dqt_lightning.quant.layers.DQTEmbedding` and a :class:`~dqt_lightning.quant.layers.DQTLinear`
             head (8-bit activations); ``ste``: their BitNet counterparts (float masters behind an STE).
+    """
+
+    mode: str = "dqt"
+    bits: float = 1.58
+    rounding: str = "stochastic"
+    symmetric: bool = False
+    per_row_scale: bool = False
+    scale_policy: str = "fixed"
+    quantize_embeddings: bool = False
+
+    def grid(self) -> Grid | None:
+        """The weight grid these settings define (None for ``fp``), once every setting is checked.
+
+        Raises:
+            ConfigError: naming the setting: an unknown mode, rounding or scale policy, bits outside 1.58 / 2..8,
+                quantized embeddings or absmax scales with nothing quantized to apply them to.
+        """
+        _choice("method.mode", self.mode, MODES)
+        rounding_rule(self.rounding, field="trainer.plugins.method.rounding")  # a dotted path is imported here
+        _choice("method.scale_policy", self.scale_policy, SCALE_POLICIES)
+        if self.quantize_embeddings and self.mode == "fp":
+            raise ConfigError("trainer.plugins.method.quantize_embeddings needs mode dqt or ste; mode fp quantizes "
+                              "nothing")
+        if self.scale_policy != "fixed" and self.mode != "dqt":
+            raise ConfigError(f"trainer.plugins.method.scale_policy applies to DQT weights only (mode: dqt); got mode "
+                              f"{self.mode}")
+        if self.mode == "fp":
+            return None
+        return Grid.from_bits(self.bits, self.symmetric, field="trainer.plugins.method.bits")
+
+
+@dataclass
+class Execution:
+    """How the method runs: numeric precision, storage and kernels (the ``execution:`` block of a config). None of
+    these changes what is trained, only its speed and memory, except where said (``int8_matmul`` rounds once
+    instead of at every product, ``bfloat16`` gradients lose precision).
+
+    Args:
+        precision: ``32-true``, ``bf16-mixed`` (autocast in forward; weights, grads and states stay float32) or
+            ``fp8``: ``bf16-mixed`` plus FP8 matmuls in the projections (see :mod:`dqt_lightning.quant.fp8`), on NVIDIA
+            GPUs of compute capability 8.9+ only; never yet run on a GPU in this project.
         grad_dtype: ``float32`` or ``bfloat16``: the gradient buffer of DQT weights. The optimizer step itself stays
             float32 (the gradient is widened inside the step), so bf16 costs gradient precision, not update precision.
-        scale_policy: ``fixed``: the absmean scale of initialisation stays for the whole run (the paper's default);
-            ``absmax``: every update re-derives the scale from the stepped weight, ``max|W'| / Qp`` per row with
-            ``per_row_scale`` or per tensor (torchao's int8 quantized training), and rounds onto that grid.
-        update_in_backward: Apply each DQT layer's update inside backward, as soon as its gradient is complete, and
-            free that gradient at once: no gradient buffer of a DQT weight outlives backward (the stretch goal of the
-            memory table). Same optimizer, learning rate and rounding as the usual path, with the same results, but
-            gradient accumulation and clipping cannot work (both need every gradient before any update) and are
-            refused.
+        int8_matmul: Run the forward matmul of every DQT linear layer on integers (``torch._int_mm``): the int8
+            activation levels times the int8 weight levels, summed exactly, scaled once. INT8 tensor cores on a GPU,
+            VNNI/AMX on a CPU. Not bit-identical to the float forward (it rounds once instead of at every product);
+            the backward is the same.
         fused_update: Step the DQT weights with the optimizer's registered rule (AdamW) and round them in one pass
             per layer, from int8 levels to int8 levels, with no float weight in memory
             (:mod:`dqt_lightning.train.fused`); the optimizer (``torch.optim.AdamW`` or
@@ -87,74 +118,119 @@ class QuantPrecision(Precision):
         compile_fused_update: Compile the fused update with ``torch.compile`` (one kernel per layer: Triton on a GPU,
             C++ on a CPU; the first step compiles, tens of seconds). ``false`` runs the same function eagerly, for
             debugging or where nothing can compile: slower than the usual path.
-
-    Raises:
-        ConfigError: for an unknown mode, rounding, precision or grad_dtype, bits outside 1.58 / 2..8, or
-            quantize_embeddings / a bf16 grad_dtype / absmax scales / update in backward with nothing quantized to
-            apply them to.
+        update_in_backward: Apply each DQT layer's update inside backward, as soon as its gradient is complete, and
+            free that gradient at once: no gradient buffer of a DQT weight outlives backward (the stretch goal of the
+            memory table). Same optimizer, learning rate and rounding as the usual path, with the same results, but
+            gradient accumulation and clipping cannot work (both need every gradient before any update) and are
+            refused.
+        pack_ternary: Store ternary DQT weights in checkpoints 4 per byte instead of one int8 each.
+        pack_in_memory: Keep ternary DQT weights packed 4 per byte in memory too (0.25 bytes per weight instead of
+            1); every forward and backward unpacks a layer's levels transiently, so it costs time where nothing fuses
+            the unpacking into the matmul. Checkpoints are then packed as well.
     """
 
-    def __init__(self, mode: str = "dqt", bits: float = 1.58, rounding: str = "stochastic", symmetric: bool = False,
-                 per_row_scale: bool = False, precision: str = "32-true", pack_ternary: bool = False,
-                 quantize_embeddings: bool = False, grad_dtype: str = "float32", scale_policy: str = "fixed",
-                 update_in_backward: bool = False, pack_in_memory: bool = False, int8_matmul: bool = False,
-                 fused_update: bool = False, compile_fused_update: bool = True) -> None:
+    precision: str = "32-true"
+    grad_dtype: str = "float32"
+    int8_matmul: bool = False
+    fused_update: bool = False
+    compile_fused_update: bool = True
+    update_in_backward: bool = False
+    pack_ternary: bool = False
+    pack_in_memory: bool = False
+
+    def check(self, method: Method, grid: Grid | None) -> None:
+        """Refuse, naming the setting, what these settings cannot do for ``method`` (whose ``grid`` is ``grid``).
+
+        Raises:
+            ConfigError: for an unknown precision or grad_dtype, a DQT-only setting (bf16 gradients, int8 matmul,
+                fused update, update in backward) without DQT weights, a fused update with re-derived scales,
+                packing without ternary DQT weights, or two choices of the forward matmul.
+        """
+        _choice("execution.precision", self.precision, PRECISIONS)
+        _choice("execution.grad_dtype", self.grad_dtype, tuple(GRAD_DTYPES))
+        if self.grad_dtype != "float32" and method.mode != "dqt":
+            raise ConfigError(f"trainer.plugins.execution.grad_dtype: {self.grad_dtype} applies to DQT weights only "
+                              f"(mode: dqt); mode {method.mode} keeps float32 gradients")
+        for field in ("update_in_backward", "int8_matmul", "fused_update"):
+            if getattr(self, field) and method.mode != "dqt":
+                raise ConfigError(f"trainer.plugins.execution.{field} applies to DQT weights only (mode: dqt); "
+                                  f"got mode {method.mode}")
+        if self.fused_update and method.scale_policy != "fixed":
+            raise ConfigError(f"trainer.plugins.execution.fused_update keeps each layer's scale fixed; scale_policy "
+                              f"{method.scale_policy} re-derives it from the whole stepped weight first; use the "
+                              "unfused one")
+        if self.pack_in_memory and not (method.mode == "dqt" and grid.is_ternary):
+            got = f"mode {method.mode}" + (f", bits {method.bits}" if method.mode != "fp" else "")
+            raise ConfigError(f"trainer.plugins.execution.pack_in_memory packs ternary DQT weights (mode: dqt, bits: "
+                              f"1.58); got {got}")
+        if self.int8_matmul and self.precision == "fp8":
+            raise ConfigError("trainer.plugins.execution.int8_matmul and precision: fp8 both pick the forward matmul; "
+                              "choose one")
+
+
+class QuantPrecision(Precision):
+    """Converts a model for one training method, in place, and runs its forward in the chosen numeric precision.
+
+    A config reads as the method and how it runs::
+
+        plugins:
+          class_path: dqt_lightning.QuantPrecision
+          init_args:
+            method: {mode: dqt, bits: 1.58, rounding: stochastic}
+            execution: {precision: bf16-mixed, fused_update: true}
+
+    Args:
+        method: What is trained (:class:`Method`); DQT ternary with stochastic rounding by default.
+        execution: How it runs (:class:`Execution`); float32, the usual update path by default.
+
+    Raises:
+        ConfigError: naming the setting, for any value :meth:`Method.grid` or :meth:`Execution.check` refuses.
+    """
+
+    def __init__(self, method: Method | None = None, execution: Execution | None = None) -> None:
         super().__init__()
-        self.mode = _choice("mode", mode, MODES)
-        rounding_rule(rounding, field="trainer.plugins.rounding")  # a dotted path is imported and registered here
-        self.rounding = rounding
-        self.precision = _choice("precision", precision, PRECISIONS)  # type: ignore[assignment]
-        self.grad_dtype = GRAD_DTYPES[_choice("grad_dtype", grad_dtype, tuple(GRAD_DTYPES))]
-        self.grid = Grid.from_bits(bits, symmetric, field="trainer.plugins.bits") if mode != "fp" else None
-        if quantize_embeddings and mode == "fp":
-            raise ConfigError("trainer.plugins.quantize_embeddings needs mode dqt or ste; mode fp quantizes nothing")
-        if self.grad_dtype != torch.float32 and mode != "dqt":
-            raise ConfigError(f"trainer.plugins.grad_dtype: {grad_dtype} applies to DQT weights only (mode: dqt); "
-                              f"mode {mode} keeps float32 gradients")
-        self.scale_policy = _choice("scale_policy", scale_policy, SCALE_POLICIES)
-        for field, value in (("scale_policy", scale_policy != "fixed"), ("update_in_backward", update_in_backward),
-                             ("int8_matmul", int8_matmul), ("fused_update", fused_update)):
-            if value and mode != "dqt":
-                raise ConfigError(f"trainer.plugins.{field} applies to DQT weights only (mode: dqt); got mode {mode}")
-        self.update_in_backward = update_in_backward
-        if fused_update and scale_policy != "fixed":
-            raise ConfigError(f"trainer.plugins.fused_update keeps each layer's scale fixed; scale_policy "
-                              f"{scale_policy} re-derives it from the whole stepped weight first; use the unfused one")
-        self.fused_update = fused_update
-        self.compile_fused_update = compile_fused_update
+        self.method = method = method if method is not None else Method()
+        self.execution = execution = execution if execution is not None else Execution()
+        self.grid = method.grid()
+        execution.check(method, self.grid)
+        self.grad_dtype = GRAD_DTYPES[execution.grad_dtype]
+        self.precision = execution.precision  # type: ignore[assignment] - Lightning's own: trainer.precision reads it
         # The QuantizedUpdate callback of the running fit, which registers itself here (see optimizer_step).
         self.quantized_update: Any = None
-        if pack_in_memory and not (mode == "dqt" and self.grid.is_ternary):
-            raise ConfigError(f"trainer.plugins.pack_in_memory packs ternary DQT weights (mode: dqt, bits: 1.58); got "
-                              f"mode {mode}" + (f", bits {bits}" if mode != "fp" else ""))
-        self.pack_in_memory = pack_in_memory
-        if int8_matmul and precision == "fp8":
-            raise ConfigError("trainer.plugins.int8_matmul and precision: fp8 both pick the forward matmul; choose one")
-        self.int8_matmul = int8_matmul
-        self.per_row_scale = per_row_scale
-        self.pack_ternary = pack_ternary
-        self.quantize_embeddings = quantize_embeddings
         self._device_type = "cpu"
+
+    @classmethod
+    def from_settings(cls, **settings: Any) -> QuantPrecision:
+        """A plugin from flat settings, each given to the group that has it: ``from_settings(mode="dqt", bits=8,
+        fused_update=True)``, for code that sweeps settings by name (benchmarks, tests)."""
+        groups: dict[type, dict[str, Any]] = {Method: {}, Execution: {}}
+        for name, value in settings.items():
+            group = next((g for g in groups if name in {f.name for f in fields(g)}), None)
+            if group is None:
+                raise TypeError(f"QuantPrecision has no setting '{name}'")
+            groups[group][name] = value
+        return cls(Method(**groups[Method]), Execution(**groups[Execution]))
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
         # Under DDPStrategy the return value is ignored, so every swap happens in place. Converting twice is a no-op:
         # the LightningModule also calls this before a checkpoint is restored into it.
-        if self.mode == "fp":
+        if self.method.mode == "fp":
             return module
         for name, parent in list(module.named_modules()):
             for child_name, child in list(parent.named_children()):
                 converted = self._convert(child, f"{name}.{child_name}")
                 if converted is not None:
                     setattr(parent, child_name, converted)
-                    log.debug("converted %s.%s to %s", name, child_name, self.mode)
+                    log.debug("converted %s.%s to %s", name, child_name, self.method.mode)
         already = sum(isinstance(m, (DQTWeight, BitLinear)) for m in module.modules())
         if already == 0:
-            raise TypeError(f"mode {self.mode} found no projection ({', '.join(PROJECTIONS)}) to quantize in the model")
+            raise TypeError(f"mode {self.method.mode} found no projection ({', '.join(PROJECTIONS)}) to quantize in "
+                            "the model")
         for layer in module.modules():
-            if isinstance(layer, DQTWeight) and self.pack_in_memory:
+            if isinstance(layer, DQTWeight) and self.execution.pack_in_memory:
                 layer.pack_storage()
-            if isinstance(layer, DQTLinear) and self.int8_matmul:
+            if isinstance(layer, DQTLinear) and self.execution.int8_matmul:
                 layer.int8_matmul = True
         _keep_integers_out_of_ddp_sync(module)
         return module
@@ -162,20 +238,20 @@ class QuantPrecision(Precision):
     def _convert(self, child: nn.Module, qualified_name: str) -> nn.Module | None:
         """The quantized replacement of ``child``, or ``None`` when it stays as it is (or is converted already)."""
         own_name = qualified_name.rsplit(".", 1)[-1]
-        if type(child) is nn.Embedding and self.quantize_embeddings and own_name == EMBEDDING:
-            if self.mode == "ste":
+        if type(child) is nn.Embedding and self.method.quantize_embeddings and own_name == EMBEDDING:
+            if self.method.mode == "ste":
                 return BitEmbedding.from_embedding(child, self.grid)
-            return DQTEmbedding.from_embedding(child, self.grid, self.rounding, self.per_row_scale, self.grad_dtype,
-                                               self.scale_policy)
-        is_head = self.quantize_embeddings and own_name == HEAD
+            return DQTEmbedding.from_embedding(child, self.grid, self.method.rounding, self.method.per_row_scale,
+                                               self.grad_dtype, self.method.scale_policy)
+        is_head = self.method.quantize_embeddings and own_name == HEAD
         if type(child) is not nn.Linear or not (is_projection(qualified_name) or is_head):
             return None
         if child.bias is not None:
             raise TypeError("quantized projections are bias-free, as in LLaMA; got a Linear with a bias")
-        if self.mode == "ste":
+        if self.method.mode == "ste":
             return BitLinear.from_linear(child, self.grid)
-        return DQTLinear.from_linear(child, self.grid, self.rounding, self.per_row_scale, self.grad_dtype,
-                                     self.scale_policy)
+        return DQTLinear.from_linear(child, self.grid, self.method.rounding, self.method.per_row_scale,
+                                     self.grad_dtype, self.method.scale_policy)
 
     @override
     def connect(self, model: nn.Module, optimizers: list, lr_schedulers: list) -> tuple[nn.Module, list, list]:
@@ -190,9 +266,9 @@ class QuantPrecision(Precision):
     def _use_fp8_matmuls(self, model: nn.Module, device: torch.device) -> None:
         reason = fp8_unsupported_reason(device)
         if reason is not None:
-            raise ConfigError(f"trainer.plugins.precision: fp8 needs an NVIDIA GPU of compute capability 8.9+ and "
-                              f"torchao; {reason}; use bf16-mixed")
-        if self.mode == "fp":
+            raise ConfigError(f"trainer.plugins.execution.precision: fp8 needs an NVIDIA GPU of compute capability "
+                              f"8.9+ and torchao; {reason}; use bf16-mixed")
+        if self.method.mode == "fp":
             # Here rather than in convert_module: checkpoints load into plain nn.Linear, and only a supported
             # device gets the swap. Float8Linear keeps each weight parameter, so the optimizer built already holds it.
             convert_fp_linears(model, is_projection)
@@ -228,19 +304,17 @@ class QuantPrecision(Precision):
         LightningModule (a bit-width schedule moves grids while the configured bits stay)."""
         grid = self.grid
         return {
-            "method": {"mode": self.mode, "bits": grid.bits if grid else None,
-                       "symmetric": bool(grid and grid.qmin == -grid.qmax), "rounding": self.rounding,
-                       "per_row_scale": self.per_row_scale, "scale_policy": self.scale_policy,
-                       "quantize_embeddings": self.quantize_embeddings},
-            "execution": {"precision": self.precision, "grad_dtype": str(self.grad_dtype).removeprefix("torch."),
-                          "pack_ternary": self.pack_ternary, "pack_in_memory": self.pack_in_memory,
-                          "int8_matmul": self.int8_matmul, "fused_update": self.fused_update,
-                          "update_in_backward": self.update_in_backward},
+            "method": {"mode": self.method.mode, "bits": grid.bits if grid else None,
+                       "symmetric": bool(grid and grid.qmin == -grid.qmax), "rounding": self.method.rounding,
+                       "per_row_scale": self.method.per_row_scale, "scale_policy": self.method.scale_policy,
+                       "quantize_embeddings": self.method.quantize_embeddings},
+            "execution": {name: getattr(self.execution, name) for name in ("precision", "grad_dtype", "pack_ternary",
+                          "pack_in_memory", "int8_matmul", "fused_update", "update_in_backward")},
         }
 
     @override
     def forward_context(self):
-        if self.precision in ("bf16-mixed", "fp8"):
+        if self.execution.precision in ("bf16-mixed", "fp8"):
             return torch.autocast(self._device_type, dtype=torch.bfloat16)
         return nullcontext()
 

@@ -86,12 +86,12 @@ class BitWidthSchedule(Callback):
 
     Args:
         schedule: ``[fraction of training, bits]`` pairs with increasing fractions, the first at 0.0 with the bits
-            the run starts with (``trainer.plugins.bits``). A fraction counts optimizer steps out of
+            the run starts with (``trainer.plugins.method.bits``). A fraction counts optimizer steps out of
             ``trainer.max_steps`` (or the estimated stepping batches when that is unset); e.g.
             ``[[0.0, 8], [0.7, 1.58]]`` trains 8-bit for 70% of the steps, then ternary.
         rounding: How ``alpha * q`` is rounded onto the new grid at a switch: ``stochastic`` (unbiased inside the
             grid), ``nearest``, or any registered rounding rule (by name or dotted path). Training after the switch
-            rounds as ``trainer.plugins.rounding`` says.
+            rounds as ``trainer.plugins.method.rounding`` says.
         scale_rule: The new scale at a switch: ``absmean`` (BitNet's quantizer on the current weight,
             ``mean|W| / Qp'``) or ``range`` (the old grid's range kept, ``alpha * Qp / Qp'``: nothing is clipped).
         seed: Seed of the switch's rounding noise; default: the run seed (``seed_everything``), as the update's.
@@ -147,12 +147,13 @@ class BitWidthSchedule(Callback):
         # Runs after a checkpoint's callback state was loaded, before the first (or the resumed) step.
         self._layers = [m for m in pl_module.modules() if isinstance(m, DQTWeight)]
         if not self._layers:
-            raise ConfigError("BitWidthSchedule needs DQT weights (trainer.plugins.mode: dqt); this model has none")
+            raise ConfigError("BitWidthSchedule needs DQT weights (trainer.plugins.method.mode: dqt); this model has "
+                              "none")
         plugin_grid: Grid | None = getattr(trainer.precision_plugin, "grid", None)
         start = plugin_grid or self._layers[0].grid
         if not _same_bits(start.bits, self.schedule[0][1]):
             raise ConfigError(f"BitWidthSchedule.schedule[0] starts at {self.schedule[0][1]:g} bits but the weights "
-                              f"start at {start.bits:g} (trainer.plugins.bits)")
+                              f"start at {start.bits:g} (trainer.plugins.method.bits)")
         self._symmetric = self._is_symmetric(start)
         self.seed = run_seed(self.seed)
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches

@@ -24,8 +24,7 @@ Observer = Callable[[str, DQTWeight, int, "tuple[torch.Tensor, torch.Tensor] | N
 
 
 def finite_gradients(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One boolean per gradient: whether it holds no NaN and no inf. One min-and-max pass per tensor (no ``|g|``
-    temporary): NaN makes both NaN, +inf the max, -inf the min."""
+    """One boolean per gradient: no NaN and no inf in it. One min-and-max pass each, no ``|g|`` temporary."""
     extremes = torch.stack([extreme.float() for grad in grads for extreme in grad.detach().aminmax()])
     return torch.isfinite(extremes).view(-1, 2).all(dim=1)
 
@@ -102,13 +101,13 @@ class QuantizedUpdate(HookOwner):
     Under DDP every rank draws the same noise, so the integer replicas stay bit-identical; every
     ``check_replicas_every_n_steps`` steps a checksum comparison proves it, or stops the run.
 
-    With ``QuantPrecision(update_in_backward=True)`` the same update runs per layer inside backward instead, from a
+    With ``Execution(update_in_backward=True)`` the same update runs per layer inside backward instead, from a
     hook that fires as soon as the layer's gradient is complete: average it across ranks (one collective per layer,
     on a process group of its own), step the one parameter with the configured optimizer, round, free the gradient.
     Same seeds, same arithmetic, same weights as the usual path. A non-finite gradient then skips (or stops at) that
     layer only: the layers before it in backward have already moved.
 
-    With ``QuantPrecision(fused_update=True)`` no float weight is materialized: after clipping, each layer's levels,
+    With ``Execution(fused_update=True)`` no float weight is materialized: after clipping, each layer's levels,
     gradient and moments go through the optimizer's registered rule fused with the rounding
     (:class:`~dqt_lightning.train.fused.FusedUpdate`), then the optimizer steps the float parameters alone. Same
     arithmetic and noise as the usual path. Inside backward too, when both are on; there the fused step leaves a
@@ -195,16 +194,18 @@ class QuantizedUpdate(HookOwner):
                               f"whose optimizer step applies the update; the precision plugin is "
                               f"{type(plugin).__name__}")
         self._handles = [_AttributeHandle(plugin, "quantized_update", self)]
-        self._in_backward = bool(plugin.update_in_backward)
-        if plugin.fused_update:
+        execution = plugin.execution
+        self._in_backward = bool(execution.update_in_backward)
+        if execution.fused_update:
             if len(trainer.optimizers) != 1:
                 raise ConfigError(f"{FusedUpdate.field} needs exactly one optimizer; got {len(trainer.optimizers)}")
-            self._fused = FusedUpdate(trainer.optimizers[0], trainer.strategy.root_device, plugin.compile_fused_update)
+            self._fused = FusedUpdate(trainer.optimizers[0], trainer.strategy.root_device,
+                                      execution.compile_fused_update)
         if self._in_backward:
             self._hook_into_backward(trainer)
 
     def _hook_into_backward(self, trainer: pl.Trainer) -> None:
-        field = "trainer.plugins.update_in_backward"
+        field = "trainer.plugins.execution.update_in_backward"
         if (accumulate := trainer.accumulate_grad_batches) != 1:
             raise ConfigError(f"{field} needs trainer.accumulate_grad_batches: 1 (got {accumulate}): an update in "
                               "backward cannot wait for the gradients of later micro-batches")
