@@ -160,8 +160,7 @@ class QuantizedUpdate(HookOwner):
         self._in_backward = False
         self._steppers: list[Callable[[], None]] = []
         self._group = None  # the process group of the per-layer averages in backward
-        self._updated_in_backward = False
-        self._skipped_in_backward = False
+        self._updated_in_backward = self._skipped_in_backward = False
         # Called once per layer and step (see Observer), between its optimizer step and its rounding: how
         # WeightTelemetry sees the float step, or the statistics of it that the fused update computed.
         self.observers: list[Observer] = []
