@@ -39,9 +39,9 @@ def parse(*configs: str) -> dict:
 
 
 def test_configs_exist():
-    expected = {"ternary.yaml", "dqt-8bit.yaml", "dqt-4bit.yaml", "dqt-3bit.yaml", "dqt-2bit.yaml", "bitnet.yaml",
-                "fp.yaml"}
-    assert expected <= set(BASES)
+    # Three bases, one per mode; bit widths are overlays on them.
+    assert set(BASES) == {"ternary.yaml", "bitnet.yaml", "fp.yaml"}
+    assert {"bits/2.yaml", "bits/3.yaml", "bits/4.yaml", "bits/8.yaml"} <= set(OVERLAYS)
     assert {"ablation/nearest.yaml", "model/tiny.yaml", "model/130m.yaml", "model/320m.yaml", "model/1b.yaml",
             "precision/fp32.yaml", "precision/bf16.yaml"} <= set(OVERLAYS)
 

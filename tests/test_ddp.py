@@ -27,8 +27,8 @@ EVERY_STEP = {"check_replicas_every_n_steps": 1}
 # run name: (base config, the plugin's init_args changed (by block), QuantizedUpdate's init_args)
 IDENTICAL = {
     "ternary": ("ternary.yaml", None, EVERY_STEP),
-    "8bit": ("dqt-8bit.yaml", None, EVERY_STEP),
-    "8bit-nearest": ("dqt-8bit.yaml", {"method": {"rounding": "nearest"}}, EVERY_STEP),
+    "8bit": ("ternary.yaml", {"method": {"bits": 8}}, EVERY_STEP),
+    "8bit-nearest": ("ternary.yaml", {"method": {"bits": 8, "rounding": "nearest"}}, EVERY_STEP),
     "bitnet": ("bitnet.yaml", None, EVERY_STEP),
     # The fused update's counter-based noise must agree across ranks too (eager: the same function, no compile time).
     "ternary-fused": ("ternary.yaml", {"execution": {"fused_update": True, "compile_fused_update": False}},

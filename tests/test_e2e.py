@@ -34,8 +34,9 @@ def cli_for(configs: list[str], data_cache: str, *extra: str) -> DQTLightningCLI
     )
 
 
-@pytest.mark.parametrize("configs", [["fp.yaml"], ["bitnet.yaml"], ["ternary.yaml"], ["dqt-8bit.yaml"],
-                                     ["dqt-8bit.yaml", "ablation/nearest.yaml"]], ids=lambda c: "+".join(c))
+@pytest.mark.parametrize("configs", [["fp.yaml"], ["bitnet.yaml"], ["ternary.yaml"], ["ternary.yaml", "bits/8.yaml"],
+                                     ["ternary.yaml", "bits/8.yaml", "ablation/nearest.yaml"]],
+                         ids=lambda c: "+".join(c))
 def test_each_mode_trains_and_the_loss_falls(configs, data_cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = cli_for(configs, data_cache)

@@ -48,9 +48,7 @@ CONFIG_SETS = ([[b] for b in BASES] + [["ternary.yaml", o] for o in OVERLAYS]
 BITS = {"trainer.plugins.init_args.method.bits"}
 SIZE = {"model.init_args.config.name"}  # the sizes themselves are overridden by SHRINK
 SAME_PATH = {
-    **{f"dqt-{n}bit.yaml": ("dqt-8bit.yaml", BITS) for n in (2, 3, 4)},
-    **{f"ternary.yaml+bits/{n}.yaml": ("dqt-8bit.yaml", BITS) for n in (2, 3, 4)},
-    "ternary.yaml+bits/8.yaml": ("dqt-8bit.yaml", set()),
+    **{f"ternary.yaml+bits/{n}.yaml": ("ternary.yaml+bits/8.yaml", BITS) for n in (2, 3, 4)},
     **{f"bitnet.yaml+bits/{n}.yaml": ("bitnet.yaml+bits/4.yaml", BITS) for n in (2, 3, 8)},
     "ternary.yaml+model/tiny.yaml": ("ternary.yaml", set()),
     "ternary.yaml+model/320m.yaml": ("ternary.yaml", SIZE),

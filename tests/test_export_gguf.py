@@ -66,7 +66,7 @@ def _fit(home: Path, data_cache: str, config: str, sizes: list[str]) -> Path:
 def runs(tmp_path_factory, data_cache) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gguf-runs")
     return {"ternary": _fit(root / "ternary", data_cache, "ternary.yaml", WIDE),
-            "8bit": _fit(root / "8bit", data_cache, "dqt-8bit.yaml", WIDE)}
+            "8bit": _fit(root / "8bit", data_cache, "ternary.yaml", [*WIDE, "--config", str(CONFIGS / "bits/8.yaml")])}
 
 
 def _export(ckpt: Path, out: Path, *flags: str) -> Path:

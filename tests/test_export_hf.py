@@ -200,7 +200,7 @@ def test_tokenizer_round_trips_through_auto_tokenizer(runs, transformers, tmp_pa
 
 def test_an_8bit_model_is_a_float_llama_equal_to_ours_without_activation_quantization(runs, transformers, tmp_path,
                                                                                         monkeypatch):
-    ckpt = runs.checkpoint("dqt-8bit.yaml", "llama")
+    ckpt = runs.checkpoint("ternary.yaml", "llama", "--config", str(CONFIGS / "bits/8.yaml"))
     out = _export(ckpt, tmp_path / "hf")
     written = json.loads((out / "config.json").read_text())
     assert written["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in written
@@ -225,7 +225,7 @@ def test_an_8bit_model_is_a_float_llama_equal_to_ours_without_activation_quantiz
 
 
 def test_ternary_flag_gives_the_bitnet_layout_of_our_ternary_evaluation(runs, transformers, tmp_path, monkeypatch):
-    ckpt = runs.checkpoint("dqt-8bit.yaml", "llama")
+    ckpt = runs.checkpoint("ternary.yaml", "llama", "--config", str(CONFIGS / "bits/8.yaml"))
     out = _export(ckpt, tmp_path / "hf", "--ternary")
     written = json.loads((out / "config.json").read_text())
     assert written["architectures"] == ["LlamaForCausalLM"]

@@ -223,7 +223,8 @@ def test_resume_across_a_switch_is_bit_exact(tmp_path, stop_at):
 @pytest.mark.parametrize("overlay", sorted(p.name for p in (CONFIGS / "schedule").glob("*.yaml")))
 def test_schedule_overlays_keep_the_base_callbacks(overlay):
     cli = _ParseOnly(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                     run=False, args=["--config", str(CONFIGS / "dqt-8bit.yaml"),
+                     run=False, args=["--config", str(CONFIGS / "ternary.yaml"),
+                                      "--config", str(CONFIGS / "bits/8.yaml"),
                                       "--config", str(CONFIGS / "schedule" / overlay)])
     classes = [c.class_path for c in cli.config.trainer.callbacks]
     assert classes == ["dqt_lightning.QuantizedUpdate", "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -266,7 +267,7 @@ def test_compare_shows_where_a_schedule_ended_and_the_ternary_loss(tmp_path):
 
     from dqt_lightning.tools.compare import load_run, table
 
-    run_dir = tmp_path / "runs" / "dqt-8bit+8-to-ternary" / "version_0"
+    run_dir = tmp_path / "runs" / "ternary+8+8-to-ternary" / "version_0"
     run_dir.mkdir(parents=True)
     plugin = "{mode: dqt, bits: 8.0, rounding: stochastic}"
     (run_dir / "config.yaml").write_text(f"trainer:\n  plugins:\n    init_args: {plugin}\n")

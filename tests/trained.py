@@ -27,7 +27,7 @@ STEPS = 6
 TINY = ["--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
         "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--model.init_args.warmup_steps", "2", *TINY_MODEL]
-RUNS = {"fp": ["fp.yaml"], "bitnet": ["bitnet.yaml"], "dqt-8bit": ["dqt-8bit.yaml"], "ternary": ["ternary.yaml"],
+RUNS = {"fp": ["fp.yaml"], "bitnet": ["bitnet.yaml"], "dqt-8bit": ["ternary.yaml", "bits/8.yaml"], "ternary": ["ternary.yaml"],
         "bitnet-4bit": ["bitnet.yaml", "bits/4.yaml"], "8-to-ternary": ["ternary.yaml", "schedule/8-to-ternary.yaml"]}
 
 

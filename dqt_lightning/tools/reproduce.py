@@ -51,15 +51,15 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "fp": ("fp.yaml", ()),
     "bitnet": ("bitnet.yaml", ()),
     "dqt-ternary": ("ternary.yaml", ()),
-    "dqt-8bit": ("dqt-8bit.yaml", ()),
-    "dqt-8bit-nearest": ("dqt-8bit.yaml", ("ablation/nearest.yaml",)),
+    "dqt-8bit": ("ternary.yaml", ("bits/8.yaml",)),
+    "dqt-8bit-nearest": ("ternary.yaml", ("bits/8.yaml", "ablation/nearest.yaml")),
     "dqt-ternary-nearest": ("ternary.yaml", ("ablation/nearest.yaml",)),
     # The best schedule of docs/schedules.md: 8-bit for 70% of the steps, then ternary keeping the 8-bit range.
-    "dqt-8bit-to-ternary": ("dqt-8bit.yaml", ("schedule/8-to-ternary-range.yaml",)),
-    "dqt-8bit-bf16": ("dqt-8bit.yaml", ("precision/bf16.yaml",)),
+    "dqt-8bit-to-ternary": ("ternary.yaml", ("bits/8.yaml", "schedule/8-to-ternary-range.yaml")),
+    "dqt-8bit-bf16": ("ternary.yaml", ("bits/8.yaml", "precision/bf16.yaml")),
 }
 # On an FP8 GPU only (H100, L40S): claim 3's FP8 part. Not in the default set, since elsewhere it refuses to start.
-OPTIONAL_ARMS = {"dqt-8bit-fp8": ("dqt-8bit.yaml", ("precision/fp8.yaml",))}
+OPTIONAL_ARMS = {"dqt-8bit-fp8": ("ternary.yaml", ("bits/8.yaml", "precision/fp8.yaml"))}
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ def measure_overhead(every_n_steps: tuple[int, ...] = (50, 10, 1), steps: int = 
                      warmup: int = 5) -> dict[str, list[float]]:
     """Training tokens/s of the tiny 8-bit DQT model without and with telemetry, interleaved in one process.
 
-    Each setting trains ``warmup + steps`` steps on random tokens (batch 16 x 128, as ``configs/dqt-8bit.yaml``)
+    Each setting trains ``warmup + steps`` steps on random tokens (batch 16 x 128, as ``configs/ternary.yaml``)
     with a TensorBoard logger, so histograms are really written; the settings take turns ``repeats`` times, so a
     load change on a shared machine hits all of them alike.
 
