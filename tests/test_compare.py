@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def three_runs(tmp_path_factory, trained_runs) -> Path:
-    """runs/ holding the session's fp, bitnet and dqt-8bit runs (copies: compare reads a directory of runs)."""
+    """runs/ holding the session's fp, bitnet and 8-bit DQT runs (copies: compare reads a directory of runs)."""
     root = tmp_path_factory.mktemp("compare")
     for name in ("fp", "bitnet", "dqt-8bit"):
         trained_runs.copy(name, root)
@@ -30,7 +30,7 @@ def three_runs(tmp_path_factory, trained_runs) -> Path:
 def test_every_run_is_found_and_read(three_runs):
     runs = [load_run(path) for path in find_runs([str(three_runs)])]
     assert [(r.path.parent.name, r.mode, r.bits) for r in runs] == [
-        ("bitnet", "ste", "1.58"), ("dqt-8bit", "dqt", "8"), ("fp", "fp", "32")]
+        ("bitnet", "ste", "1.58"), ("fp", "fp", "32"), ("ternary+8", "dqt", "8")]
     for run in runs:
         # Two validations during fit (steps 3 and 6) plus the CLI's final one.
         assert len(run.val_curve) >= 2
@@ -43,7 +43,7 @@ def test_every_run_is_found_and_read(three_runs):
 
 def test_compare_prints_the_table_and_writes_a_png(three_runs, tmp_path, capsys):
     png = tmp_path / "plots" / "val.png"
-    assert compare([str(three_runs / "fp"), str(three_runs / "dqt-8bit"), str(three_runs / "bitnet"),
+    assert compare([str(three_runs / "fp"), str(three_runs / "ternary+8"), str(three_runs / "bitnet"),
                     "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "version_" in line]
