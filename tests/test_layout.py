@@ -4,6 +4,7 @@ the package (any install, not only a checkout)."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,10 @@ from dqt_lightning.tools import reproduce
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dqt_lightning"
 MAX_LINES = 450
+
+
+# The modules that subclass an optional package's class, and that package (the others import theirs on use).
+NEEDS_OPTIONAL_PACKAGE = {"dqt_lightning.tools.lm_eval_adapter": "lm_eval"}
 
 
 def _module_names() -> list[str]:
@@ -56,7 +61,10 @@ def test_every_module_imports_on_its_own():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == ""
+    # A module that exists to plug into an optional package may miss exactly that package, and nothing else.
+    allowed = {f"{name}: ModuleNotFoundError(\"No module named '{package}'\")"
+               for name, package in NEEDS_OPTIONAL_PACKAGE.items() if importlib.util.find_spec(package) is None}
+    assert set(filter(None, done.stdout.splitlines())) <= allowed, done.stdout
 
 
 def test_no_import_cycle():
