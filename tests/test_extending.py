@@ -67,12 +67,19 @@ def test_a_rounding_rule_defined_outside_the_package_trains_through_the_cli(tmp_
     assert checkpoint["global_step"] == steps
 
 
-def test_an_unknown_rounding_rule_is_one_line_naming_the_field_and_the_known_rules(tmp_path):
-    result = _run(tmp_path, "--trainer.plugins.init_args.method.rounding", "floor")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: trainer.plugins.method.rounding must be a registered rounding rule (stochastic, nearest) or "
-                      "the dotted path of one (package.module.function); got 'floor'"]
+def test_an_unknown_rounding_rule_is_one_line_naming_the_field_and_the_known_rules(tmp_path, monkeypatch, capsys):
+    from dqt_lightning.cli import main  # in this process: the error comes before anything trains
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(REPO / "configs" / "ternary.yaml"),
+              "--trainer.plugins.init_args.method.rounding", "floor"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: trainer.plugins.method.rounding must be a registered rounding rule (stochastic, "
+                      "nearest) or the dotted path of one (package.module.function); got 'floor'"]
+    assert not (tmp_path / "runs").exists()
 
 
 def test_the_rule_in_the_docs_registers_and_rounds_half_away_from_zero(tmp_path, monkeypatch):
