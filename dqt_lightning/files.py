@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -89,3 +89,15 @@ def _umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it; put it straight back
     os.umask(mask)
     return mask
+
+
+def check_replaceable_directory(out: Path, own_files: Iterable[str], kind: str) -> None:
+    """Refuse, naming ``--output``, a directory that a new ``kind`` cannot replace whole: a file in its place, or a
+    directory holding anything but ``own_files`` (an earlier one's files are replaced; anything else is the user's)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {out} is a file; give a directory to write the {kind} into")
+    own = set(own_files)
+    others = sorted(p.name for p in out.iterdir() if p.name not in own) if out.is_dir() else []
+    if others:
+        raise ConfigError(f"--output {out} holds files that are not an {kind}'s ({', '.join(others[:3])}"
+                          f"{', ...' if len(others) > 3 else ''}); give a new directory or an earlier {kind}")

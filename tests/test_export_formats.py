@@ -1,7 +1,8 @@
 """Bad input to the commands that read a trained model (``export`` in every format, ``eval``, ``generate``): one line
 naming the option or file, exit 2, nothing written. ``export --format hf`` without the optional ``transformers``
-package names the extra that installs it. (With the package, tests/test_export_hf.py checks the directory against
-transformers' own loader; those tests run in the interop step.)"""
+or ``--format gguf`` without ``gguf`` names the extra that installs it. (With the packages, tests/test_export_hf.py
+and tests/test_export_gguf.py check the output against transformers', gguf's and llama.cpp's own readers; those tests
+run in the interop step.)"""
 
 from __future__ import annotations
 
@@ -13,21 +14,24 @@ from dqt_lightning.cli import main
 from tests.trained import trained_runs  # noqa: F401 - a fixture
 
 
-def test_hf_export_without_transformers_names_the_extra(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("fmt,package,extra,output", [("hf", "transformers", "hf", "last-export-hf"),
+                                                        ("gguf", "gguf", "gguf", "model.gguf")])
+def test_an_export_without_its_optional_package_names_the_extra(tmp_path, monkeypatch, capsys, fmt, package, extra,
+                                                                output):
     find_spec = importlib.util.find_spec
 
-    def hide_transformers(name, *args, **kwargs):
-        return None if name == "transformers" else find_spec(name, *args, **kwargs)
+    def hide(name, *args, **kwargs):
+        return None if name == package else find_spec(name, *args, **kwargs)
 
-    monkeypatch.setattr(importlib.util, "find_spec", hide_transformers)
+    monkeypatch.setattr(importlib.util, "find_spec", hide)
     ckpt = tmp_path / "last.ckpt"
     ckpt.write_bytes(b"not read: the missing package is reported first")
     with pytest.raises(SystemExit) as done:
-        main(["export", str(ckpt), "--format", "hf"])  # the default --output: last-export-hf beside it
+        main(["export", str(ckpt), "--format", fmt, "--output", str(tmp_path / output)])
     err = capsys.readouterr().err.strip()
     assert done.value.code == 2 and len(err.splitlines()) == 1
-    assert err == ("error: export --format hf needs the optional package 'transformers': pip install -e '.[hf]' "
-                   "(or pip install transformers)")
+    assert err == (f"error: export --format {fmt} needs the optional package '{package}': pip install -e '.[{extra}]' "
+                   f"(or pip install {package})")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 

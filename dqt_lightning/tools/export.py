@@ -29,7 +29,7 @@ from pathlib import Path
 from safetensors.torch import save
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.files import atomic_directory
+from dqt_lightning.files import atomic_directory, check_replaceable_directory
 from dqt_lightning.quant.grid import pack_ternary
 from dqt_lightning.tools.loading import (TOKENIZER_FILES, integer_state, model_from_checkpoint, resolve_checkpoint,
                                          tokenizer_of_checkpoint)
@@ -51,12 +51,7 @@ def export(ckpt_path: str | Path, output: str | Path, pack: bool = False) -> Pat
         The output directory.
     """
     out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output {out} is a file; give a directory to write the export into")
-    others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES) if out.is_dir() else []
-    if others:  # an earlier export is replaced whole; anything else there is the user's, and stays
-        raise ConfigError(f"--output {out} holds files that are not an export's ({', '.join(others[:3])}"
-                          f"{', ...' if len(others) > 3 else ''}); give a new directory or an earlier export")
+    check_replaceable_directory(out, EXPORT_FILES, "export")
     ckpt_path = resolve_checkpoint(ckpt_path)
     model, settings = model_from_checkpoint(ckpt_path)
     tensors, integer = integer_state(model)

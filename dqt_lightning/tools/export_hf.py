@@ -47,7 +47,7 @@ from safetensors.torch import save
 from torch import nn
 
 from dqt_lightning.errors import ConfigError, require_extra
-from dqt_lightning.files import atomic_directory
+from dqt_lightning.files import atomic_directory, check_replaceable_directory
 from dqt_lightning.model import LLaMA
 from dqt_lightning.quant.ternary import TernaryWeights
 from dqt_lightning.tools.loading import (integer_state, model_from_checkpoint, resolve_checkpoint,
@@ -78,7 +78,7 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "float32", ternary: bool = Fal
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got '{dtype}'")
     out = Path(out)
-    _check_output(out)
+    check_replaceable_directory(out, HF_FILES, "hf export")
     ckpt = resolve_checkpoint(ckpt)
     model, settings = model_from_checkpoint(ckpt)
     config = model.config
@@ -116,15 +116,6 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "float32", ternary: bool = Fal
                 "unk_token": token, "pad_token": token, "model_max_length": config.block_size,
                 "clean_up_tokenization_spaces": False, "split_special_tokens": True}, indent=2))
     return out
-
-
-def _check_output(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output {out} is a file; give a directory to write the export into")
-    others = sorted(p.name for p in out.iterdir() if p.name not in HF_FILES) if out.is_dir() else []
-    if others:  # an earlier export is replaced whole; anything else there is the user's, and stays
-        raise ConfigError(f"--output {out} holds files that are not an hf export's ({', '.join(others[:3])}"
-                          f"{', ...' if len(others) > 3 else ''}); give a new directory or an earlier export")
 
 
 def _describe(settings: dict) -> str:
