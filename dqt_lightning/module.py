@@ -40,17 +40,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _check_learning_rates(optimizer: torch.optim.Optimizer) -> None:
+def check_learning_rate(lr: float, betas: tuple[float, ...] | list[float] = (0.0,)) -> None:
     """A learning rate no step can take is one line here, not a float overflow inside the optimizer's step."""
-    for group in optimizer.param_groups:
-        lr = float(group["lr"])
-        if not math.isfinite(lr):
-            raise ConfigError(f"model.init_args.optimizer.init_args.lr must be finite; got {lr:g}")
-        # Adam's first step moves a weight by up to lr / (1 - beta1), which the update computes in float32.
-        largest = lr / (1 - group.get("betas", (0.0,))[0])
-        if largest > torch.finfo(torch.float32).max:
-            raise ConfigError(f"model.init_args.optimizer.init_args.lr={lr:g} overflows float32 in the optimizer's "
-                              f"first step (a step of up to {largest:.3g}, above 3.4e38)")
+    lr = float(lr)
+    if not math.isfinite(lr):
+        raise ConfigError(f"model.init_args.optimizer.init_args.lr must be finite; got {lr:g}")
+    # Adam's first step moves a weight by up to lr / (1 - beta1), which the update computes in float32.
+    largest = lr / (1 - betas[0])
+    if largest > torch.finfo(torch.float32).max:
+        raise ConfigError(f"model.init_args.optimizer.init_args.lr={lr:g} overflows float32 in the optimizer's "
+                          f"first step (a step of up to {largest:.3g}, above 3.4e38)")
+
+
+NEEDS_THE_CALLBACK = ("trainer.plugins.method.mode=dqt needs the callback that updates the integer weights: add "
+                      "'- class_path: dqt_lightning.QuantizedUpdate' to trainer.callbacks")
 
 
 class LanguageModel(pl.LightningModule):
@@ -136,8 +139,7 @@ class LanguageModel(pl.LightningModule):
         # would never move: a traceback from inside torch.optim at the first step, or worse, a run that learns nothing.
         if any(isinstance(m, DQTWeight) for m in self.modules()) and not any(
                 isinstance(c, QuantizedUpdate) for c in self.trainer.callbacks):
-            raise ConfigError("trainer.plugins.method.mode=dqt needs the callback that updates the integer weights: "
-                              "add '- class_path: dqt_lightning.QuantizedUpdate' to trainer.callbacks")
+            raise ConfigError(NEEDS_THE_CALLBACK)
         # The run directory keeps the tokenizer beside config.yaml, for people and for tools that read a run.
         tokenizer = self._training_tokenizer()
         if self.trainer.logger is None or tokenizer is None:
@@ -248,7 +250,8 @@ class LanguageModel(pl.LightningModule):
             optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         except ValueError as error:
             raise ConfigError(f"model.optimizer: {error}") from error
-        _check_learning_rates(optimizer)
+        for group in optimizer.param_groups:
+            check_learning_rate(group["lr"], group.get("betas", (0.0,)))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         if self.warmup_steps > total:
             # Easy to miss when a short run stacks a long recipe (the 130m overlay warms up over 2000 steps).

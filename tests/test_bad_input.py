@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from dqt_lightning import LanguageModel, Method, QuantizedUpdate, QuantPrecision
 from dqt_lightning.files import atomic_directory, atomic_write, remove_dead_writers_files
-from dqt_lightning.tools import export
+from dqt_lightning.commands import run as run_tool
 from tests.conftest import SMALL
 from tests.test_cli import cli  # noqa: F401 - the in-process command fixture
 
@@ -35,21 +35,21 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def test_export_to_an_impossible_path_is_one_line(checkpoint, capsys):
-    assert export.main([str(checkpoint), "--output", "/proc/dqt-export"]) == 2
+    assert run_tool(["export", str(checkpoint), "--output", "/proc/dqt-export"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: --output /proc/dqt-export cannot be written: ")
 
 
 def test_export_never_replaces_a_directory_of_other_files(checkpoint, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
-    assert export.main([str(checkpoint), "--output", str(tmp_path)]) == 2
+    assert run_tool(["export", str(checkpoint), "--output", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"error: --output {tmp_path} holds files that are not an export's "
                                                "(notes.txt); give a new directory or an earlier export")
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
     out = tmp_path / "export"
-    assert export.main([str(checkpoint), "--output", str(out)]) == 0
+    assert run_tool(["export", str(checkpoint), "--output", str(out)]) == 0
     first = (out / "model.safetensors").read_bytes()
-    assert export.main([str(checkpoint), "--output", str(out)]) == 0  # an earlier export is replaced whole
+    assert run_tool(["export", str(checkpoint), "--output", str(out)]) == 0  # an earlier export is replaced whole
     assert (out / "model.safetensors").read_bytes() == first
     assert sorted(os.listdir(tmp_path)) == ["export", "notes.txt"]  # no staging or old copy left behind
 
@@ -82,8 +82,6 @@ def test_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path
 def test_compare_marks_runs_that_failed_or_stopped_early(tmp_path, capsys):
     from torch.utils.tensorboard import SummaryWriter
 
-    from dqt_lightning.tools.compare import main as compare
-
     def run(name: str, max_steps: int, steps: list[int]) -> None:
         directory = tmp_path / name / "version_0"
         directory.mkdir(parents=True)
@@ -97,7 +95,7 @@ def test_compare_marks_runs_that_failed_or_stopped_early(tmp_path, capsys):
     run("finished", 30, [10, 20, 30])
     run("killed", 30, [10, 20])
     run("refused", 30, [])
-    assert compare([str(tmp_path), "--plot", str(tmp_path / "c.png")]) == 0
+    assert run_tool(["compare", str(tmp_path), "--plot", str(tmp_path / "c.png")]) == 0
     rows = {line.split(" | ")[0].removeprefix("| ").split("/")[-2]: line for line in capsys.readouterr().out.splitlines()
             if "version_0" in line}
     assert rows["finished"].endswith("| finished |")
@@ -243,7 +241,7 @@ def test_ckpt_path_last_never_continues_a_run_with_other_settings(command, tmp_p
     code, out, err = command(*_fit("--model.init_args.optimizer.init_args.lr", "0.003", "--ckpt_path", "last",
                                    "--trainer.max_steps", "3"))
     assert code == 0 and said == ["ckpt_path last: runs/ternary/version_0/checkpoints/last.ckpt, the newest last.ckpt "
-                                  "under runs/ternary with these settings"]
+                                  "under runs/ternary with these settings; the run continues in runs/ternary/version_0"]
 
 
 def test_a_resume_may_train_longer_or_elsewhere_but_not_change_the_experiment():

@@ -15,11 +15,13 @@ from torch import nn
 
 from dqt_lightning import cli
 from dqt_lightning.tools import bench
-from dqt_lightning.tools.bench import TORCHAO, Row, _torchao, main, optimizer_for, plot, run_benchmark, table
+from dqt_lightning.tools.bench import TORCHAO, Row, _torchao, optimizer_for, run_benchmark, table
+from dqt_lightning.tools.bench_report import plot
 from dqt_lightning.model import SIZES, Config
 from dqt_lightning.module import LanguageModel
 from dqt_lightning.train.optim import default_adamw
 from dqt_lightning.train.precision import is_projection
+from dqt_lightning.commands import run as run_tool
 
 RECIPES = ("fp", "ste", "dqt-1.58", "dqt-8", "dqt-1.58-lean", "dqt-1.58-lean-qemb", "torchao-int8", "torchao-bitnet")
 SMALL = dict(size="tiny", vocab_size=512, batch_size=2, seq_len=16, steps=2, warmup=1, precision="32-true")
@@ -190,7 +192,7 @@ def test_cli_prints_and_writes_the_table_and_chart(tmp_path, capsys) -> None:
     out, chart = tmp_path / "bench.md", tmp_path / "bench.png"
     argv = ["--recipes", "fp", "dqt-1.58", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--seq-len", "8",
             "--vocab-size", "256", "--out", str(out), "--plot", str(chart)]
-    assert main(argv) == 0
+    assert run_tool(["bench", *argv]) == 0
     captured = capsys.readouterr()
     printed = captured.out
     report = out.read_text().removesuffix("\n")
@@ -222,8 +224,8 @@ def test_a_run_stopped_midway_leaves_the_recipes_it_measured(tmp_path, monkeypat
     lightning_log = logging.getLogger("lightning.pytorch")
     level = lightning_log.level
     with pytest.raises(KeyboardInterrupt):
-        main(["--recipes", "fp", "dqt-1.58", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--seq-len", "8",
-              "--vocab-size", "256", "--out", str(out)])
+        run_tool(["bench", "--recipes", "fp", "dqt-1.58", "--steps", "1", "--warmup", "0", "--batch-size", "2",
+                  "--seq-len", "8", "--vocab-size", "256", "--out", str(out)])
     report = out.read_text()
     table_lines = [line for line in report.splitlines() if line.startswith("|")]
     assert len(table_lines) == 3 and table_lines[2].startswith("| fp | ") and "| 1.00 |" in table_lines[2]
@@ -261,29 +263,26 @@ def test_bench_is_a_tool_of_the_main_cli(capsys) -> None:
         cli.main(["bench", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    assert "python -m dqt_lightning bench" in help_text and "--plot PATH.png" in help_text
+    assert "usage: python -m dqt_lightning" in help_text and " bench [--size SIZE]" in help_text
+    assert "--plot PLOT" in help_text and "into this PNG" in help_text
 
 
 def test_plot_must_be_a_png_path(capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--recipes", "fp", "--plot", "chart.svg"])
-    assert exit_info.value.code == 2
+    assert run_tool(["bench", "--recipes", "fp", "--plot", "chart.svg"]) == 2
     assert "--plot writes a PNG" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--seq-len", "0"), ("--steps", "0"),
                                         ("--vocab-size", "-1"), ("--warmup", "-1")])
 def test_counts_out_of_range_are_one_line_naming_the_flag(capsys, flag, value) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--recipes", "fp", flag, value])
-    assert exit_info.value.code == 2
+    assert run_tool(["bench", "--recipes", "fp", flag, value]) == 2
     assert capsys.readouterr().err.strip().endswith(f"error: {flag} must be >= {0 if flag == '--warmup' else 1}; "
                                                     f"got {value}")
 
 
-def test_cli_rejects_unknown_recipes() -> None:
-    with pytest.raises(SystemExit):
-        main(["--recipes", "int4"])
+def test_cli_rejects_unknown_recipes(capsys) -> None:
+    assert run_tool(["bench", "--recipes", "int4"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown recipe int4; ")
 
 
 def test_repeated_rounds_report_the_median_range_and_paired_ratio() -> None:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from dqt_lightning.cli import main
 from dqt_lightning.tools.compare import find_runs, load_run
-from dqt_lightning.tools.compare import main as compare
+from dqt_lightning.commands import run as run_tool
 from tests.trained import STEPS, trained_runs  # noqa: F401 - trained_runs is a fixture
 
 # Torch on one thread (conftest.one_thread): these models are tiny, and on shared cores two OpenMP threads make
@@ -43,7 +43,7 @@ def test_every_run_is_found_and_read(three_runs):
 
 def test_compare_prints_the_table_and_writes_a_png(three_runs, tmp_path, capsys):
     png = tmp_path / "plots" / "val.png"
-    assert compare([str(three_runs / "fp"), str(three_runs / "ternary+8"), str(three_runs / "bitnet"),
+    assert run_tool(["compare", str(three_runs / "fp"), str(three_runs / "ternary+8"), str(three_runs / "bitnet"),
                     "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "version_" in line]
@@ -56,11 +56,11 @@ def test_compare_prints_the_table_and_writes_a_png(three_runs, tmp_path, capsys)
 
 
 def test_a_missing_run_directory_is_one_line(tmp_path, capsys):
-    assert compare([str(tmp_path / "nope")]) == 2
+    assert run_tool(["compare", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: compare: run directory {tmp_path / 'nope'} does not exist"
     (tmp_path / "empty").mkdir()
-    assert compare([str(tmp_path / "empty")]) == 2
+    assert run_tool(["compare", str(tmp_path / "empty")]) == 2
     assert "no TensorBoard event files" in capsys.readouterr().err
 
 

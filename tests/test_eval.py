@@ -18,12 +18,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from dqt_lightning.model import LLaMA, Config
-from dqt_lightning.tools.compare import main as compare
 from dqt_lightning.tools.evaluate import TASKS_DIR, read_task
 from dqt_lightning.tools.scoring import encode_pair, loglikelihoods
-from dqt_lightning.tools.evaluate import main as evaluate
-from dqt_lightning.tools.export import main as export_main
 from dqt_lightning.tools.loading import model_from_checkpoint, tokenizer_of_checkpoint
+from dqt_lightning.commands import run as run_tool
 from tests.trained import trained_runs  # noqa: F401 - trained_runs is a fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +32,7 @@ DOCS = ["The quick brown fox jumps over the lazy dog. " * 6,
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = evaluate([*argv, "--no-progress"])
+    code = run_tool(["eval", *argv, "--no-progress"])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -262,7 +260,7 @@ def test_eval_json_lands_in_the_run_directory_and_compare_shows_it(trained_runs,
     assert code == 0, err
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["model"] == str(run_dir)
-    assert compare([str(run_dir), "--plot", str(tmp_path / "plot.png")]) == 0
+    assert run_tool(["compare", str(run_dir), "--plot", str(tmp_path / "plot.png")]) == 0
     header, _, row = capsys.readouterr().out.splitlines()[:3]
     columns = [c.strip() for c in header.strip("|").split("|")]
     values = dict(zip(columns, (c.strip() for c in row.strip("|").split("|"))))
@@ -277,9 +275,9 @@ def test_eval_json_lands_in_the_run_directory_and_compare_shows_it(trained_runs,
     assert json.loads((tmp_path / "lone" / "model-eval.json").read_text())["tasks"]["counting"]["n"] == 9
     # An export's scores live in its directory, and a new export there replaces them with the weights they describe.
     export = tmp_path / "export"
-    assert export_main([str(run_dir), "--output", str(export)]) == 0
+    assert run_tool(["export", str(run_dir), "--output", str(export)]) == 0
     code, _, err = run([str(export), "--tasks", "counting"], capsys)
     assert code == 0, err
     assert (export / "eval.json").is_file()
-    assert export_main([str(run_dir), "--output", str(export)]) == 0
+    assert run_tool(["export", str(run_dir), "--output", str(export)]) == 0
     assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]

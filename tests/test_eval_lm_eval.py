@@ -13,7 +13,7 @@ import torch
 
 from dqt_lightning.tools.evaluate import TASKS_DIR
 from dqt_lightning.tools.scoring import stream_logprob
-from dqt_lightning.tools.evaluate import main as evaluate
+from dqt_lightning.commands import run as run_tool
 from tests.trained import trained_runs  # noqa: F401 - trained_runs is a fixture
 
 pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("one_thread")]
@@ -62,14 +62,14 @@ def test_lm_eval_multiple_choice_matches_eval_tasks(trained_runs, tmp_path, caps
     assert results["n-samples"]["dqt_items"]["effective"] == 40
 
     output = tmp_path / "ours.json"
-    assert evaluate([str(ckpt), "--tasks", str(items), "--output", str(output), "--no-progress"]) == 0
+    assert run_tool(["eval", str(ckpt), "--tasks", str(items), "--output", str(output), "--no-progress"]) == 0
     ours = json.loads(output.read_text())["tasks"]["items"]
     assert (ours["acc"], ours["acc_norm"]) == (theirs["acc,none"], theirs["acc_norm,none"])
     capsys.readouterr()
 
     # The same through the command: --lm-eval-tasks with --lm-eval-include.
     output = tmp_path / "theirs.json"
-    assert evaluate([str(ckpt), "--lm-eval-tasks", "dqt_items", "--lm-eval-include", str(tasks),
+    assert run_tool(["eval", str(ckpt), "--lm-eval-tasks", "dqt_items", "--lm-eval-include", str(tasks),
                      "--output", str(output), "--no-progress"]) == 0
     report = json.loads(output.read_text())
     assert report["lm_eval"]["dqt_items"]["acc"] == ours["acc"]

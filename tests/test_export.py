@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 
 from dqt_lightning.cli import main
-from dqt_lightning.tools.export import export
+from dqt_lightning.tools.export import export_dqt
 from dqt_lightning.tools.loading import load_exported, model_from_checkpoint
-from dqt_lightning.tools.generate import main as generate
 from dqt_lightning.quant.layers import DQTLinear
+from dqt_lightning.commands import run as run_tool
 from tests.trained import trained_runs  # noqa: F401 - a fixture
 
 # Torch on one thread (conftest.one_thread): these models are tiny, and on shared cores two OpenMP threads make
@@ -32,7 +32,7 @@ TOKENS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(
 
 @pytest.mark.parametrize("run,pack", [("ternary", True), ("ternary", False), ("bitnet-4bit", False), ("fp", False)])
 def test_the_export_holds_integers_and_loads_back_to_the_same_model(checkpoints, run, pack, tmp_path):
-    out = export(checkpoints[run], tmp_path / "export", pack=pack)
+    out = export_dqt(checkpoints[run], tmp_path / "export", pack=pack)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     quant = json.loads((out / "config.json").read_text())["quantization"]
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -55,7 +55,7 @@ def test_the_export_holds_integers_and_loads_back_to_the_same_model(checkpoints,
 
 
 def test_bitnet_masters_are_exported_as_their_own_4bit_levels(checkpoints, tmp_path):
-    out = export(checkpoints["bitnet-4bit"], tmp_path / "export")
+    out = export_dqt(checkpoints["bitnet-4bit"], tmp_path / "export")
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         q = f.get_tensor("layers.0.attn.q_proj.weight")
     assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7 and int(q.abs().max()) > 1
@@ -63,13 +63,13 @@ def test_bitnet_masters_are_exported_as_their_own_4bit_levels(checkpoints, tmp_p
 
 def test_generate_samples_reproducibly_from_a_checkpoint_and_an_export(checkpoints, tmp_path, capsys):
     ckpt = checkpoints["ternary"]
-    out = export(ckpt, tmp_path / "export", pack=True)
+    out = export_dqt(ckpt, tmp_path / "export", pack=True)
     texts = []
     for model in (str(ckpt), str(out), str(out)):
-        assert generate([model, "--prompt", "The", "--max-new-tokens", "12", "--seed", "3"]) == 0
+        assert run_tool(["generate", model, "--prompt", "The", "--max-new-tokens", "12", "--seed", "3"]) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] == texts[2] and texts[0].startswith("The") and len(texts[0]) > len("The\n")
-    assert generate([str(out), "--prompt", "The", "--max-new-tokens", "12", "--ternary"]) == 0
+    assert run_tool(["generate", str(out), "--prompt", "The", "--max-new-tokens", "12", "--ternary"]) == 0
     assert capsys.readouterr().out.startswith("The")
 
 
@@ -78,22 +78,23 @@ def test_a_run_directory_stands_for_its_last_checkpoint(trained_runs, tmp_path, 
     ckpt = run_dir / "checkpoints" / "last.ckpt"  # runs/ternary/version_0/checkpoints/last.ckpt
     texts = []
     for model in (ckpt, run_dir, ckpt.parent):
-        assert generate([str(model), "--prompt", "The", "--max-new-tokens", "8", "--seed", "1"]) == 0
+        assert run_tool(["generate", str(model), "--prompt", "The", "--max-new-tokens", "8", "--seed", "1"]) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] == texts[2]
     with pytest.raises(SystemExit) as done:
         main(["export", str(run_dir)])
     assert done.value.code == 0
     assert capsys.readouterr().out.startswith(f"[export] {run_dir / 'export'}: ")
-    assert generate([str(run_dir / "export"), "--prompt", "The", "--max-new-tokens", "8", "--seed", "1"]) == 0
+    assert run_tool(["generate", str(run_dir / "export"), "--prompt", "The", "--max-new-tokens", "8",
+                     "--seed", "1"]) == 0
     assert capsys.readouterr().out == texts[0]
 
 
 def test_bad_paths_are_one_line_errors(tmp_path, capsys):
-    assert generate([str(tmp_path / "missing.ckpt")]) == 2
+    assert run_tool(["generate", str(tmp_path / "missing.ckpt")]) == 2
     assert capsys.readouterr().err.strip() == f"error: checkpoint {tmp_path / 'missing.ckpt'} does not exist"
     (tmp_path / "not-an-export").mkdir()
-    assert generate([str(tmp_path / "not-an-export")]) == 2
+    assert run_tool(["generate", str(tmp_path / "not-an-export")]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'not-an-export'} is neither an export (config.json "
                                                "and model.safetensors) nor a run directory (checkpoints/last.ckpt)")
     with pytest.raises(SystemExit) as done:
@@ -117,9 +118,8 @@ def test_bad_paths_are_one_line_errors(tmp_path, capsys):
                                        (["--temperature", "-0.5"], "--temperature must be >= 0; got -0.5"),
                                        (["--top-k", "-3"], "--top-k must be >= 0; got -3")])
 def test_bad_sampling_settings_are_refused_before_loading(tmp_path, capsys, args, says):
-    with pytest.raises(SystemExit) as done:
-        generate([str(tmp_path / "missing.ckpt"), *args])
-    assert done.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: {says}")
+    assert run_tool(["generate", str(tmp_path / "missing.ckpt"), *args]) == 2
+    assert capsys.readouterr().err == f"error: {says}\n"
 
 
 def test_top_k_0_samples_among_every_token(checkpoints, capsys):
@@ -127,13 +127,13 @@ def test_top_k_0_samples_among_every_token(checkpoints, capsys):
     samples = []
     for k in ("0", "512", "2"):
         args = ["--top-k", k, "--max-new-tokens", "20", "--temperature", "3"]
-        assert generate([str(checkpoints["ternary"]), *args]) == 0
+        assert run_tool(["generate", str(checkpoints["ternary"]), *args]) == 0
         samples.append(capsys.readouterr().out)
     assert samples[0] == samples[1] != samples[2]
 
 
 def test_pack_applies_to_weights_that_hold_only_ternary_levels(checkpoints, tmp_path):
-    out = export(checkpoints["bitnet-4bit"], tmp_path / "export", pack=True)  # 4-bit levels: nothing to pack
+    out = export_dqt(checkpoints["bitnet-4bit"], tmp_path / "export", pack=True)  # 4-bit levels: nothing to pack
     assert json.loads((out / "config.json").read_text())["quantization"]["packed"] == {}
     loaded, _ = load_exported(out)
     trained, _ = model_from_checkpoint(checkpoints["bitnet-4bit"])
@@ -143,7 +143,7 @@ def test_pack_applies_to_weights_that_hold_only_ternary_levels(checkpoints, tmp_
 
 def test_a_schedule_run_exports_the_grid_it_ended_on(checkpoints, tmp_path):
     # Its config.yaml says 8 bits; from step 4 of 6 its weights are ternary, and the export must say so.
-    out = export(checkpoints["8-to-ternary"], tmp_path / "export", pack=True)
+    out = export_dqt(checkpoints["8-to-ternary"], tmp_path / "export", pack=True)
     quantization = json.loads((out / "config.json").read_text())["quantization"]
     assert quantization["bits"] == 8.0 and set(quantization["integer_weights"].values()) == {1.58}
     assert set(quantization["packed"]) == set(quantization["integer_weights"])

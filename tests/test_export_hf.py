@@ -33,9 +33,9 @@ from safetensors import safe_open
 from dqt_lightning.cli import main
 from dqt_lightning.quant import bitnet, layers
 from dqt_lightning.quant.ternary import TernaryWeights
-from dqt_lightning.tools.export import main as export_main
 from dqt_lightning.tools.loading import model_from_checkpoint, tokenizer_of_checkpoint
 from dqt_lightning.tools.export_hf import pack_ternary_rows
+from dqt_lightning.commands import run as run_tool
 
 pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("one_thread")]
 
@@ -94,7 +94,7 @@ def transformers():
 
 
 def _export(ckpt: Path, out: Path, *flags: str) -> Path:
-    assert export_main([str(ckpt), "--format", "hf", "--output", str(out), *flags]) == 0
+    assert run_tool(["export", str(ckpt), "--format", "hf", "--output", str(out), *flags]) == 0
     return out
 
 
@@ -238,7 +238,7 @@ def test_ternary_flag_gives_the_bitnet_layout_of_our_ternary_evaluation(runs, tr
 
 
 def _refused(ckpt: Path, out: Path, capsys, *flags: str) -> str:
-    assert export_main([str(ckpt), "--format", "hf", "--output", str(out), *flags]) == 2
+    assert run_tool(["export", str(ckpt), "--format", "hf", "--output", str(out), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert not out.exists() and not any(p.name.startswith(f".{out.name}") for p in out.parent.iterdir())

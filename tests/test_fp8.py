@@ -170,7 +170,7 @@ def test_fp_mode_conversion_leaves_unaligned_widths_alone():
 @pytest.mark.parametrize("mode", ["fp", "ste", "dqt"])
 def test_every_mode_trains_with_fp8_matmuls_where_the_hardware_check_passes(mode, monkeypatch, one_thread):
     # CPU stands in for an FP8 GPU: only the device check is bypassed, every matmul below is a real _scaled_mm.
-    monkeypatch.setattr("dqt_lightning.train.precision.fp8_unsupported_reason", lambda device: None)
+    monkeypatch.setattr("dqt_lightning.quant.fp8.fp8_unsupported_reason", lambda device: None)
     scaled_mm_calls = []
     scaled_mm = torch._scaled_mm
 

@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from dqt_lightning import QuantizedUpdate
 from dqt_lightning.train import optim
+from dqt_lightning.commands import script
 from dqt_lightning.tools import updatebench
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.quant.grid import Grid, TernaryGrid
@@ -372,12 +373,12 @@ def test_fused_update_needs_adamw(one_thread):
 
 
 def test_updatebench_times_each_shape_and_state_dtype(capsys):
-    updatebench.main(["--shapes", "16x32", "--state-dtypes", "float32", "bfloat16", "--repeats", "1"])
+    assert script(updatebench.updatebench, ["--shapes", "16x32", "--state-dtypes", "float32", "bfloat16",
+                                            "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "| 16x32 | float32 |" in out and "| 16x32 | bfloat16 |" in out
-    with pytest.raises(SystemExit):
-        updatebench.main(["--shapes", "16by32"])
-    assert "a shape is ROWSxCOLUMNS" in capsys.readouterr().err
+    assert script(updatebench.updatebench, ["--shapes", "16by32"]) == 2
+    assert capsys.readouterr().err == "error: --shapes: a shape is ROWSxCOLUMNS, e.g. 768x2048; got '16by32'\n"
 
 
 def test_a_machine_that_cannot_compile_is_told_in_one_line(monkeypatch, one_thread):

@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 from dqt_lightning.data.tokenizer import TextTokenizer, train_bpe
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.model import LLaMA
-from dqt_lightning.tools.generate import TextStream, main as generate, sample
+from dqt_lightning.tools.generate import TextStream, sample
 from dqt_lightning.train.precision import Method, QuantPrecision
+from dqt_lightning.commands import run as run_tool
 from tests.conftest import SMALL
 
 CONFIG = replace(SMALL, vocab_size=128, block_size=64)
@@ -84,7 +85,8 @@ def export_dir(tmp_path_factory) -> tuple[Path, TextTokenizer]:
 
 def test_generate_streams_the_text_and_reports_tokens_per_second(export_dir, capsys):
     out, tokenizer = export_dir
-    assert generate([str(out), "--prompt", "the", "--max-new-tokens", "20", "--seed", "2", "--top-k", "0"]) == 0
+    assert run_tool(["generate", str(out), "--prompt", "the", "--max-new-tokens", "20", "--seed", "2",
+                     "--top-k", "0"]) == 0
     written = capsys.readouterr()
     prompt = tokenizer.encode_batch(["the"])[0]
     from dqt_lightning.tools.loading import load_exported
@@ -93,7 +95,7 @@ def test_generate_streams_the_text_and_reports_tokens_per_second(export_dir, cap
     new = sample(model, prompt, 20, 0.8, None, torch.Generator().manual_seed(2), stop_id=tokenizer.eot_id)
     assert written.out == "the" + tokenizer.decode(new) + "\n"
     assert written.err.startswith(f"[generate] {len(new)} tokens in ") and "tokens/s)" in written.err
-    assert generate([str(out), "--max-new-tokens", "64"]) == 2
+    assert run_tool(["generate", str(out), "--max-new-tokens", "64"]) == 2
     assert capsys.readouterr().err.strip() == ("error: --max-new-tokens 64 with a prompt of 1 tokens is more than "
                                                "the model's block size of 64 tokens")
 

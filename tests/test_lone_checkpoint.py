@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from dqt_lightning.cli import main as cli_main
-from dqt_lightning.tools import export, generate, loading
+from dqt_lightning.commands import run as run_tool
+from dqt_lightning.tools import loading
 from dqt_lightning.train.checkpoint import METHOD_KEY, TOKENIZER_KEY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def test_the_checkpoint_records_the_method_and_the_tokenizer(lone: Path):
 
 def test_export_and_generate_work_on_a_checkpoint_alone(lone: Path, run_dir: Path, capsys):
     assert sorted(p.name for p in lone.parent.iterdir()) == ["model.ckpt"]
-    assert export.main([str(lone)]) == 0
+    assert run_tool(["export", str(lone)]) == 0
     out = lone.parent / "model-export"
     assert json.loads((out / "config.json").read_text())["quantization"]["mode"] == "dqt"
     assert json.loads((out / "config.json").read_text())["quantization"]["integer_weights"]
@@ -62,9 +63,9 @@ def test_export_and_generate_work_on_a_checkpoint_alone(lone: Path, run_dir: Pat
     assert levels.dtype == torch.int8 and int(levels.abs().max()) > 1  # 8-bit levels, not ternary
     capsys.readouterr()
     argv = ["--prompt", "The", "--max-new-tokens", "5", "--temperature", "0"]
-    assert generate.main([str(lone), *argv]) == 0
+    assert run_tool(["generate", str(lone), *argv]) == 0
     from_checkpoint = capsys.readouterr().out
-    assert generate.main([str(out), *argv]) == 0
+    assert run_tool(["generate", str(out), *argv]) == 0
     assert capsys.readouterr().out == from_checkpoint and from_checkpoint.startswith("The")
 
 
@@ -84,5 +85,5 @@ def test_a_checkpoint_without_the_record_exports_through_its_run_config(run_dir:
     torch.save(ckpt, ckpt_path)
     model, settings = loading.model_from_checkpoint(ckpt_path)
     assert settings["mode"] == "dqt" and settings["bits"] == 8.0
-    assert export.main([str(ckpt_path)]) == 0
+    assert run_tool(["export", str(ckpt_path)]) == 0
     assert (old_run / "export" / "tokenizer.json").is_file()  # from the run directory, as before

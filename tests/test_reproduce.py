@@ -15,8 +15,9 @@ import yaml
 from dqt_lightning import cli
 from dqt_lightning.tools import reproduce
 from dqt_lightning.tools.compare import Run
-from dqt_lightning.tools.reproduce import (ARMS, CONFIGS, ArmPrecision, Job, arm_command, judge, main, mean_run,
-                                    precision_of, report)
+from dqt_lightning.tools.reproduce import (ARMS, CONFIGS, ArmPrecision, Job, arm_command, judge, mean_run,
+                                    precision_of, results_markdown)
+from dqt_lightning.commands import run as run_tool
 
 # Torch on one thread (conftest.one_thread): these models are tiny, and on shared cores two OpenMP threads make
 # each small op wait for a descheduled partner (runs several times slower).
@@ -100,7 +101,7 @@ def test_with_several_seeds_claims_are_judged_on_the_means_and_seeds_that_agree_
             Job("bitnet", 2): _run(4.00), Job("dqt-8bit", 2): _run(4.26, ternary=4.38, first=7.0)}
     mean = mean_run([runs[Job("dqt-8bit", 1)], runs[Job("dqt-8bit", 2)]])
     assert mean.val_curve == [(0.0, 8.0), (1.0, pytest.approx(4.18))] and mean.val_loss_ternary == pytest.approx(4.3)
-    text = report(runs, [], 4, tmp_path / "v.png", {})
+    text = results_markdown(runs, [], 4, tmp_path / "v.png", {})
     assert "seeds 1, 2 (initialization and rounding noise)" in text
     assert "| 8-bit DQT is on par with BitNet b1.58. | supported | 1 of 2 | 8-bit DQT 4.1800 against" in text
     # Ternary weights: 4.30 mean (+7.5%), and each seed alone (+5.5%, +9.5%) also fails: both agree.
@@ -109,7 +110,7 @@ def test_with_several_seeds_claims_are_judged_on_the_means_and_seeds_that_agree_
     assert "| dqt-8bit | 2 | 4.1800 ± 0.1131 | 4.1000 - 4.2600 | 4.3000 ± 0.1131 |" in text
     assert "| bitnet | 2 | 4.0000 ± 0.0000 |" in text
     # One seed per arm: the report as before, with no seed columns.
-    single = report({Job("bitnet"): _run(4.0), Job("dqt-8bit"): _run(4.1)}, [], 4, tmp_path / "v.png", {})
+    single = results_markdown({Job("bitnet"): _run(4.0), Job("dqt-8bit"): _run(4.1)}, [], 4, tmp_path / "v.png", {})
     assert "seeds agreeing" not in single and "Across seeds" not in single
     assert "| 8-bit DQT is on par with BitNet b1.58. | supported | 8-bit DQT 4.1000 against" in single
 
@@ -119,7 +120,8 @@ def test_each_seed_trains_its_own_run_and_the_report_finds_them(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "repro"
     extra = [*TINY, "--data.init_args.cache_dir", data_cache]
-    assert main(["--out", str(out), "--max-steps", "2", "--arms", "dqt-8bit", "--seeds", "7", "8", *extra]) == 0
+    assert run_tool(["reproduce", "--out", str(out), "--max-steps", "2", "--arms", "dqt-8bit", "--seeds", "7", "8",
+                     *extra]) == 0
     assert [(out / "dqt-8bit" / f"DONE-seed{s}").read_text().strip() for s in (7, 8)] == \
         ["dqt-8bit/seed7", "dqt-8bit/seed8"]
     configs = [yaml.safe_load((out / "dqt-8bit" / f"seed{s}" / "config.yaml").read_text()) for s in (7, 8)]
@@ -134,7 +136,7 @@ def test_each_seed_trains_its_own_run_and_the_report_finds_them(tmp_path, monkey
     assert (out / "logs" / "dqt-8bit-seed7.log").exists()
     (out / "results.md").unlink()
     (out / "dqt-8bit" / "DONE-seed7.bak").write_text("dqt-8bit/seed7\n")  # a stray copy names no seed
-    assert main(["--out", str(out), "--report"]) == 0
+    assert run_tool(["reproduce", "--out", str(out), "--report"]) == 0
     assert "| dqt-8bit | 2 |" in (out / "results.md").read_text()
 
 
@@ -143,7 +145,7 @@ def test_arms_train_once_and_the_report_judges_them(tmp_path, monkeypatch, data_
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "repro"
     extra = [*TINY, "--data.init_args.cache_dir", data_cache]
-    assert main(["--out", str(out), "--max-steps", "4", "--arms", "bitnet", "dqt-8bit", *extra]) == 0
+    assert run_tool(["reproduce", "--out", str(out), "--max-steps", "4", "--arms", "bitnet", "dqt-8bit", *extra]) == 0
     report = (out / "results.md").read_text()
     assert "| bitnet/version_0 | ste | 1.58 |" in report and "| dqt-8bit/version_0 | dqt | 8 |" in report
     assert "| 8-bit DQT is on par with BitNet b1.58. | " in report
@@ -153,14 +155,14 @@ def test_arms_train_once_and_the_report_judges_them(tmp_path, monkeypatch, data_
     log = out / "logs" / "dqt-8bit.log"
     stamp = log.stat().st_mtime_ns
     # Again: finished arms are not trained twice; the report is rebuilt from them.
-    assert main(["--out", str(out), "--max-steps", "4", "--arms", "bitnet", "dqt-8bit", *extra]) == 0
+    assert run_tool(["reproduce", "--out", str(out), "--max-steps", "4", "--arms", "bitnet", "dqt-8bit", *extra]) == 0
     assert log.stat().st_mtime_ns == stamp and not (out / "bitnet" / "version_1").exists()
-    assert main(["--out", str(out), "--report"]) == 0
+    assert run_tool(["reproduce", "--out", str(out), "--report"]) == 0
     assert len((out / "commands.txt").read_text().splitlines()) == 2
     # An arm that did not finish (here: its DONE removed, and more steps asked for) continues from its last
     # checkpoint, in the same run directory.
     (out / "dqt-8bit" / "DONE").unlink()
-    assert main(["--out", str(out), "--max-steps", "6", "--arms", "dqt-8bit", *extra]) == 0
+    assert run_tool(["reproduce", "--out", str(out), "--max-steps", "6", "--arms", "dqt-8bit", *extra]) == 0
     assert "--ckpt_path" in log.read_text()
     last = torch.load(out / "dqt-8bit" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 6 and not (out / "dqt-8bit" / "version_1").exists()
@@ -168,7 +170,7 @@ def test_arms_train_once_and_the_report_judges_them(tmp_path, monkeypatch, data_
 
 def test_a_failing_arm_is_one_line_naming_it_and_its_log(tmp_path, capsys):
     out = tmp_path / "repro"
-    assert main(["--out", str(out), "--arms", "fp", "--", "--trainer.max_steps", "not-a-number"]) == 2
+    assert run_tool(["reproduce", "--out", str(out), "--arms", "fp", "--", "--trainer.max_steps", "not-a-number"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: reproduce: arm fp failed") and "logs/fp.log" in err[0]
     assert not (out / "fp" / "DONE").exists()
@@ -192,6 +194,6 @@ def test_the_dqt_stack_goes_on_dqt_arms_only(tmp_path):
                                           (["--max-steps", "0"], "--max-steps must be >= 1"),
                                           (["--seeds", "1", "1"], "--seeds lists a seed twice")])
 def test_bad_arguments_are_one_line(args, message, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["--out", str(tmp_path), *args])
-    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert run_tool(["reproduce", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "commands.txt").exists()

@@ -9,7 +9,8 @@ import pytest
 
 from dqt_lightning.tools.claims import best_learning_rates
 from dqt_lightning.tools.compare import Run
-from dqt_lightning.tools.reproduce import Job, arm_command, finished_jobs, main, report
+from dqt_lightning.tools.reproduce import Job, arm_command, finished_jobs, results_markdown
+from dqt_lightning.commands import run as run_tool
 
 
 def _run(loss: float) -> Run:
@@ -34,7 +35,7 @@ def test_the_best_learning_rate_is_each_arms_lowest_loss_and_nan_never_wins():
 
 
 def test_claims_are_judged_at_each_arms_best_rate_and_the_grid_is_reported(tmp_path):
-    text = report(PLANTED, [], 4, tmp_path / "v.png", {})
+    text = results_markdown(PLANTED, [], 4, tmp_path / "v.png", {})
     # 8-bit DQT at its best (mean of 4.05 and 4.07) against BitNet at its best (4.00): +1.5%, on par.
     assert "| 8-bit DQT is on par with BitNet b1.58. | supported | 2 of 2 | 8-bit DQT 4.0600 against BitNet b1.58's " \
            "4.0000: +1.5%" in text
@@ -60,6 +61,5 @@ def test_sweep_jobs_have_their_own_directories_commands_and_markers(tmp_path):
 
 @pytest.mark.parametrize("rates", [["1e-3", "1e-3"], ["0", "1e-3"]])
 def test_bad_sweeps_are_one_line(rates, tmp_path, capsys):
-    with pytest.raises(SystemExit) as done:
-        main(["--out", str(tmp_path), "--lr-sweep", *rates])
-    assert done.value.code == 2 and "--lr-sweep takes distinct learning rates > 0" in capsys.readouterr().err
+    assert run_tool(["reproduce", "--out", str(tmp_path), "--lr-sweep", *rates]) == 2
+    assert "--lr-sweep takes distinct learning rates > 0" in capsys.readouterr().err

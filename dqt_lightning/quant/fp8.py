@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dqt_lightning.errors import ConfigError
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 # Ada (8.9) and Hopper (9.0) are the first NVIDIA architectures with FP8 tensor cores.
@@ -49,6 +51,14 @@ def fp8_unsupported_reason(device: torch.device) -> str | None:
     if importlib.util.find_spec("torchao") is None:
         return "torchao is not installed"
     return None
+
+
+def require_fp8(device: torch.device) -> None:
+    """Refuse, naming the setting, FP8 training on ``device`` where :func:`fp8_unsupported_reason` finds a reason."""
+    reason = fp8_unsupported_reason(device)
+    if reason is not None:
+        raise ConfigError(f"trainer.plugins.execution.precision: fp8 needs an NVIDIA GPU of compute capability 8.9+ "
+                          f"and torchao; {reason}; use bf16-mixed")
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -10,7 +10,6 @@ Run ``python -m dqt_lightning bench --help`` (or ``python -m dqt_lightning.tools
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import gc
@@ -25,14 +24,19 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from dqt_lightning import commands
+from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
 from dqt_lightning.quant.layers import dqt_layers
-from dqt_lightning.tools.bench_report import TORCHAO, Row, fmt, plot, table
+from dqt_lightning.tools.bench_report import TORCHAO, Row, fmt, table
+from dqt_lightning.tools.bench_report import plot as plot_chart
 from dqt_lightning.tools.memory import fit_on_tokens, unique_storage_bytes
 from dqt_lightning.model import SIZES, Config
 from dqt_lightning.module import LanguageModel
@@ -293,52 +297,54 @@ def run_benchmark(recipes: Sequence[str] = RECIPES, repeats: int = 1,
     return merged
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line, run the benchmark, print the report (and write it and the chart when asked).
+def bench(size: str = "tiny", vocab_size: int = 4096, batch_size: int = 8, seq_len: int = 128, steps: int = 10,
+          warmup: int = 3, precision: Literal["32-true", "bf16-mixed"] | None = None,
+          recipes: list[str] | None = None, compile: bool = False, repeats: int = 1, threads: int | None = None,
+          out: Path | None = None, plot: Path | None = None) -> int:
+    """Throughput and memory by component of every training recipe, side by side in one process.
 
-    Returns:
-        The exit code: 0, or 2 when an output file cannot be written (the report is printed first).
+    Prints the report, and writes it and the chart when asked. Returns 0, or 2 when an output file cannot be written
+    (the report is printed first).
+
+    Args:
+        size: model size: a name in dqt_lightning.model.SIZES (tiny, 130m, 320m, 1b)
+        vocab_size: vocabulary size
+        batch_size: sequences per step
+        seq_len: tokens per sequence
+        steps: measured steps
+        warmup: unmeasured steps first
+        precision: default: bf16-mixed on CUDA, 32-true on CPU
+        recipes: default: fp, ste, the DQT recipes (and torchao's two when torchao is installed); a recipe is fp,
+            ste[-BITS], dqt-BITS[-OPTION...] or a torchao recipe
+        compile: wrap the LLaMA forward with torch.compile
+        repeats: rounds of all recipes, interleaved; rows then give median tokens/s (range) and the median per-round
+            ratio to fp
+        threads: CPU threads for torch (default: torch's own choice)
+        out: also write the report to this Markdown file
+        plot: also draw tokens/s and memory by component per recipe into this PNG
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="tiny", choices=list(SIZES))
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="measured steps")
-    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
-    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"],
-                        help="default: bf16-mixed on CUDA, 32-true on CPU")
-    parser.add_argument("--recipes", nargs="+", help=f"default: {' '.join(RECIPES)} (+ {' '.join(TORCHAO)} "
-                        "when torchao is installed)")
-    parser.add_argument("--compile", action="store_true", help="wrap the LLaMA forward with torch.compile")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="rounds of all recipes, interleaved; rows then give median tokens/s (range) and the "
-                        "median per-round ratio to fp")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
-    parser.add_argument("--out", type=Path, help="also write the report to this Markdown file")
-    parser.add_argument("--plot", type=Path, metavar="PATH.png",
-                        help="also draw tokens/s and memory by component per recipe into this PNG")
-    args = parser.parse_args(argv)
-    counts = {"--steps": args.steps, "--repeats": args.repeats, "--threads": args.threads or 1,
-              "--batch-size": args.batch_size, "--seq-len": args.seq_len, "--vocab-size": args.vocab_size}
+    args = SimpleNamespace(**locals())
+    if size not in SIZES:
+        raise ConfigError(f"--size {size} is not a model size; choose from {', '.join(SIZES)}")
+    counts = {"--steps": steps, "--repeats": repeats, "--threads": threads or 1, "--batch-size": batch_size,
+              "--seq-len": seq_len, "--vocab-size": vocab_size}
     for flag, value in counts.items():
         if value < 1:
-            parser.error(f"{flag} must be >= 1; got {value}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0; got {args.warmup}")
-    if args.plot is not None and args.plot.suffix.lower() != ".png":
-        parser.error(f"--plot writes a PNG, so its path must end in .png; got {args.plot}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+            raise ConfigError(f"{flag} must be >= 1; got {value}")
+    if warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0; got {warmup}")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise ConfigError(f"--plot writes a PNG, so its path must end in .png; got {plot}")
+    if threads:
+        torch.set_num_threads(threads)
     has_torchao = importlib.util.find_spec("torchao") is not None
-    recipes = args.recipes or [*RECIPES, *(TORCHAO if has_torchao else ())]
+    recipes = recipes or [*RECIPES, *(TORCHAO if has_torchao else ())]
     unknown = [r for r in recipes if r not in TORCHAO and (r.partition("-")[0] not in ("fp", "ste", "dqt")
                                                           or r.count("-") > 1 and not r.startswith("dqt-")
                                                           or not set(r.split("-")[2:]) <= set(OPTIONS))]
     if unknown:
-        parser.error(f"unknown recipe {unknown[0]}; use fp, ste[-BITS], dqt-BITS[-{'|'.join(OPTIONS)}...], "
-                     f"{' or '.join(TORCHAO)}")
+        raise ConfigError(f"unknown recipe {unknown[0]}; use fp, ste[-BITS], dqt-BITS[-{'|'.join(OPTIONS)}...], "
+                          f"{' or '.join(TORCHAO)}")
     cuda = torch.cuda.is_available()
     precision = args.precision or ("bf16-mixed" if cuda else "32-true")
     device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})"
@@ -357,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Device: {device}; {versions}; {datetime.date.today().isoformat()}."
             + ("" if cuda else " No allocator peak on CPU, so peak and activations are n/a.")
             + ("" if has_torchao else " torchao not installed: its recipes are omitted.") + note,
-            f"Command: `{shlex.join([*PROG.split(), *argv])}`",
+            f"Command: `{shlex.join([*PROG.split(), *commands.invocation])}`",
         ])
 
     started = time.perf_counter()
@@ -388,13 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.plot:
             title = (f"Model {args.size}, batch {args.batch_size} x {args.seq_len} tokens, {precision}, "
                      f"{device}, {versions}")
-            plot(rows, args.plot, title)
+            plot_chart(rows, args.plot, title)
             print(f"\nchart: {args.plot}")
     except OSError as error:
         sys.stderr.write(f"error: cannot write {error.filename or args.plot}: {error.strerror or error}\n")
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gc
+import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from dqt_lightning.commands import script
 from dqt_lightning.model import Config
 from dqt_lightning.module import LanguageModel
 from dqt_lightning.tools.memory import fit_on_tokens
@@ -60,20 +63,19 @@ def measure_checkpoint_sizes(size: str, vocab_size: int, directory: Path) -> dic
     return sizes
 
 
-def main() -> None:
-    """Print checkpoint sizes of the 130m model per storage format.
+def checkpoint_sizes(size: str = "130m", vocab_size: list[int] | None = None) -> None:
+    """Checkpoint sizes of a model per storage format, full checkpoints and weights only.
 
-    ``python -m dqt_lightning.tools.checkpoint_sizes``."""
-    import argparse
+    Args:
+        size: model size (a name in dqt_lightning.model.SIZES)
+        vocab_size: vocabulary sizes to measure (default: 32000 4096)
+    """
     import datetime
     import logging
     import platform
     import time
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--size", default="130m")
-    parser.add_argument("--vocab-size", type=int, nargs="+", default=[32000, 4096])
-    args = parser.parse_args()
+    args = SimpleNamespace(size=size, vocab_size=vocab_size or [32000, 4096])
     # Lightning's "GPU available / TPU available" banners are noise in a table meant for pasting.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     started = time.perf_counter()
@@ -93,4 +95,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(script(checkpoint_sizes))

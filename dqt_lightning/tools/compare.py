@@ -11,11 +11,9 @@ directory holds the ``eval.json`` that ``eval`` writes gets its perplexity and t
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,7 +200,7 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[Run], output: Path) -> None:
+def plot_losses(runs: list[Run], output: Path) -> None:
     """Validation loss against tokens seen, one line per run, written as a PNG."""
     import matplotlib
 
@@ -225,22 +223,15 @@ def plot(runs: list[Run], output: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dqt_lightning compare", description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", help="run directories (runs/<name>/version_N) or directories above them")
-    parser.add_argument("--plot", default="compare.png",
-                        help="where to write the PNG of validation loss against tokens (default: %(default)s)")
-    args = parser.parse_args(argv)
-    try:
-        runs = [load_run(path) for path in find_runs(args.runs)]
-    except ConfigError as error:
-        sys.stderr.write(f"error: {error}\n")
-        return 2
-    print(table(runs))
-    plot(runs, Path(args.plot))
-    print(f"\nplot of validation loss against tokens seen: {args.plot}")
+def compare(runs: list[str], plot: str = "compare.png") -> int:
+    """One table and one plot of validation loss against tokens for finished runs.
+
+    Args:
+        runs: run directories (runs/<name>/version_N) or directories above them
+        plot: where to write the PNG of validation loss against tokens
+    """
+    found = [load_run(path) for path in find_runs(runs)]
+    print(table(found))
+    plot_losses(found, Path(plot))
+    print(f"\nplot of validation loss against tokens seen: {plot}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

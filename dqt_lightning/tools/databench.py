@@ -13,18 +13,20 @@ A benchmark, not a test: numbers depend on the machine and on what else runs on 
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from multiprocessing import get_context
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import torch
 
+from dqt_lightning.commands import script
 from dqt_lightning.data.embedded import EmbeddedDocs
 from dqt_lightning.data.shard_files import Manifest, document_batches
 from dqt_lightning.data.shards import TokenShards, prepare
@@ -102,14 +104,16 @@ def encode_tokens_per_second(tokenizer_file: Path, docs: list[str]) -> dict[str,
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dqt_lightning.tools.databench",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3, help="passes over the training windows per measurement")
-    parser.add_argument("--cache-dir", default=".cache/dqt_lightning/databench")
-    parser.add_argument("--shard-dir", action="append", default=[],
-                        help="also measure TokenShards on this prepared directory (repeatable)")
-    args = parser.parse_args(argv)
+def databench(epochs: int = 3, cache_dir: str = ".cache/dqt_lightning/databench",
+              shard_dir: list[str] | None = None) -> None:
+    """Data loading throughput of every data module, the tokenizer alone, and ``prepare``.
+
+    Args:
+        epochs: passes over the training windows per measurement
+        cache_dir: where the benchmark's tokenizer and shards go
+        shard_dir: also measure TokenShards on these prepared directories
+    """
+    args = SimpleNamespace(epochs=epochs, cache_dir=cache_dir, shard_dir=shard_dir or [])
     cache_dir = Path(args.cache_dir)
     shard_dir = cache_dir / "shards"
     torch.set_num_threads(os.cpu_count() or 1)
@@ -144,4 +148,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(script(databench))

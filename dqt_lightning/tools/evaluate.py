@@ -23,7 +23,6 @@ a checkpoint outside a run, ``eval.json`` in an export), where ``compare`` picks
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -31,6 +30,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -185,7 +185,7 @@ def _positive(flag: str, value: int | None, at_least: int = 1) -> None:
         raise ConfigError(f"{flag} must be >= {at_least}; got {value}")
 
 
-def _run(args: argparse.Namespace) -> dict:
+def _run(args: SimpleNamespace) -> dict:
     for flag, value in (("--context", args.context), ("--stride", args.stride), ("--limit-tokens", args.limit_tokens),
                         ("--batch-size", args.batch_size)):
         _positive(flag, value)
@@ -260,55 +260,50 @@ def _run(args: argparse.Namespace) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dqt_lightning eval", description=__doc__.split("\n")[0])
-    parser.add_argument("model", help="a checkpoint (runs/<name>/version_N/checkpoints/*.ckpt), a run directory (its "
-                        "checkpoints/last.ckpt) or an export directory")
-    parser.add_argument("--text", help="perplexity on a .txt/.jsonl/.parquet file, directory or glob (in .txt files "
-                        "a blank line separates documents)")
-    parser.add_argument("--text-field", default="text", help="the field holding the text in .jsonl/.parquet files "
-                        "(default: %(default)s)")
-    parser.add_argument("--context", type=int, help="input tokens per window (default: the model's block size, at "
-                        f"most {MAX_DEFAULT_CONTEXT})")
-    parser.add_argument("--stride", type=int, help="a window starts every N tokens (default: --context; smaller "
-                        "gives every scored token more context, at more windows)")
-    parser.add_argument("--limit-tokens", type=int, help="score at most N tokens (the first N + 1 of the text)")
-    parser.add_argument("--tasks", nargs="+", metavar="FILE.jsonl", help="multiple-choice task files, one "
-                        '{"context": ..., "choices": [...], "label": i} per line, or names of shipped tasks '
-                        f"({', '.join(sorted(p.stem for p in TASKS_DIR.glob('*.jsonl')))})")
-    parser.add_argument("--lm-eval-tasks", nargs="+", metavar="NAME", help="lm-evaluation-harness tasks (needs the "
-                        "eval extra; its tasks download their datasets unless they are cached)")
-    parser.add_argument("--lm-eval-include", metavar="DIR", help="a directory of lm-eval task YAML files to add")
-    parser.add_argument("--lm-eval-limit", type=int, help="at most N documents per lm-eval task")
-    parser.add_argument("--ternary", action="store_true", help="re-quantize the quantized weights to ternary")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
-    parser.add_argument("--output", help="the JSON file to write (default: eval.json in the run or export directory, "
-                        "<stem>-eval.json beside a checkpoint outside a run)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is "
-                        "not a terminal)")
-    args = parser.parse_args(argv)
+def evaluate(model: str, text: str | None = None, text_field: str = "text", context: int | None = None,
+             stride: int | None = None, limit_tokens: int | None = None, tasks: list[str] | None = None,
+             lm_eval_tasks: list[str] | None = None, lm_eval_include: str | None = None,
+             lm_eval_limit: int | None = None, ternary: bool = False, batch_size: int = 8, device: str | None = None,
+             output: str | None = None, no_progress: bool = False) -> int:
+    """Perplexity on local text and multiple-choice accuracy of a checkpoint or an export.
+
+    Args:
+        model: a checkpoint (runs/<name>/version_N/checkpoints/*.ckpt), a run directory (its checkpoints/last.ckpt)
+            or an export directory
+        text: perplexity on a .txt/.jsonl/.parquet file, directory or glob (in .txt files a blank line separates
+            documents)
+        text_field: the field holding the text in .jsonl/.parquet files
+        context: input tokens per window (default: the model's block size, at most 1024)
+        stride: a window starts every N tokens (default: --context; smaller gives every scored token more context, at
+            more windows)
+        limit_tokens: score at most N tokens (the first N + 1 of the text)
+        tasks: multiple-choice task files, one {"context": ..., "choices": [...], "label": i} per line, or names of
+            shipped tasks (the .jsonl files in dqt_lightning/tools/tasks)
+        lm_eval_tasks: lm-evaluation-harness tasks (needs the eval extra; its tasks download their datasets unless
+            they are cached)
+        lm_eval_include: a directory of lm-eval task YAML files to add
+        lm_eval_limit: at most N documents per lm-eval task
+        ternary: re-quantize the quantized weights to ternary
+        batch_size: windows per forward pass
+        device: cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)
+        output: the JSON file to write (default: eval.json in the run or export directory, <stem>-eval.json beside a
+            checkpoint outside a run)
+        no_progress: no progress bar (none is drawn when stderr is not a terminal)
+    """
+    settings = SimpleNamespace(**locals())
+    _positive("--lm-eval-limit", lm_eval_limit)
+    report = _run(settings)
+    path = Path(report["output"])
+    data = (json.dumps(report, indent=2) + "\n").encode()
     try:
-        _positive("--lm-eval-limit", args.lm_eval_limit)
-        report = _run(args)
-        output = Path(report["output"])
-        data = (json.dumps(report, indent=2) + "\n").encode()
-        try:
-            atomic_write(output, lambda f: f.write(data))
-        except OSError as error:
-            raise ConfigError(f"--output {output} cannot be written: {error.strerror or error}") from error
-    except ConfigError as error:
-        sys.stderr.write(f"error: {error}\n")
-        return 2
+        atomic_write(path, lambda f: f.write(data))
+    except OSError as error:
+        raise ConfigError(f"--output {path} cannot be written: {error.strerror or error}") from error
     print(markdown_table(report["results"]))
     if "perplexity" in report:
         ppl = report["perplexity"]
         print(f"\nperplexity: {ppl['perplexity']:.4f} per token of this model's tokenizer (not per word), "
               f"{ppl['tokens_scored']:,} tokens scored of {ppl['tokens']:,} (context {report['context']}, "
-              f"stride {report['stride']}{', ternary weights' if args.ternary else ''})")
-    print(f"results: {output}")
+              f"stride {report['stride']}{', ternary weights' if ternary else ''})")
+    print(f"results: {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

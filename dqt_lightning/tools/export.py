@@ -20,11 +20,10 @@ formats of transformers and llama.cpp instead (:mod:`~dqt_lightning.tools.export
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 from safetensors.torch import save
 
@@ -38,7 +37,7 @@ from dqt_lightning.tools.loading import (TOKENIZER_FILES, integer_state, model_f
 EXPORT_FILES = ("model.safetensors", "config.json", *TOKENIZER_FILES, "eval.json")
 
 
-def export(ckpt_path: str | Path, output: str | Path, pack: bool = False) -> Path:
+def export_dqt(ckpt_path: str | Path, output: str | Path, pack: bool = False) -> Path:
     """Write ``model.safetensors``, ``config.json`` and the run's tokenizer to ``output``.
 
     Args:
@@ -85,54 +84,43 @@ def default_output(ckpt: Path, fmt: str = "dqt", gguf_type: str = "tq2_0") -> Pa
     return ckpt.with_name(f"{ckpt.stem}-{name.removeprefix('model-')}")
 
 
-FORMATS = ("dqt", "hf", "gguf")
-GGUF_TYPES = ("tq2_0", "tq1_0", "f16")
-HF_DTYPES = ("float32", "bfloat16")
+def export(ckpt: str, format: Literal["dqt", "hf", "gguf"] = "dqt", output: str | None = None, pack: bool = False,
+           dtype: Literal["float32", "bfloat16"] | None = None, type: Literal["tq2_0", "tq1_0", "f16"] | None = None,
+           ternary: bool = False) -> int:
+    """Export a checkpoint: our safetensors with integer weights (dqt), a Hugging Face model directory that
+    transformers loads without custom code (hf), or a GGUF file for llama.cpp (gguf).
 
+    Args:
+        ckpt: a checkpoint written by fit (runs/<name>/version_N/checkpoints/*.ckpt), or a run directory for its
+            checkpoints/last.ckpt
+        format: dqt: int8 levels and scales, read back by this package; hf: BitNet layout for ternary models, float
+            LlamaForCausalLM otherwise; gguf: llama.cpp
+        output: directory (a .gguf file for --format gguf) to write (default: export, export-hf or
+            model-<type>.gguf in the run directory, or named after a checkpoint outside one)
+        pack: --format dqt: store weights that hold only -1, 0 and 1 four per byte
+        dtype: --format hf: dtype of the float weights of a non-ternary model (default: float32)
+        type: --format gguf: tensor type of the projections (default: tq2_0)
+        ternary: --format hf or gguf: re-quantize every projection to ternary first (as validation's ternary_eval),
+            so an n-bit or full-precision model goes into the ternary layout
+    """
+    gguf_type = type
+    for flag, value, fmt in (("--pack", pack, "dqt"), ("--dtype", dtype, "hf"), ("--type", gguf_type, "gguf"),
+                             ("--ternary", ternary, "hf or gguf")):
+        if value and format not in fmt.split(" or "):
+            raise ConfigError(f"{flag} applies to --format {fmt}, not --format {format}")
+    checkpoint = resolve_checkpoint(ckpt)
+    gguf_type = gguf_type or "tq2_0"
+    out = Path(output) if output else default_output(checkpoint, format, gguf_type)
+    if format == "hf":
+        from dqt_lightning.tools.export_hf import export_hf  # noqa: PLC0415 - needs the optional transformers
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dqt_lightning export",
-        description="Export a checkpoint: our safetensors with integer weights (dqt), a Hugging Face model directory "
-                    "that transformers loads without custom code (hf), or a GGUF file for llama.cpp (gguf).")
-    parser.add_argument("ckpt", help="a checkpoint written by fit (runs/<name>/version_N/checkpoints/*.ckpt), or a "
-                        "run directory for its checkpoints/last.ckpt")
-    parser.add_argument("--format", default="dqt", choices=FORMATS,
-                        help="dqt: int8 levels and scales, read back by this package; hf: BitNet layout for ternary "
-                             "models, float LlamaForCausalLM otherwise; gguf: llama.cpp (default: dqt)")
-    parser.add_argument("--output", help="directory (a .gguf file for --format gguf) to write (default: export, "
-                        "export-hf or model-<type>.gguf in the run directory, or named after a checkpoint outside one)")
-    parser.add_argument("--pack", action="store_true",
-                        help="--format dqt: store weights that hold only -1, 0 and 1 four per byte")
-    parser.add_argument("--dtype", choices=HF_DTYPES, default=None,
-                        help="--format hf: dtype of the float weights of a non-ternary model (default: float32)")
-    parser.add_argument("--type", dest="gguf_type", choices=GGUF_TYPES, default=None,
-                        help="--format gguf: tensor type of the projections (default: tq2_0)")
-    parser.add_argument("--ternary", action="store_true",
-                        help="--format hf or gguf: re-quantize every projection to ternary first (as validation's "
-                             "ternary_eval), so an n-bit or full-precision model goes into the ternary layout")
-    args = parser.parse_args(argv)
-    try:
-        for flag, value, fmt in (("--pack", args.pack, "dqt"), ("--dtype", args.dtype, "hf"),
-                                 ("--type", args.gguf_type, "gguf"), ("--ternary", args.ternary, "hf or gguf")):
-            if value and args.format not in fmt.split(" or "):
-                raise ConfigError(f"{flag} applies to --format {fmt}, not --format {args.format}")
-        ckpt = resolve_checkpoint(args.ckpt)
-        gguf_type = args.gguf_type or "tq2_0"
-        out = Path(args.output) if args.output else default_output(ckpt, args.format, gguf_type)
-        if args.format == "hf":
-            from dqt_lightning.tools.export_hf import export_hf  # noqa: PLC0415 - needs the optional transformers
+        export_hf(checkpoint, out, dtype=dtype or "float32", ternary=ternary)
+    elif format == "gguf":
+        from dqt_lightning.tools.export_gguf import export_gguf  # noqa: PLC0415 - needs the optional gguf
 
-            export_hf(ckpt, out, dtype=args.dtype or "float32", ternary=args.ternary)
-        elif args.format == "gguf":
-            from dqt_lightning.tools.export_gguf import export_gguf  # noqa: PLC0415 - needs the optional gguf
-
-            export_gguf(ckpt, out, gguf_type=gguf_type, ternary=args.ternary)
-        else:
-            export(ckpt, out, pack=args.pack)
-    except ConfigError as error:
-        sys.stderr.write(f"error: {error}\n")
-        return 2
+        export_gguf(checkpoint, out, gguf_type=gguf_type, ternary=ternary)
+    else:
+        export_dqt(checkpoint, out, pack=pack)
     if out.is_file():
         print(f"[export] {out}: {out.stat().st_size / 1e6:.2f} MB")
     else:
@@ -140,7 +128,3 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(p.stat().st_size for p in files)
         print(f"[export] {out}: {size / 1e6:.2f} MB in {', '.join(p.name for p in files)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

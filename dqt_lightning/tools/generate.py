@@ -8,7 +8,6 @@ new token runs through the model alone. The text is written as it is produced, a
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import time
@@ -119,51 +118,39 @@ def load(path: str | Path) -> tuple[LLaMA, TextTokenizer]:
     return model, tokenizer
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dqt_lightning generate", description=__doc__.split("\n")[0])
-    parser.add_argument("model", help="a checkpoint (runs/<name>/version_N/checkpoints/*.ckpt), a run directory (its "
-                        "checkpoints/last.ckpt) or an export directory")
-    parser.add_argument("--prompt", default="", help="text to continue (default: start from an end-of-text token)")
-    parser.add_argument("--max-new-tokens", type=int, default=100, help="at most this many tokens (>= 1); the "
-                        "prompt and they must fit in the model's block size (no sliding window)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0: always the most "
-                        "likely token")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0: among all")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ternary", action="store_true", help="re-quantize the quantized weights to ternary")
-    parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context for every new token "
-                        "instead of caching keys and values (slower; the same tokens)")
-    args = parser.parse_args(argv)
-    for flag, value, ok in (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1),
-                            ("--temperature", args.temperature, args.temperature >= 0),
-                            ("--top-k", args.top_k, args.top_k >= 0)):
+def generate(model: str, prompt: str = "", max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 50,
+             seed: int = 0, ternary: bool = False, no_kv_cache: bool = False) -> int:
+    """Sample text from a checkpoint or an export.
+
+    Args:
+        model: a checkpoint (runs/<name>/version_N/checkpoints/*.ckpt), a run directory (its checkpoints/last.ckpt)
+            or an export directory
+        prompt: text to continue (default: start from an end-of-text token)
+        max_new_tokens: at most this many tokens (>= 1); the prompt and they must fit in the model's block size (no
+            sliding window)
+        temperature: softmax temperature; 0: always the most likely token
+        top_k: sample among the k most likely tokens; 0: among all
+        seed: the sampling generator's seed
+        ternary: re-quantize the quantized weights to ternary
+        no_kv_cache: recompute the whole context for every new token instead of caching keys and values (slower; the
+            same tokens)
+    """
+    for flag, value, ok in (("--max-new-tokens", max_new_tokens, max_new_tokens >= 1),
+                            ("--temperature", temperature, temperature >= 0), ("--top-k", top_k, top_k >= 0)):
         if not ok:
-            parser.error(f"{flag} must be {'>= 1' if flag == '--max-new-tokens' else '>= 0'}; got {value:g}")
-    try:
-        model, tokenizer = load(args.model)
-    except ConfigError as error:
-        sys.stderr.write(f"error: {error}\n")
-        return 2
-    prompt = tokenizer.encode_batch([args.prompt])[0] if args.prompt else []
-    prompt = prompt or [tokenizer.eot_id]
-    context = TernaryWeights(model) if args.ternary else contextlib.nullcontext()
-    sys.stdout.write(args.prompt)
+            raise ConfigError(f"{flag} must be {'>= 1' if flag == '--max-new-tokens' else '>= 0'}; got {value:g}")
+    net, tokenizer = load(model)
+    ids = tokenizer.encode_batch([prompt])[0] if prompt else []
+    ids = ids or [tokenizer.eot_id]
+    context = TernaryWeights(net) if ternary else contextlib.nullcontext()
+    sys.stdout.write(prompt)
     stream = TextStream(tokenizer, sys.stdout)
     started = time.perf_counter()
-    try:
-        with context:
-            new = sample(model, prompt, args.max_new_tokens, args.temperature, args.top_k or None,
-                         torch.Generator().manual_seed(args.seed), stop_id=tokenizer.eot_id,
-                         kv_cache=not args.no_kv_cache, on_token=stream)
-    except ConfigError as error:
-        sys.stderr.write(f"error: {error}\n")
-        return 2
+    with context:
+        new = sample(net, ids, max_new_tokens, temperature, top_k or None, torch.Generator().manual_seed(seed),
+                     stop_id=tokenizer.eot_id, kv_cache=not no_kv_cache, on_token=stream)
     seconds = time.perf_counter() - started
     stream.finish(new)
     sys.stderr.write(f"[generate] {len(new)} tokens in {seconds:.2f} s ({len(new) / max(seconds, 1e-9):.1f} "
                      "tokens/s)\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

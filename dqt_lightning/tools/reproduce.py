@@ -23,7 +23,6 @@ arm at its own best, with the whole grid in the report.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib.resources
 import json
@@ -38,7 +37,8 @@ import torch
 
 from dqt_lightning.tools.claims import (ArmPrecision, best_learning_rates, further_findings, judge, lr_table, mean_run,
                                         precision_of, seed_table)
-from dqt_lightning.tools.compare import Run, load_run, plot, table
+from dqt_lightning.tools.compare import Run, load_run, plot_losses, table
+from dqt_lightning import commands
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
 
@@ -213,7 +213,7 @@ def arm_means(runs: dict[Job, Run]) -> dict[str, Run]:
     return {arm: mean_run(arm_runs) for arm, arm_runs in by_arm(runs).items()}
 
 
-def report(runs: dict[Job, Run], invocations: list[str], max_steps: int, png: Path,
+def results_markdown(runs: dict[Job, Run], invocations: list[str], max_steps: int, png: Path,
            precisions: dict[str, ArmPrecision], unigram_entropy: float | None = None) -> str:
     """The Markdown report: table, claims, findings, the command and the arms' configs, device and date.
 
@@ -266,81 +266,74 @@ def report(runs: dict[Job, Run], invocations: list[str], max_steps: int, png: Pa
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dqt_lightning reproduce", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/reproduce", help="where runs, logs and the report go (%(default)s)")
-    parser.add_argument("--config", action="append", default=[], metavar="YAML",
-                        help="a config stacked on every arm (model size, data, ...); repeatable")
-    parser.add_argument("--dqt-config", action="append", default=[], metavar="YAML",
-                        help="a config stacked on the DQT arms only, after --config: e.g. "
-                             "configs/kernels/fused-update.yaml, the same update in less time; repeatable")
-    parser.add_argument("--max-steps", type=int, default=1000, help="optimizer steps per arm (%(default)s)")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), metavar="ARM",
-                        help=f"arms to train (default: all of {', '.join(ARMS)}; also {', '.join(OPTIONAL_ARMS)})")
-    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
-                        help="train every arm once per seed (seed_everything; the data order stays the same) and "
-                             "judge the claims on the mean; default: the configs' own seed, once")
-    parser.add_argument("--lr-sweep", nargs="+", type=float, metavar="LR",
-                        help="train every arm at each of these peak learning rates and judge the claims on each "
-                             "arm's best (the report shows the whole grid); default: the configs' own rate")
-    parser.add_argument("--report", action="store_true", help="only write the report from the finished arms")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more fit arguments for every arm")
-    args = parser.parse_args(argv)
+def reproduce(out: str = "runs/reproduce", config: list[str] | None = None, dqt_config: list[str] | None = None,
+              max_steps: int = 1000, arms: list[str] | None = None, seeds: list[int] | None = None,
+              lr_sweep: list[float] | None = None, report: bool = False,
+              fit_args: list[str] | None = None) -> int:
+    """Train the paper's comparison (full precision, BitNet, DQT at several widths, ablations) and judge its claims.
+
+    Args:
+        out: where runs, logs and the report go
+        config: configs stacked on every arm (model size, data, ...), in order
+        dqt_config: configs stacked on the DQT arms only, after --config: e.g. configs/kernels/fused-update.yaml, the
+            same update in less time
+        max_steps: optimizer steps per arm
+        arms: arms to train (default: every arm of ARMS; OPTIONAL_ARMS only when named)
+        seeds: train every arm once per seed (seed_everything; the data order stays the same) and judge the claims on
+            the mean; default: the configs' own seed, once
+        lr_sweep: train every arm at each of these peak learning rates and judge the claims on each arm's best (the
+            report shows the whole grid); default: the configs' own rate
+        report: only write the report from the finished arms
+        fit_args: after --: more fit arguments for every arm
+    """
     known = {**ARMS, **OPTIONAL_ARMS}
-    unknown = [arm for arm in args.arms if arm not in known]
+    arms = arms or list(ARMS)
+    unknown = [arm for arm in arms if arm not in known]
     if unknown:
-        parser.error(f"unknown arm {unknown[0]}; choose from {', '.join(known)}")
-    for option, paths in (("--config", args.config), ("--dqt-config", args.dqt_config)):
+        raise ConfigError(f"unknown arm {unknown[0]}; choose from {', '.join(known)}")
+    for option, paths in (("--config", config or []), ("--dqt-config", dqt_config or [])):
         missing = [c for c in paths if not Path(c).is_file()]
         if missing:
-            parser.error(f"{option} {missing[0]}: no such file")
-    if args.max_steps < 1:
-        parser.error(f"--max-steps must be >= 1, got {args.max_steps}")
-    out = Path(args.out).resolve()
-    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    stack = [str(Path(c).resolve()) for c in args.config]
-    dqt_stack = [str(Path(c).resolve()) for c in args.dqt_config]
-    if args.seeds and len(set(args.seeds)) < len(args.seeds):
-        parser.error(f"--seeds lists a seed twice: {' '.join(map(str, args.seeds))}")
-    if args.lr_sweep and (len(set(args.lr_sweep)) < len(args.lr_sweep) or min(args.lr_sweep) <= 0):
-        parser.error(f"--lr-sweep takes distinct learning rates > 0; got {' '.join(f'{lr:g}' for lr in args.lr_sweep)}")
+            raise ConfigError(f"{option} {missing[0]}: no such file")
+    if max_steps < 1:
+        raise ConfigError(f"--max-steps must be >= 1, got {max_steps}")
+    if seeds and len(set(seeds)) < len(seeds):
+        raise ConfigError(f"--seeds lists a seed twice: {' '.join(map(str, seeds))}")
+    if lr_sweep and (len(set(lr_sweep)) < len(lr_sweep) or min(lr_sweep) <= 0):
+        raise ConfigError(f"--lr-sweep takes distinct learning rates > 0; got {' '.join(f'{lr:g}' for lr in lr_sweep)}")
+    root = Path(out).resolve()
+    extra = fit_args or []
+    stack = [str(Path(c).resolve()) for c in config or []]
+    dqt_stack = [str(Path(c).resolve()) for c in dqt_config or []]
     # Seed by seed, so that a run cut short (a device call's limit) has whole comparisons at its first seeds.
-    jobs = [Job(arm, seed, lr) for seed in (args.seeds or [None]) for lr in (args.lr_sweep or [None])
-            for arm in args.arms]
-    commands = {job: arm_command(job.arm, stack, args.max_steps, out, extra, dqt_stack, job.seed, job.lr)
-                for job in jobs}
-    if not args.report:  # every training invocation, for the report's "How it was run"
-        out.mkdir(parents=True, exist_ok=True)
-        given = list(sys.argv[1:] if argv is None else argv)
-        with open(out / "commands.txt", "a") as f:
+    jobs = [Job(arm, seed, lr) for seed in (seeds or [None]) for lr in (lr_sweep or [None])
+            for arm in arms]
+    arm_commands = {job: arm_command(job.arm, stack, max_steps, root, extra, dqt_stack, job.seed, job.lr)
+                    for job in jobs}
+    if not report:  # every training invocation, for the report's "How it was run"
+        root.mkdir(parents=True, exist_ok=True)
+        given = commands.invocation
+        with open(root / "commands.txt", "a") as f:
             f.write(shlex.join(["python", "-m", "dqt_lightning", "reproduce", *given]) + "\n")
-    try:
-        if args.report:
-            run_dirs = {job: out / (out / job.arm / job.done).read_text().strip()
-                        for job in finished_jobs(out, list(known))}
-        else:
-            run_dirs = {job: run_arm(job, command, out) for job, command in commands.items()}
-        if not run_dirs:
-            raise ConfigError(f"reproduce: no finished arm under {out}")
-        runs = {job: load_run(path) for job, path in run_dirs.items()}
-        precisions = {job.arm: precision_of(path) for job, path in run_dirs.items()}
-    except ConfigError as error:
-        sys.stderr.write(f"error: {error}\n")
-        return 2
+    if report:
+        run_dirs = {job: root / (root / job.arm / job.done).read_text().strip()
+                    for job in finished_jobs(root, list(known))}
+    else:
+        run_dirs = {job: run_arm(job, command, root) for job, command in arm_commands.items()}
+    if not run_dirs:
+        raise ConfigError(f"reproduce: no finished arm under {root}")
+    runs = {job: load_run(path) for job, path in run_dirs.items()}
+    precisions = {job.arm: precision_of(path) for job, path in run_dirs.items()}
     for job, run in runs.items():
         run.path = Path(job.arm) / run.path.name  # shown as <arm>/version_N (<arm>/seedS) in the table and the plot
-    png = out / "val_loss.png"
+    png = root / "val_loss.png"
     # One line per arm: its mean over seeds where it has several, at its best learning rate in a sweep.
     best_runs = at_best_learning_rates(runs)[0] if any(job.lr is not None for job in runs) else runs
-    plot(list(arm_means(best_runs).values()), png)
-    recorded = out / "commands.txt"
+    plot_losses(list(arm_means(best_runs).values()), png)
+    recorded = root / "commands.txt"
     invocations = recorded.read_text().splitlines() if recorded.exists() else []
-    text = report(runs, invocations, args.max_steps, png, precisions, _unigram_entropy(out / "logs"))
-    atomic_write(out / "results.md", lambda f: f.write(text.encode()))
+    text = results_markdown(runs, invocations, max_steps, png, precisions, _unigram_entropy(root / "logs"))
+    atomic_write(root / "results.md", lambda f: f.write(text.encode()))
     print(text)
-    print(f"[reproduce] report: {out / 'results.md'}; plot: {png}")
+    print(f"[reproduce] report: {root / 'results.md'}; plot: {png}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

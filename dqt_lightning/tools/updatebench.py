@@ -10,13 +10,15 @@ are timed with the device synchronized. The first compiled call compiles and is 
 
 from __future__ import annotations
 
-import argparse
 import platform
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 
+from dqt_lightning.commands import script
+from dqt_lightning.errors import ConfigError
 from dqt_lightning.quant.grid import TernaryGrid
 from dqt_lightning.quant.layers import DQTWeight
 from dqt_lightning.quant.rounding import WEIGHTS, noise_keys
@@ -78,32 +80,38 @@ def time_layer_update(shape: tuple[int, int], state_dtype: str, device: torch.de
 def _shape(text: str) -> tuple[int, int]:
     rows, _, columns = text.partition("x")
     if not (rows.isdigit() and columns.isdigit()):
-        raise argparse.ArgumentTypeError(f"a shape is ROWSxCOLUMNS, e.g. 768x2048; got '{text}'")
+        raise ConfigError(f"--shapes: a shape is ROWSxCOLUMNS, e.g. 768x2048; got '{text}'")
     return int(rows), int(columns)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dqt_lightning.tools.updatebench",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", nargs="+", type=_shape, default=[(256, 256), (768, 2048)])
-    parser.add_argument("--state-dtypes", nargs="+", choices=STATE_DTYPES, default=list(STATE_DTYPES))
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def updatebench(shapes: list[str] | None = None, state_dtypes: list[str] | None = None, repeats: int = 10,
+                threads: int | None = None) -> None:
+    """One layer's DQT update, the usual path against the fused one (eager and compiled), in milliseconds.
+
+    Args:
+        shapes: layer shapes as ROWSxCOLUMNS (default: 256x256 768x2048)
+        state_dtypes: AdamW state dtypes to time (default: all)
+        repeats: timed updates per row; the row is their median
+        threads: CPU threads for torch (default: torch's)
+    """
+    sizes = [_shape(text) for text in shapes or ["256x256", "768x2048"]]
+    unknown = [d for d in state_dtypes or [] if d not in STATE_DTYPES]
+    if unknown:
+        raise ConfigError(f"--state-dtypes: {unknown[0]} is not one of {', '.join(STATE_DTYPES)}")
+    if threads:
+        torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.machine()}), " \
         f"{torch.get_num_threads()} threads"
     print("| shape | AdamW states | usual ms | fused eager ms | fused compiled ms | usual / compiled |")
     print("|---|---|---:|---:|---:|---:|")
-    for shape in args.shapes:
-        for state_dtype in args.state_dtypes:
-            ms = time_layer_update(shape, state_dtype, device, args.repeats)
+    for shape in sizes:
+        for state_dtype in state_dtypes or list(STATE_DTYPES):
+            ms = time_layer_update(shape, state_dtype, device, repeats)
             print(f"| {shape[0]}x{shape[1]} | {state_dtype} | {ms['usual']:.2f} | {ms['fused eager']:.2f} | "
                   f"{ms['fused compiled']:.2f} | {ms['usual'] / ms['fused compiled']:.1f}x |", flush=True)
-    print(f"\nDevice: {name}; torch {torch.__version__}; median of {args.repeats}.")
+    print(f"\nDevice: {name}; torch {torch.__version__}; median of {repeats}.")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(script(updatebench))

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.quant.fp8 import convert_fp_linears, fp8_unsupported_reason
+from dqt_lightning.quant.fp8 import convert_fp_linears, require_fp8
 from dqt_lightning.quant.grid import Grid
 from dqt_lightning.quant.layers import GRAD_DTYPES, BitEmbedding, BitLinear, DQTEmbedding, DQTLinear, DQTWeight
 from dqt_lightning.quant.rounding import rounding_rule
@@ -167,6 +167,19 @@ class Execution:
             raise ConfigError("trainer.plugins.execution.int8_matmul and precision: fp8 both pick the forward matmul; "
                               "choose one")
 
+    def check_trainer(self, accumulate: int, clip: float | None) -> None:
+        """Refuse what an update inside backward cannot do with the trainer's settings: it runs before the gradients
+        of later micro-batches, or the global norm, exist."""
+        if not self.update_in_backward:
+            return
+        field = "trainer.plugins.execution.update_in_backward"
+        if accumulate != 1:
+            raise ConfigError(f"{field} needs trainer.accumulate_grad_batches: 1 (got {accumulate}): an update in "
+                              "backward cannot wait for the gradients of later micro-batches")
+        if clip:
+            raise ConfigError(f"{field} cannot clip gradients (trainer.gradient_clip_val: {clip}): the global norm "
+                              "needs every gradient before the first update; set it to null")
+
 
 class QuantPrecision(Precision):
     """Converts a model for one training method, in place, and runs its forward in the chosen numeric precision.
@@ -264,10 +277,7 @@ class QuantPrecision(Precision):
         return super().connect(model, optimizers, lr_schedulers)
 
     def _use_fp8_matmuls(self, model: nn.Module, device: torch.device) -> None:
-        reason = fp8_unsupported_reason(device)
-        if reason is not None:
-            raise ConfigError(f"trainer.plugins.execution.precision: fp8 needs an NVIDIA GPU of compute capability "
-                              f"8.9+ and torchao; {reason}; use bf16-mixed")
+        require_fp8(device)
         if self.method.mode == "fp":
             # Here rather than in convert_module: checkpoints load into plain nn.Linear, and only a supported
             # device gets the swap. Float8Linear keeps each weight parameter, so the optimizer built already holds it.

@@ -204,15 +204,10 @@ class QuantizedUpdate(HookOwner):
             self._hook_into_backward(trainer)
 
     def _hook_into_backward(self, trainer: pl.Trainer) -> None:
-        field = "trainer.plugins.execution.update_in_backward"
-        if (accumulate := trainer.accumulate_grad_batches) != 1:
-            raise ConfigError(f"{field} needs trainer.accumulate_grad_batches: 1 (got {accumulate}): an update in "
-                              "backward cannot wait for the gradients of later micro-batches")
-        if trainer.gradient_clip_val:
-            raise ConfigError(f"{field} cannot clip gradients (trainer.gradient_clip_val: {trainer.gradient_clip_val})"
-                              ": the global norm needs every gradient before the first update; set it to null")
+        trainer.precision_plugin.execution.check_trainer(trainer.accumulate_grad_batches, trainer.gradient_clip_val)
         if len(trainer.optimizers) != 1:
-            raise ConfigError(f"{field} needs exactly one optimizer; got {len(trainer.optimizers)}")
+            raise ConfigError("trainer.plugins.execution.update_in_backward needs exactly one optimizer; got "
+                              f"{len(trainer.optimizers)}")
         if trainer.world_size > 1:
             # Separate from the group DDP's own bucketed all-reduces run on, so the two streams of collectives,
             # both launched from backward hooks, can never be matched against each other.
