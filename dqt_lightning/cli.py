@@ -35,6 +35,7 @@ from dqt_lightning.checks import (check_ckpt_path, check_config_files, check_the
 from dqt_lightning.commands import first_reason
 from dqt_lightning.train.checkpoint import AtomicCheckpointIO
 from dqt_lightning.errors import ConfigError, TrainingStopped
+from dqt_lightning.files import atomic_write
 from dqt_lightning.runs import RUNS_DIR, resumable_checkpoint, run_name
 from dqt_lightning.train.precision import PRECISIONS, Execution
 
@@ -69,6 +70,8 @@ class _SaveConfig(SaveConfigCallback):
     """Lightning's config saving, with its refusal to overwrite an earlier run's config.yaml (which happens when runs
     without a logger share a directory) turned into a one-line error instead of a traceback."""
 
+    integer_ones: list[str] = []  # batch limits the Trainer took as the integer 1 (see _integer_ones)
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         path = Path(trainer.log_dir or ".") / self.config_filename  # log_dir broadcasts: every rank must ask
         try:
@@ -79,6 +82,44 @@ class _SaveConfig(SaveConfigCallback):
             raise ConfigError(f"{path} exists already, from an earlier run in the same directory; set "
                               "trainer.default_root_dir to a new directory (or keep the default logger, which gives "
                               "every run its own)") from error
+        ones = self.integer_ones if trainer.is_global_zero and path.is_file() else []
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) if ones else None
+        if isinstance(saved, dict) and isinstance(saved.get("trainer"), dict):  # jsonargparse wrote them as 1.0
+            saved["trainer"].update({key: 1 for key in ones})
+            atomic_write(path, lambda f: f.write(yaml.safe_dump(saved, sort_keys=False).encode()))
+
+
+# The integer 1 of a batch limit. Lightning types these Optional[Union[int, float]], but Python's typing cache can hand
+# jsonargparse an equal Union created elsewhere with float first, and then a 1 is read as 1.0: for the limits every
+# batch instead of one, for val_check_interval once an epoch instead of every batch. Whether it happens depends on
+# what was imported before (https://github.com/Lightning-AI/pytorch-lightning/issues/21259): in this project's test
+# environment it does. The workaround: the keys written as the integer 1 are found in the command line and its YAML
+# files, and set back to 1 for the Trainer and in config.yaml.
+# Delete when: with this function returning [], tests/test_cli.py::test_a_limit_written_as_the_integer_1_is_one_batch
+# passes in a fresh `make test` environment.
+BATCH_COUNTS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+                "val_check_interval")
+
+
+def _integer_ones(args: list[str]) -> list[str]:
+    """The keys of ``BATCH_COUNTS`` whose last value, in argument order (YAML files and flags), is written ``1``."""
+    written: dict[str, object] = {}
+    for i, token in enumerate(args):
+        if token in ("-c", "--config") and i + 1 < len(args):
+            try:
+                data = yaml.safe_load(Path(args[i + 1]).read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError, UnicodeDecodeError):
+                continue  # jsonargparse reports it
+            trainer = data.get("trainer") if isinstance(data, dict) else None
+            written.update({key: trainer[key] for key in BATCH_COUNTS if key in trainer}
+                           if isinstance(trainer, dict) else {})
+        for key in BATCH_COUNTS:
+            if token == f"--trainer.{key}" and i + 1 < len(args):
+                written[key] = args[i + 1]
+            elif token.startswith(f"--trainer.{key}="):
+                written[key] = token.split("=", 1)[1]
+    return [key for key, value in written.items()
+            if (type(value) is int and value == 1) or (isinstance(value, str) and value.strip() == "1")]
 
 
 def _move_trainer_precision_into_the_plugin(trainer: Namespace) -> None:
@@ -102,6 +143,7 @@ def _move_trainer_precision_into_the_plugin(trainer: Namespace) -> None:
 class DQTLightningCLI(LightningCLI):
     # fit with --ckpt_path last: the version directory of the run it continues (the default logger's only)
     _resume_version: int | None = None
+    _integer_ones: list[str] = []
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", _SaveConfig)
@@ -122,6 +164,7 @@ class DQTLightningCLI(LightningCLI):
                             "default), high (TF32 on NVIDIA GPUs since Ampere), medium (bf16 passes)")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        self._integer_ones = _integer_ones(sys.argv[1:] if args is None else list(args))
         super().parse_arguments(parser, args)
         # Here, before Lightning reads the checkpoint's hyper-parameters: a bad path would be a traceback there.
         subcommand = self.config.get("subcommand")
@@ -180,6 +223,11 @@ class DQTLightningCLI(LightningCLI):
             )
 
     def instantiate_trainer(self, **kwargs):
+        # Here, not before instantiating the classes: that pass types every value again, and 1 would be 1.0 again.
+        trainer_config = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"]
+        ones = [key for key in self._integer_ones if trainer_config.get(key) == 1.0]
+        for key in ones:
+            trainer_config[key] = 1
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except RuntimeError as error:
@@ -192,6 +240,9 @@ class DQTLightningCLI(LightningCLI):
                               "--trainer.callbacks+= may add one the base config has already); keep one") from error
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default, not a user's choice
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        for callback in trainer.callbacks:
+            if isinstance(callback, _SaveConfig):
+                callback.integer_ones = ones
         return trainer
 
     def after_fit(self) -> None:

@@ -358,13 +358,20 @@ def test_no_config_at_all_says_where_to_start(capsys, subcommand):
     (["--trainer.limit_val_batches", "1.0", "--config", "one.yaml"], 1), ([], 25),
 ], ids=["flag", "flag=", "flag-float", "yaml", "yaml-float", "flag-after-yaml", "yaml-after-flag", "base"])
 def test_a_limit_written_as_the_integer_1_is_one_batch(tmp_path, monkeypatch, written, runs):
-    # The Trainer types these Union[int, float]: were jsonargparse to try float first (it did, through a typing cache,
-    # Lightning-AI/pytorch-lightning#21259), a 1 would become 1.0, which Lightning takes as every batch.
+    # jsonargparse may read 1 for the Trainer's Union[int, float] as 1.0 (cli._integer_ones says when), which Lightning
+    # takes as every batch.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "one.yaml").write_text("trainer:\n  limit_val_batches: 1\n")
     (tmp_path / "all.yaml").write_text("trainer:\n  limit_val_batches: 1.0\n")
     cli = DQTLightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                           run=False, args=["--config", str(CONFIGS / "ternary.yaml"), *written])
     assert cli.trainer.limit_val_batches == runs and type(cli.trainer.limit_val_batches) is type(runs)
-    saved = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))["trainer"]["limit_val_batches"]
-    assert saved == runs and type(saved) is type(runs)  # config.yaml: a rerun of it takes as many batches
+
+
+def test_config_yaml_records_the_integer_1_so_that_a_rerun_takes_one_batch_too(tmp_path, cli, data_cache):
+    done = cli(*_fit("--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", *SMALL_DATA,
+                     "--data.init_args.cache_dir", data_cache, "--trainer.logger", "false",
+                     "--trainer.enable_progress_bar", "false"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["trainer"]["limit_val_batches"]
+    assert saved == 1 and type(saved) is int
