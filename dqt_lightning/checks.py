@@ -91,11 +91,9 @@ def check_the_run_can_start(config: Namespace) -> None:
     """The refusals that otherwise come only once training starts: a learning rate no step can take, FP8 without
     the hardware, DQT weights without the callback that updates them, an update in backward with accumulation or
     clipping."""
-    optimizer = config.model.get("init_args", Namespace()).get("optimizer") if isinstance(config.get("model"),
-                                                                                         Namespace) else None
-    arguments = optimizer.get("init_args") if isinstance(optimizer, Namespace) else None
-    if isinstance(arguments, Namespace) and isinstance(arguments.get("lr"), (int, float)):
-        check_learning_rate(arguments.lr, arguments.get("betas") or (0.0,))
+    lr = config.get("model.init_args.optimizer.init_args.lr")
+    if isinstance(lr, (int, float)):
+        check_learning_rate(lr, config.get("model.init_args.optimizer.init_args.betas") or (0.0,))
     trainer = config.trainer
     plugin = quant_plugin(trainer)
     if plugin is None:

@@ -122,24 +122,23 @@ def add_function(parser: ArgumentParser, function: Callable) -> None:
 def _lists_joined(function: Callable, argv: list[str]) -> list[str]:
     """``--config a --config b`` as ``--config a b``: argparse would keep only the last of a flag given twice."""
     hints = typing.get_type_hints(function)
-    flags = {"--" + name.replace("_", "-") for name in hints if _element(hints[name]) is not None}
-    joined: list[str] = []
-    first: dict[str, int] = {}  # flag -> where its values end in `joined`
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        end = next((j for j in range(i + 1, len(argv)) if argv[j].startswith("--")), len(argv))
-        if token in flags and token in first:
-            at = first[token]
-            joined[at:at] = argv[i + 1:end]
-            first = {flag: where + (end - i - 1 if where >= at else 0) for flag, where in first.items()}
+    lists = {"--" + name.replace("_", "-") for name in hints if _element(hints[name]) is not None}
+    groups: list[list[str]] = []  # each flag with the values after it (and first, any positionals)
+    for token in argv:
+        if token.startswith("--") or not groups:
+            groups.append([token])
         else:
-            joined += argv[i:end] if token.startswith("--") else [token]
-            if token in flags:
-                first[token] = len(joined)
-            end = end if token.startswith("--") else i + 1
-        i = end
-    return joined
+            groups[-1].append(token)
+    first: dict[str, list[str]] = {}
+    kept = []
+    for group in groups:
+        if group[0] in first:
+            first[group[0]] += group[1:]
+            continue
+        kept.append(group)
+        if group[0] in lists:
+            first[group[0]] = group
+    return [token for group in kept for token in group]
 
 
 def _description(function: Callable) -> tuple[str, str]:
