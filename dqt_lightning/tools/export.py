@@ -87,8 +87,10 @@ def default_output(ckpt: Path, fmt: str = "dqt", gguf_type: str = "tq2_0") -> Pa
 def export(ckpt: str, format: Literal["dqt", "hf", "gguf"] = "dqt", output: str | None = None, pack: bool = False,
            dtype: Literal["float32", "bfloat16"] | None = None, type: Literal["tq2_0", "tq1_0", "f16"] | None = None,
            ternary: bool = False) -> int:
-    """Export a checkpoint: our safetensors with integer weights (dqt), a Hugging Face model directory that
-    transformers loads without custom code (hf), or a GGUF file for llama.cpp (gguf).
+    """Export a checkpoint for this package (dqt), transformers (hf) or llama.cpp (gguf).
+
+    dqt: our safetensors with integer weights; hf: a Hugging Face model directory that transformers loads without
+    custom code; gguf: a GGUF file for llama.cpp.
 
     Args:
         ckpt: a checkpoint written by fit (runs/<name>/version_N/checkpoints/*.ckpt), or a run directory for its
