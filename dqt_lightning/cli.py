@@ -74,14 +74,13 @@ class _SaveConfig(SaveConfigCallback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         path = Path(trainer.log_dir or ".") / self.config_filename  # log_dir broadcasts: every rank must ask
-        try:
-            super().setup(trainer, pl_module, stage)
-        except RuntimeError as error:
-            if "to NOT exist" not in str(error):
-                raise
-            raise ConfigError(f"{path} exists already, from an earlier run in the same directory; set "
-                              "trainer.default_root_dir to a new directory (or keep the default logger, which gives "
-                              "every run its own)") from error
+        # Lightning's own test, asked first: it would refuse with a paragraph-long RuntimeError.
+        if not self.already_saved and self.save_to_log_dir and not self.overwrite:
+            if trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False):
+                raise ConfigError(f"{path} exists already, from an earlier run in the same directory; set "
+                                  "trainer.default_root_dir to a new directory (or keep the default logger, which "
+                                  "gives every run its own)")
+        super().setup(trainer, pl_module, stage)
         ones = self.integer_ones if trainer.is_global_zero and path.is_file() else []
         saved = yaml.safe_load(path.read_text(encoding="utf-8")) if ones else None
         if isinstance(saved, dict) and isinstance(saved.get("trainer"), dict):  # jsonargparse wrote them as 1.0

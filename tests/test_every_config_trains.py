@@ -53,6 +53,7 @@ SAME_PATH = {
     "ternary.yaml+model/tiny.yaml": ("ternary.yaml", set()),
     "ternary.yaml+model/320m.yaml": ("ternary.yaml", SIZE),
     "ternary.yaml+model/1b.yaml": ("ternary.yaml", SIZE),
+    "ternary.yaml+model/cpu-study.yaml": ("ternary.yaml", SIZE),  # its one other key, the vocabulary, SHRINK sets
     # the paper's recipe: another learning rate (and steps, batches, warm-up, which SHRINK overrides)
     "ternary.yaml+model/130m.yaml": ("ternary.yaml", SIZE | {"model.init_args.optimizer.init_args.lr"}),
     "ternary.yaml+precision/fp32.yaml": ("ternary.yaml", set()),
