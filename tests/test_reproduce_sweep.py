@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dqt_lightning.tools.claims import best_learning_rates
+from dqt_lightning.tools.claims import best_learning_rates, lr_table
 from dqt_lightning.tools.compare import Run
 from dqt_lightning.tools.reproduce import Job, arm_command, finished_jobs, results_markdown
 from dqt_lightning.commands import run as run_tool
@@ -32,6 +32,7 @@ def test_the_best_learning_rate_is_each_arms_lowest_loss_and_nan_never_wins():
             ("dqt-8bit", 2e-3): _run(4.05), ("dqt-ternary", 1e-3): _run(float("nan")),
             ("dqt-ternary", 2e-3): _run(4.6)}
     assert best_learning_rates(grid) == {"bitnet": 1e-3, "dqt-8bit": 2e-3, "dqt-ternary": 2e-3}
+    assert "(" not in lr_table(grid, best_learning_rates(grid), {key: 2 for key in grid})  # even: no seed counts
 
 
 def test_claims_are_judged_at_each_arms_best_rate_and_the_grid_is_reported(tmp_path):
@@ -40,8 +41,10 @@ def test_claims_are_judged_at_each_arms_best_rate_and_the_grid_is_reported(tmp_p
     assert "| 8-bit DQT is on par with BitNet b1.58. | supported | 2 of 2 | 8-bit DQT 4.0600 against BitNet b1.58's " \
            "4.0000: +1.5%" in text
     assert "| arm | lr 0.001 | lr 0.002 |" in text
-    assert "| bitnet | **4.0000** | 4.2500 |" in text and "| dqt-8bit | 4.5000 | **4.0600** |" in text
-    assert "| dqt-ternary | nan | **4.6000** |" in text
+    # The ternary arm ran at one seed, the others at two: each cell says how many.
+    assert "| bitnet | **4.0000** (2) | 4.2500 (2) |" in text and "| dqt-8bit | 4.5000 (2) | **4.0600** (2) |" in text
+    assert "| dqt-ternary | nan (1) | **4.6000** (1) |" in text
+    assert "seeds 1, 2 (initialization and rounding noise), not every arm at each" in text
     # The results table holds each arm's runs at its best rate only.
     assert "| dqt-8bit | 2 | 4.0600 ± 0.0141 |" in text
 
@@ -63,3 +66,15 @@ def test_sweep_jobs_have_their_own_directories_commands_and_markers(tmp_path):
 def test_bad_sweeps_are_one_line(rates, tmp_path, capsys):
     assert run_tool(["reproduce", "--out", str(tmp_path), "--lr-sweep", *rates]) == 2
     assert "--lr-sweep takes distinct learning rates > 0" in capsys.readouterr().err
+
+
+def test_a_sweep_extended_at_one_rate_picks_the_best_on_the_seeds_every_rate_has(tmp_path):
+    # At seed 1 the rate 1e-3 wins (3.00 against 3.10); seeds 2 and 3 ran at 1e-3 only and were worse. A mean over
+    # whatever seeds a rate has would pick 2e-3 (3.10 against 3.40): one seed's luck against three.
+    runs = {Job("fp", 1, 1e-3): _run(3.00), Job("fp", 2, 1e-3): _run(3.60), Job("fp", 3, 1e-3): _run(3.60),
+            Job("fp", 1, 2e-3): _run(3.10)}
+    text = results_markdown(runs, [], 4, tmp_path / "v.png", {})
+    assert "| fp | **3.4000** (3) | 3.1000 (1) |" in text
+    assert "not every arm at each" not in text  # one arm: its three runs at its best rate
+    # Claims use every seed at the best rate.
+    assert "| fp | 3 | 3.4000 ± 0.3464 |" in text

@@ -180,16 +180,19 @@ def best_learning_rates(grid: dict[tuple[str, float], Run]) -> dict[str, float]:
     return best
 
 
-def lr_table(grid: dict[tuple[str, float], Run], best: dict[str, float]) -> str:
+def lr_table(grid: dict[tuple[str, float], Run], best: dict[str, float],
+             seeds: dict[tuple[str, float], int] | None = None) -> str:
     """The sweep as a table: one row per arm, one column per learning rate, the final validation loss (mean over
-    seeds) in each cell, the arm's best in bold."""
+    seeds) in each cell, the arm's best in bold; each cell's number of seeds where the cells have different ones."""
     rates = sorted({lr for _, lr in grid})
+    uneven = len(set((seeds or {}).values())) > 1
     lines = ["| arm | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |", "|---|" + "---:|" * len(rates)]
     for arm in dict.fromkeys(arm for arm, _ in grid):
         cells = []
         for lr in rates:
             loss = grid[(arm, lr)].final_val_loss if (arm, lr) in grid else None
             text = "-" if loss is None else f"{loss:.4f}"
-            cells.append(f"**{text}**" if best.get(arm) == lr else text)
+            text = f"**{text}**" if best.get(arm) == lr else text
+            cells.append(f"{text} ({seeds[(arm, lr)]})" if uneven and (arm, lr) in seeds else text)
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

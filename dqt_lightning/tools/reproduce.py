@@ -23,6 +23,7 @@ arm at its own best, with the whole grid in the report.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import importlib.resources
 import json
@@ -199,12 +200,24 @@ def lr_means(runs: dict[Job, Run]) -> dict[tuple[str, float], Run]:
     return {key: mean_run(group) for key, group in grouped.items()}
 
 
+def on_shared_seeds(runs: dict[Job, Run]) -> dict[Job, Run]:
+    """A sweep's runs of each arm at the seeds that every one of its learning rates has (all of an arm's runs where
+    its rates share no seed): a sweep extended at some rates only compares an arm's rates on the same seeds, not one
+    seed's luck against a mean of three."""
+    seeds: dict[str, dict[float, set[int | None]]] = {}
+    for job in runs:
+        if job.lr is not None:
+            seeds.setdefault(job.arm, {}).setdefault(job.lr, set()).add(job.seed)
+    shared = {arm: set.intersection(*by_lr.values()) for arm, by_lr in seeds.items()}
+    return {job: run for job, run in runs.items() if job.seed in shared.get(job.arm, ()) or not shared.get(job.arm)}
+
+
 def at_best_learning_rates(runs: dict[Job, Run]) -> tuple[dict[Job, Run], dict[tuple[str, float], Run],
                                                            dict[str, float]]:
     """A sweep's runs at each arm's best learning rate, with the sweep's grid (:func:`lr_means`) and the best rates
-    (:func:`~dqt_lightning.tools.claims.best_learning_rates`)."""
+    (:func:`~dqt_lightning.tools.claims.best_learning_rates`, on the seeds all of the arm's rates have)."""
     grid = lr_means(runs)
-    best = best_learning_rates(grid)
+    best = best_learning_rates(lr_means(on_shared_seeds(runs)))
     return {job: run for job, run in runs.items() if job.lr == best.get(job.arm)}, grid, best
 
 
@@ -222,21 +235,27 @@ def results_markdown(runs: dict[Job, Run], invocations: list[str], max_steps: in
     """
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})"
     swept = any(job.lr is not None for job in runs)
+    all_runs = runs
     if swept:  # every arm at its own best learning rate: the runs at the others only enter the grid
         runs, grid, best = at_best_learning_rates(runs)
     grouped, means = by_arm(runs), arm_means(runs)
     seeds = sorted({job.seed for job in runs}, key=lambda seed: -1 if seed is None else seed)
     several = any(len(arm_runs) > 1 for arm_runs in grouped.values())
+    arm_seeds = {frozenset(job.seed for job in runs if job.arm == arm) for arm in grouped}
+    each = "every arm at each" if len(arm_seeds) == 1 else "not every arm at each (its seeds: below)"
     same = ("the same data order and number of steps; seeds " + ", ".join(str(s) for s in seeds if s is not None)
-            + " (initialization and rounding noise), every arm at each" if several
+            + f" (initialization and rounding noise), {each}" if several
             else "the same seed, data order and number of steps")
     lines = [f"# Reproduction: the paper's claims at {max_steps} steps per arm", "",
              f"Device: {device}; torch {torch.__version__}; Python {platform.python_version()}; "
              f"{datetime.date.today().isoformat()}. Every arm: {same}.", "",
              "## Results", "", table(list(runs.values())), ""]
     if swept:
-        lines += ["Each arm at its own best learning rate (lowest final validation loss, mean over seeds), as "
-                  "quantization papers compare arms; the whole sweep:", "", lr_table(grid, best), ""]
+        counts = collections.Counter((job.arm, job.lr) for job in all_runs if job.lr is not None)
+        lines += ["Each arm at its own best learning rate (lowest final validation loss, mean over the seeds that all "
+                  "of its rates have), as quantization papers compare arms; the whole sweep (mean over seeds; in brackets, a cell's seeds where "
+                  "cells differ):", "",
+                  lr_table(grid, best, counts), ""]
     if several:
         lines += ["Across seeds:", "", seed_table(grouped), ""]
     lines += [f"![validation loss against tokens]({png.name})", "", "## The paper's claims", ""]
