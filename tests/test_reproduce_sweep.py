@@ -3,9 +3,11 @@ whole grid in the report."""
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import pytest
+import torch
 
 from dqt_lightning.tools.claims import best_learning_rates, lr_table
 from dqt_lightning.tools.compare import Run
@@ -45,6 +47,7 @@ def test_claims_are_judged_at_each_arms_best_rate_and_the_grid_is_reported(tmp_p
     assert "| bitnet | **4.0000** (2) | 4.2500 (2) |" in text and "| dqt-8bit | 4.5000 (2) | **4.0600** (2) |" in text
     assert "| dqt-ternary | nan (1) | **4.6000** (1) |" in text
     assert "seeds 1, 2 (initialization and rounding noise), not every arm at each" in text
+    assert f"Device: CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()} kernels)" in text
     # The results table holds each arm's runs at its best rate only.
     assert "| dqt-8bit | 2 | 4.0600 ± 0.0141 |" in text
 

@@ -233,7 +233,10 @@ def results_markdown(runs: dict[Job, Run], invocations: list[str], max_steps: in
     With several seeds per arm, each claim is judged on the arms' mean losses (:func:`mean_run`), and judged again
     at each seed alone: the "seeds agreeing" column counts the seeds whose own verdict is the mean's.
     """
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+    # On a CPU, the kernels torch dispatches to (AVX2, AVX512, ...) are named: they round sums differently, and under
+    # stochastic rounding the same seed then takes another path, so a run matches another to the digit only on them.
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+              else f"CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()} kernels)")
     swept = any(job.lr is not None for job in runs)
     all_runs = runs
     if swept:  # every arm at its own best learning rate: the runs at the others only enter the grid
