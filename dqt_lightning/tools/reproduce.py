@@ -256,8 +256,8 @@ def results_markdown(runs: dict[Job, Run], invocations: list[str], max_steps: in
     if swept:
         counts = collections.Counter((job.arm, job.lr) for job in all_runs if job.lr is not None)
         lines += ["Each arm at its own best learning rate (lowest final validation loss, mean over the seeds that all "
-                  "of its rates have), as quantization papers compare arms; the whole sweep (mean over seeds; in brackets, a cell's seeds where "
-                  "cells differ):", "",
+                  "of its rates have), as quantization papers compare arms; the whole sweep (mean over seeds; in "
+                  "brackets, a cell's seeds where cells differ):", "",
                   lr_table(grid, best, counts), ""]
     if several:
         lines += ["Across seeds:", "", seed_table(grouped), ""]
