@@ -244,6 +244,23 @@ class DQTLightningCLI(LightningCLI):
                 callback.integer_ones = ones
         return trainer
 
+    def _weights_from_checkpoint(self) -> None:
+        # A run that restores a checkpoint file builds its model without the random init the checkpoint overwrites
+        # ("best" and "hpc" may find none, so those still draw it).
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if (ckpt_path == "last" and self._resume_version is not None) or (ckpt_path and Path(ckpt_path).is_file()):
+            if hasattr(self.model, "weights_from_checkpoint"):
+                self.model.weights_from_checkpoint = True
+
+    def before_fit(self) -> None:
+        self._weights_from_checkpoint()
+
+    def before_validate(self) -> None:
+        self._weights_from_checkpoint()
+
+    def before_test(self) -> None:
+        self._weights_from_checkpoint()
+
     def after_fit(self) -> None:
         # Validation runs every val_check_interval steps, which need not fall on the last one: measure the end state.
         if self.trainer.limit_val_batches and not self.trainer.interrupted:

@@ -6,6 +6,8 @@ Nothing here knows about quantization. Every projection is a plain ``nn.Linear``
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -219,6 +221,61 @@ class LLaMA(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    @classmethod
+    def empty(cls, config: Config) -> LLaMA:
+        """The model with no weights yet (on the meta device): no memory, no random draws. :meth:`materialize`
+        gives it weights one layer at a time, drawn from the random state of this moment (kept in ``rng_state``):
+        the very weights ``LLaMA(config)`` would draw here. The global generator moves on as if they had been drawn,
+        so that the next model gets other weights."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.rng_state = torch.get_rng_state()
+        torch.default_generator.manual_seed(int(torch.randint(2**62, ())))
+        return model
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether the model still waits for :meth:`materialize`."""
+        return self.rope_cos.is_meta
+
+    @torch.no_grad()
+    def materialize(self, convert: Callable[[str, nn.Module], nn.Module | None] | None = None,
+                    initialize: bool = True) -> None:
+        """Give a model built by :meth:`empty` its weights, one matrix at a time, on the CPU.
+
+        Each weight is the one ``LLaMA(config)`` draws when built from the random state :meth:`empty` kept: the same
+        draws in the same order (first those of each layer's own constructor, then the normal init of
+        ``_init_weights``), one layer at a time. With ``initialize=False`` the weights are left uninitialized, for a
+        checkpoint to fill, and nothing is drawn.
+
+        ``convert(name, layer)`` may replace each projection, embedding and head as soon as it holds its float weight
+        (the precision plugin quantizes it there): the float weight is then dropped, so the process never holds more
+        than one layer's float weight beyond those that stay float.
+        """
+        generator = torch.Generator().set_state(self.rng_state) if initialize else None
+        layers = [(name, m) for name, m in self.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+        if generator is not None:
+            # What building eagerly draws first: each layer's reset_parameters() in its constructor.
+            for _, layer in layers:
+                scratch = torch.empty(layer.weight.shape)
+                if isinstance(layer, nn.Embedding):
+                    nn.init.normal_(scratch, generator=generator)
+                else:
+                    nn.init.kaiming_uniform_(scratch, a=math.sqrt(5), generator=generator)
+        for name, layer in layers:
+            weight = torch.empty(layer.weight.shape)
+            if generator is not None:
+                weight.normal_(mean=0.0, std=self.config.init_std, generator=generator)
+            layer.weight = nn.Parameter(weight)
+            replacement = convert(name, layer) if convert is not None else None
+            if replacement is not None:
+                parent, _, child = name.rpartition(".")
+                setattr(self.get_submodule(parent), child, replacement)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight = nn.Parameter(torch.ones(module.weight.shape))
+        self.rope_cos, self.rope_sin = rope_tables(self.config)
 
     def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
         """Logits for every position of ``idx``. With ``caches`` (one per layer, :meth:`kv_caches`), ``idx`` holds

@@ -89,7 +89,12 @@ class LanguageModel(pl.LightningModule):
         if problems:
             raise ConfigError("; ".join(problems))
         self.config = config
-        self.model = LLaMA(config)
+        # Built empty: configure_model gives it weights once the trainer's precision plugin says which layers become
+        # integers, so that a model whose float copy would not fit in memory never has one. The weights are drawn
+        # from the random state of this moment: the very ones building the model here would have drawn.
+        self.model = LLaMA.empty(config)
+        self.weights_from_checkpoint = False  # set where a checkpoint will fill the weights: no random init then
+        self._restored = False
         self.optimizer_factory = optimizer or default_adamw()
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.ternary_eval = ternary_eval
@@ -103,11 +108,26 @@ class LanguageModel(pl.LightningModule):
 
     @override
     def configure_model(self) -> None:
-        # Lightning restores checkpoint weights right after this hook and converts the model only later, in
-        # strategy setup. Converting here (idempotent) lets an integer-weight checkpoint load into integer layers.
-        convert = getattr(self.trainer.precision_plugin, "convert_module", None)
-        if convert is not None:
-            convert(self)
+        """Build the model's weights, layer by layer, in the form the precision plugin trains them: each projection
+        is drawn in float32, quantized and its float copy dropped before the next is drawn (Lightning's large-model
+        hook; also called by ``load_from_checkpoint``, and without a trainer it builds the float model).
+
+        Lightning restores checkpoint weights right after this hook and converts the model only later, in strategy
+        setup: converting here lets an integer-weight checkpoint load into integer layers. With
+        ``weights_from_checkpoint`` the weights are left for the checkpoint to fill, with no random init first.
+        """
+        plugin = self._trainer.precision_plugin if self._trainer is not None else None
+        if self.model.is_empty:
+            convert = getattr(plugin, "convert_layer", None)
+            initialize = not self.weights_from_checkpoint
+            self.model.materialize(None if convert is None else lambda name, layer: convert(name, layer, initialize),
+                                   initialize)
+        if plugin is not None:
+            plugin.convert_module(self)
+
+    def _check_weights_set(self) -> None:
+        if self.weights_from_checkpoint and not self._restored:
+            raise ConfigError("the model was built to take its weights from a checkpoint, and none was loaded")
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -124,6 +144,7 @@ class LanguageModel(pl.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Runs before the state dict is loaded into the (already converted) layers.
+        self._restored = True
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         unpack_ternary_weights(checkpoint["state_dict"], checkpoint.pop(PACKED_KEY, {}))
         trainer = self._trainer  # None when loaded outside a Trainer
@@ -134,7 +155,16 @@ class LanguageModel(pl.LightningModule):
         check_checkpoint_fits(checkpoint, self, source, grids, strict=self.strict_loading)
 
     @override
+    def on_validation_start(self) -> None:
+        self._check_weights_set()
+
+    @override
+    def on_test_start(self) -> None:
+        self._check_weights_set()
+
+    @override
     def on_fit_start(self) -> None:
+        self._check_weights_set()
         # Without the callback the optimizer would step the layers' placeholder parameters and the integer weights
         # would never move: a traceback from inside torch.optim at the first step, or worse, a run that learns nothing.
         if any(isinstance(m, DQTWeight) for m in self.modules()) and not any(

@@ -19,7 +19,7 @@ from dqt_lightning.quant.layers import (
     dqt_layers,
     quantized_parameters,
 )
-from dqt_lightning.tools.memory import quantized_state_bytes
+from dqt_lightning.tools.memory import StateAtUpdate, quantized_state_bytes
 from dqt_lightning.model import LLaMA, Config
 from dqt_lightning.quant.grid import Grid, absmean_quantize
 from tests.conftest import TokenWindows, fit, make_model
@@ -258,28 +258,33 @@ def _loss_on_windows(model) -> float:
 @pytest.mark.usefixtures("one_thread")
 def test_bf16_gradient_buffers_take_two_bytes_per_weight():
     model = make_model()
-    trainer = fit(model, steps=2, grad_dtype="bfloat16", quantize_embeddings=True)
-    for layer in dqt_layers(model):
-        assert layer.update_param.grad.dtype == torch.bfloat16 and layer.update_param.dtype == torch.bfloat16
-        assert layer.update_param.untyped_storage().nbytes() == 2
-    per_param = quantized_state_bytes(model, trainer.optimizers[0]).per_param()
+    buffers = StateAtUpdate(lambda module, _: [(m.update_param.grad.dtype, m.update_param.dtype,
+                                                 m.update_param.untyped_storage().nbytes()) for m in dqt_layers(module)])
+    accounted, everything = StateAtUpdate(quantized_state_bytes), StateAtUpdate(state_bytes)
+    fit(model, steps=2, grad_dtype="bfloat16", quantize_embeddings=True, callbacks=[buffers, accounted, everything])
+    assert buffers.last and set(buffers.last) == {(torch.bfloat16, torch.bfloat16, 2)}
+    per_param = accounted.last.per_param()
     assert per_param["grads"] == 2.0
     assert 1.0 < per_param["weights"] < 1.01
     assert per_param["optimizer_states"] == pytest.approx(8.0, rel=1e-3)  # the step itself ran in float32
     # The benchmark's accounting of all parameters sees the embedding and head as integers with bf16 gradients too.
     n_int = sum(layer.weight.numel() for layer in dqt_layers(model))
     n_float = sum(p.numel() for p in model.parameters())
-    weights, grads, _ = state_bytes(model, trainer.optimizers[0])
+    weights, grads, _ = everything.last
     assert weights == n_int + 16 * (4 + 2) + 4 * n_float  # levels, a scale and a placeholder per layer, norm gains
     assert grads == 2 * n_int + 4 * n_float
 
 
 class RecordingSGD(torch.optim.SGD):
-    """SGD that records the dtypes of what it steps, i.e. after QuantizedUpdate prepared the quantized weights."""
+    """SGD that records the dtypes of what it steps, i.e. after QuantizedUpdate prepared the quantized weights: the
+    run's optimizer the float parameters, and the one-parameter instances each quantized weight, all in ``seen``."""
+
+    seen: set = set()
 
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        self.seen = {(p.dtype, p.grad.dtype) for g in self.param_groups for p in g["params"] if p.grad is not None}
+        RecordingSGD.seen |= {(p.dtype, p.grad.dtype) for g in self.param_groups for p in g["params"]
+                              if p.grad is not None}
         super().step()
         return loss
 
@@ -287,8 +292,9 @@ class RecordingSGD(torch.optim.SGD):
 @pytest.mark.usefixtures("one_thread")
 def test_bf16_gradient_buffers_step_in_float32_and_train_like_float32():
     model = make_model(optimizer=lambda params: RecordingSGD(params, lr=0.1))
-    trainer = fit(model, steps=1, grad_dtype="bfloat16")
-    assert trainer.optimizers[0].seen == {(torch.float32, torch.float32)}
+    RecordingSGD.seen = set()
+    fit(model, steps=1, grad_dtype="bfloat16")
+    assert RecordingSGD.seen == {(torch.float32, torch.float32)}
 
     losses = {}
     for dtype in ("float32", "bfloat16"):

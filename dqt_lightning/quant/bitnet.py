@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dqt_lightning.quant.fp8 import fp8_linear
+from dqt_lightning.quant.fp8 import compute_dtype, fp8_linear
 from dqt_lightning.quant.grid import Grid, quantize_activations, ste_quantize
 
 
@@ -15,6 +15,36 @@ def refuse_embedding_options(embedding: nn.Embedding) -> None:
     # The LLaMA embedding is a plain lookup; these options would change what the gradient is.
     if embedding.padding_idx is not None or embedding.max_norm is not None or embedding.sparse:
         raise TypeError("quantized embeddings support a plain lookup only (no padding_idx, max_norm or sparse)")
+
+
+class _BitLinearFn(torch.autograd.Function):
+    """``y = x_q @ ste_quantize(w)^T`` with BitNet's straight-through gradient to the master weight ``w``, saving
+    ``w`` itself for backward and quantizing it again there.
+
+    Through plain autograd, every layer's fake-quantized weight would stay alive from its forward until its
+    backward: a second float copy of the whole model at the peak of every step. The master weight is alive anyway,
+    and quantizing it is cheap and deterministic, so backward recomputes the very same values
+    (:func:`~dqt_lightning.quant.grid.ste_quantize`).
+    """
+
+    @staticmethod
+    def forward(ctx, x_q: torch.Tensor, weight: torch.Tensor, grid: Grid, dtype: torch.dtype) -> torch.Tensor:
+        # As autocast runs F.linear: both operands in the compute dtype; the saved input is that cast.
+        x_q = x_q.to(dtype)
+        ctx.save_for_backward(x_q, weight)
+        ctx.grid, ctx.input_dtype = grid, x_q.dtype
+        with torch.autocast(x_q.device.type, enabled=False):
+            return F.linear(x_q, ste_quantize(weight, grid).to(dtype))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x_q, weight = ctx.saved_tensors
+        w_q = ste_quantize(weight, ctx.grid).to(x_q.dtype)
+        grad_x = g @ w_q if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (g.reshape(-1, g.shape[-1]).t() @ x_q.reshape(-1, x_q.shape[-1])).to(weight.dtype)
+        return grad_x, grad_w, None, None
 
 
 class BitLinear(nn.Linear):
@@ -29,12 +59,16 @@ class BitLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, grid: Grid) -> BitLinear:
-        layer = cls(linear.in_features, linear.out_features, grid).to(linear.weight.device)
-        layer.weight.data.copy_(linear.weight.data)
+        """The BitNet layer whose master weight is ``linear``'s weight itself (no copy, no random init first)."""
+        with torch.device("meta"):
+            layer = cls(linear.in_features, linear.out_features, grid)
+        layer.weight = linear.weight
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (fp8_linear if self.fp8 else F.linear)(quantize_activations(x), ste_quantize(self.weight, self.grid))
+        if self.fp8:
+            return fp8_linear(quantize_activations(x), ste_quantize(self.weight, self.grid))
+        return _BitLinearFn.apply(quantize_activations(x), self.weight, self.grid, compute_dtype(x))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, levels=[{self.grid.qmin}, {self.grid.qmax}]"
@@ -51,8 +85,9 @@ class BitEmbedding(nn.Embedding):
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, grid: Grid) -> BitEmbedding:
         refuse_embedding_options(embedding)
-        layer = cls(embedding.num_embeddings, embedding.embedding_dim, grid).to(embedding.weight.device)
-        layer.weight.data.copy_(embedding.weight.data)
+        with torch.device("meta"):
+            layer = cls(embedding.num_embeddings, embedding.embedding_dim, grid)
+        layer.weight = embedding.weight
         return layer
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,8 @@ def require_fp8(device: torch.device) -> None:
                           f"and torchao; {reason}; use bf16-mixed")
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of ``x`` runs in: autocast's where autocast is on, else ``x``'s own."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
@@ -145,7 +146,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x: ``(..., in_features)``.
         weight: ``(out_features, in_features)``.
     """
-    return _FP8LinearFn.apply(x, weight, _compute_dtype(x))
+    return _FP8LinearFn.apply(x, weight, compute_dtype(x))
 
 
 def convert_fp_linears(module: nn.Module, is_target: Callable[[str], bool]) -> nn.Module:

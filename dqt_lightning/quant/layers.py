@@ -19,18 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dqt_lightning.quant.fp8 import fp8_matmul
+from dqt_lightning.quant.fp8 import compute_dtype, fp8_matmul
 from dqt_lightning.quant import step as quant_step
 from dqt_lightning.quant.bitnet import BitEmbedding, BitLinear, refuse_embedding_options
 from dqt_lightning.quant.grid import Grid, absmean_quantize, pack_ternary, quantize_input, unpack_ternary
 
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class DQTWeight(nn.Module):
@@ -321,16 +315,20 @@ class DQTLinear(DQTWeight):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, grid: Grid, rounding: str, per_row_scale: bool = False,
-                    grad_dtype: torch.dtype = torch.float32, scale_policy: str = "fixed") -> DQTLinear:
+                    grad_dtype: torch.dtype = torch.float32, scale_policy: str = "fixed",
+                    quantize: bool = True) -> DQTLinear:
+        """The DQT layer of ``linear``'s shape, its levels quantized from ``linear.weight`` (or left zero, for a
+        checkpoint to fill, with ``quantize=False``)."""
         layer = cls(linear.in_features, linear.out_features, grid, rounding, per_row_scale, grad_dtype)
         layer.scale_policy = scale_policy
-        layer.quantize_from(linear.weight)
+        if quantize:
+            layer.quantize_from(linear.weight)
         return layer.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The input quantized as BitNet b1.58 does (per-token absmax, 8 bits): the same values as
         # quantize_activations(x).to(compute dtype), shared with the sibling projections that read the same x.
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         packed_shape = self.shape if self.packed else None
         tokens = x.numel() // self.in_features
         if self.int8_matmul and _int_mm_fits(tokens, self.in_features, self.out_features, x.device):
@@ -390,11 +388,14 @@ class DQTEmbedding(DQTWeight):
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, grid: Grid, rounding: str, per_row_scale: bool = False,
-                       grad_dtype: torch.dtype = torch.float32, scale_policy: str = "fixed") -> DQTEmbedding:
+                       grad_dtype: torch.dtype = torch.float32, scale_policy: str = "fixed",
+                       quantize: bool = True) -> DQTEmbedding:
+        """The DQT table of ``embedding``'s shape, quantized from its weight (or left zero with ``quantize=False``)."""
         refuse_embedding_options(embedding)
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, grid, rounding, per_row_scale, grad_dtype)
         layer.scale_policy = scale_policy
-        layer.quantize_from(embedding.weight)
+        if quantize:
+            layer.quantize_from(embedding.weight)
         return layer.to(embedding.weight.device)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

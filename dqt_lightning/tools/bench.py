@@ -37,7 +37,7 @@ from dqt_lightning.files import atomic_write
 from dqt_lightning.quant.layers import dqt_layers
 from dqt_lightning.tools.bench_report import TORCHAO, Row, fmt, table
 from dqt_lightning.tools.bench_report import plot as plot_chart
-from dqt_lightning.tools.memory import fit_on_tokens, unique_storage_bytes
+from dqt_lightning.tools.memory import StateAtUpdate, fit_on_tokens, unique_storage_bytes
 from dqt_lightning.model import SIZES, Config
 from dqt_lightning.module import LanguageModel
 from dqt_lightning.train.optim import default_adamw
@@ -138,6 +138,7 @@ def _torchao(recipe: str, model: LanguageModel, precision: str) -> None:
         from torchao import quantize_
         from torchao.prototype.quantized_training import bitnet_training, int8_weight_only_quantized_training
 
+    model.configure_model()  # the float model, which torchao converts before the trainer sees it
     if precision == "bf16-mixed":
         # torchao's quantized training is built for a bf16 model (its pretraining benchmark calls model.bfloat16()):
         # its autograd functions ignore autocast, and an int8 weight quantized from float32 (float32 scale) gives a
@@ -222,17 +223,16 @@ def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len
         Method(mode=mode, bits=grid_bits, quantize_embeddings="qemb" in options),
         Execution(precision=precision, update_in_backward="inbwd" in options, int8_matmul="int8mm" in options,
                   pack_in_memory="packed" in options and grid_bits == 1.58, fused_update="fused" in options))
-    trainer = fit_on_tokens(model, tokens, batch_size, plugins=[plugin], callbacks=[timer], accelerator="auto")
+    probe = StateAtUpdate(state_bytes)  # at the last update, when every gradient is complete
+    fit_on_tokens(model, tokens, batch_size, plugins=[plugin], callbacks=[timer, probe], accelerator="auto")
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    # Measured after fit, between steps: gradients are still allocated (Lightning frees them at the next step's
-    # start). Lightning's teardown has moved everything to CPU, which leaves storage sizes unchanged.
-    weights, grads, states = state_bytes(model, trainer.optimizers[0])
+    weights, grads, states = probe.last
     row = Row(recipe=TORCHAO.get(recipe, recipe), tokens_per_s=batch_size * seq_len * timer.steps / timer.seconds,
               peak_gib=peak / GIB if peak is not None else None, weights_mib=weights / MIB, grads_mib=grads / MIB,
               states_mib=states / MIB, measured_steps=timer.steps)
     if peak is not None:  # also holds the input batch, rope tables and the optimizer's temporaries
         row.activations_mib = (peak - weights - grads - states) / MIB
-    del model, trainer, tokens
+    del model, tokens
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -359,7 +359,7 @@ def bench(size: str = "tiny", vocab_size: int = 4096, batch_size: int = 8, seq_l
             f"{', torch.compile' if args.compile else ''}"
             f"{f', median of {args.repeats} interleaved rounds (range)' if args.repeats > 1 else ''}, "
             f"CPU threads: {torch.get_num_threads()}."
-            " Weights, grads and optimizer states cover all parameters, between steps.", "", table(rows), "",
+            " Weights, grads and optimizer states cover all parameters, at the update.", "", table(rows), "",
             f"Device: {device}; {versions}; {datetime.date.today().isoformat()}."
             + ("" if cuda else " No allocator peak on CPU, so peak and activations are n/a.")
             + ("" if has_torchao else " torchao not installed: its recipes are omitted.") + note,

@@ -79,9 +79,7 @@ def model_from_checkpoint(ckpt_path: str | Path) -> tuple[LLaMA, dict]:
     settings = {"mode": method.get("mode", "fp"), "bits": float(method.get("bits") or 1.58),
                 "quantize_embeddings": bool(method.get("quantize_embeddings", False)),
                 "per_row_scale": bool(method.get("per_row_scale", False))}
-    model = LLaMA(config)
-    if settings["mode"] != "fp":
-        _plugin(**settings).convert_module(model)
+    model = _built_for_loading(config, None if settings["mode"] == "fp" else _plugin(**settings))
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     unpack_ternary_weights(state, {k.removeprefix("model."): v for k, v in ckpt.get(PACKED_KEY, {}).items()})
     # The grids come from the checkpoint, not from config.yaml's bits: a bit-width schedule may have moved them.
@@ -90,6 +88,17 @@ def model_from_checkpoint(ckpt_path: str | Path) -> tuple[LLaMA, dict]:
                           [Grid.from_levels(*levels) for levels in grids.values()])
     model.load_state_dict(state)
     return model.eval(), settings
+
+
+def _built_for_loading(config: Config, plugin: QuantPrecision | None) -> LLaMA:
+    """A model of ``config`` in ``plugin``'s layers (float without one), its weights left for a state dict to fill:
+    no random init, and no float copy of a layer that becomes integers."""
+    model = LLaMA.empty(config)
+    convert = None if plugin is None else lambda name, layer: plugin.convert_layer(name, layer, quantize=False)
+    model.materialize(convert, initialize=False)
+    if plugin is not None:
+        plugin.convert_module(model)
+    return model
 
 
 def _what_it_is(path: Path) -> str:
@@ -140,17 +149,17 @@ def load_exported(directory: str | Path) -> tuple[LLaMA, TextTokenizer | None]:
         raise ConfigError(f"{directory} is not an export (needs config.json and model.safetensors)")
     config = json.loads((directory / "config.json").read_text())
     quant = config.pop("quantization")
-    model = LLaMA(Config(**config))
     tensors = load_file(str(directory / "model.safetensors"))
     for name, shape in quant["packed"].items():
         tensors[f"{name}.weight"] = unpack_ternary(tensors.pop(f"{name}.weight_packed"), tuple(shape))
-    integer = quant["integer_weights"]
+    integer, plugin = quant["integer_weights"], None
     if integer:
         bits = {float(b) for b in integer.values()}
         if len(bits) != 1:
             raise ConfigError(f"{directory}: mixed bit widths {sorted(bits)} are not supported by this loader")
         per_row = any(tensors[f"{name}.scale"].dim() > 0 for name in integer)
-        _plugin("dqt", bits.pop(), quant.get("quantize_embeddings", False), per_row).convert_module(model)
+        plugin = _plugin("dqt", bits.pop(), quant.get("quantize_embeddings", False), per_row)
+    model = _built_for_loading(Config(**config), plugin)
     model.load_state_dict(tensors)
     return model.eval(), tokenizer_beside(directory, config["vocab_size"])
 

@@ -1,7 +1,7 @@
 """Bytes of persistent training state per quantized parameter: weight, gradient and optimizer states, by mode.
 
 DQT's claim is memory: its weights live only as int8 levels plus a scale, with no float master copy. This module
-measures what a real Lightning run actually keeps allocated between optimizer steps for the seven projections of
+measures what a real Lightning run actually keeps allocated at its update, when every gradient is complete, for the seven projections of
 every block (the only layers a mode changes), by reading tensor storage sizes rather than trusting shapes.
 
 Run ``python -m dqt_lightning.tools.memory`` for the Markdown table of fp / BitNet STE / DQT ternary / DQT 8-bit, and of
@@ -15,8 +15,9 @@ import logging
 import platform
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -135,6 +136,22 @@ def quantized_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -
                       n_params)
 
 
+class StateAtUpdate(pl.Callback):
+    """Measures the training state where a step holds the most of it: every gradient complete and the optimizer's
+    states of the steps before, just before the update (``on_before_optimizer_step``, so before clipping). The
+    update frees each quantized weight's gradient as soon as that weight has moved, so after ``fit`` they are gone.
+
+    Args:
+        measure: ``measure(lightning_module, optimizer)``, called at every step; the last result is kept in ``last``.
+    """
+
+    def __init__(self, measure: Callable[[nn.Module, torch.optim.Optimizer], Any]) -> None:
+        self.measure, self.last = measure, None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        self.last = self.measure(pl_module, optimizer)
+
+
 def fit_on_tokens(model: LanguageModel, tokens: torch.Tensor, batch_size: int, plugins: list,
                   callbacks: Sequence[pl.Callback] = (), accelerator: str = "cpu") -> pl.Trainer:
     """Train ``model`` once through ``tokens`` (windows of seq_len + 1) with a quiet real ``Trainer``: no logger,
@@ -157,7 +174,7 @@ def fit_on_tokens(model: LanguageModel, tokens: torch.Tensor, batch_size: int, p
 
 
 def measure(mode: str, bits: float = 1.58, steps: int = 2, state_dtype: str = "float32", **plugin) -> StateBytes:
-    """Train the tiny model ``steps`` optimizer steps on CPU in ``mode`` and measure its state between steps.
+    """Train the tiny model ``steps`` optimizer steps on CPU in ``mode`` and measure its state at the update.
 
     Random tokens are enough: the byte counts do not depend on what the model learns.
 
@@ -171,8 +188,8 @@ def measure(mode: str, bits: float = 1.58, steps: int = 2, state_dtype: str = "f
             ``update_in_backward``, ...).
 
     Returns:
-        The state of the quantized projections after ``trainer.fit`` returns. Lightning frees gradients
-        (``set_to_none``) only at the start of the next step, so they are still allocated, as in any real run.
+        The state of the quantized projections at the last step's update, when every gradient is complete
+        (:class:`StateAtUpdate`).
     """
     threads = torch.get_num_threads()
     # One thread: the tiny matmuls gain nothing from more, and when other processes share the cores, spinning
@@ -184,10 +201,11 @@ def measure(mode: str, bits: float = 1.58, steps: int = 2, state_dtype: str = "f
             tokens = torch.randint(0, VOCAB, (BATCH * steps, SEQ_LEN + 1))
             model = LanguageModel(Config(), vocab_size=VOCAB, optimizer=default_adamw(state_dtype), warmup_steps=0)
             plugins = [QuantPrecision.from_settings(mode=mode, bits=bits, **plugin)]
-            trainer = fit_on_tokens(model, tokens, BATCH, plugins=plugins)
+            probe = StateAtUpdate(quantized_state_bytes)
+            fit_on_tokens(model, tokens, BATCH, plugins=plugins, callbacks=[probe])
     finally:
         torch.set_num_threads(threads)
-    return quantized_state_bytes(model, trainer.optimizers[0])
+    return probe.last
 
 
 ROWS = (  # label, mode, bits, AdamW state dtype, further plugin options
@@ -223,7 +241,7 @@ def main() -> None:
     started = time.perf_counter()
     results = {label: measure(mode, bits, state_dtype=dtype, **plugin) for label, mode, bits, dtype, plugin in ROWS}
     elapsed = time.perf_counter() - started
-    print(f"Bytes per quantized parameter (the 7 projections of every block) between optimizer steps, tiny model "
+    print(f"Bytes per quantized parameter (the 7 projections of every block) at the update, tiny model "
           f"({Config().n_layer} layers, d={Config().n_embd}), AdamW.\n")
     print(table(results))
     print(f"\nMeasured on CPU ({platform.machine()}, {platform.system()}), torch {torch.__version__}, "

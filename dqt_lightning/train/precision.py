@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from dqt_lightning.errors import ConfigError
+from dqt_lightning.model import LLaMA
 from dqt_lightning.quant.fp8 import convert_fp_linears, require_fp8
 from dqt_lightning.quant.grid import Grid
 from dqt_lightning.quant.layers import GRAD_DTYPES, BitEmbedding, BitLinear, DQTEmbedding, DQTLinear, DQTWeight
@@ -227,35 +228,54 @@ class QuantPrecision(Precision):
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
         # Under DDPStrategy the return value is ignored, so every swap happens in place. Converting twice is a no-op:
-        # the LightningModule also calls this before a checkpoint is restored into it.
+        # the LightningModule converts layer by layer as it builds the model (convert_layer), and Lightning calls this
+        # again in strategy setup.
+        for model in [m for m in module.modules() if isinstance(m, LLaMA) and m.is_empty]:
+            model.materialize(self.convert_layer)  # built layer by layer, quantized as each is drawn
         if self.method.mode == "fp":
             return module
         for name, parent in list(module.named_modules()):
             for child_name, child in list(parent.named_children()):
-                converted = self._convert(child, f"{name}.{child_name}")
+                converted = self.convert_layer(f"{name}.{child_name}", child)
                 if converted is not None:
                     setattr(parent, child_name, converted)
-                    log.debug("converted %s.%s to %s", name, child_name, self.method.mode)
         already = sum(isinstance(m, (DQTWeight, BitLinear)) for m in module.modules())
         if already == 0:
             raise TypeError(f"mode {self.method.mode} found no projection ({', '.join(PROJECTIONS)}) to quantize in "
                             "the model")
-        for layer in module.modules():
-            if isinstance(layer, DQTWeight) and self.execution.pack_in_memory:
-                layer.pack_storage()
-            if isinstance(layer, DQTLinear) and self.execution.int8_matmul:
-                layer.int8_matmul = True
         _keep_integers_out_of_ddp_sync(module)
         return module
 
-    def _convert(self, child: nn.Module, qualified_name: str) -> nn.Module | None:
+    def convert_layer(self, qualified_name: str, child: nn.Module, quantize: bool = True) -> nn.Module | None:
+        """The replacement of one float layer for this method (a DQT or BitNet layer, packed and with the integer
+        matmul where configured), or ``None`` when it stays as it is (or is converted already).
+
+        Args:
+            qualified_name: The layer's name in the model, which says whether it is a projection, the embedding or
+                the head.
+            child: The float ``nn.Linear`` or ``nn.Embedding``.
+            quantize: Set the integer levels from the float weight; ``False`` leaves them zero, for a checkpoint to
+                fill (the float weight is not read).
+        """
+        if self.method.mode == "fp":
+            return None
+        converted = self._convert(child, qualified_name, quantize)
+        if converted is not None:
+            log.debug("converted %s to %s", qualified_name, self.method.mode)
+        if isinstance(converted, DQTWeight) and self.execution.pack_in_memory:
+            converted.pack_storage()  # here, layer by layer: the int8 levels of the whole model never exist at once
+        if isinstance(converted, DQTLinear) and self.execution.int8_matmul:
+            converted.int8_matmul = True
+        return converted
+
+    def _convert(self, child: nn.Module, qualified_name: str, quantize: bool) -> nn.Module | None:
         """The quantized replacement of ``child``, or ``None`` when it stays as it is (or is converted already)."""
         own_name = qualified_name.rsplit(".", 1)[-1]
         if type(child) is nn.Embedding and self.method.quantize_embeddings and own_name == EMBEDDING:
             if self.method.mode == "ste":
                 return BitEmbedding.from_embedding(child, self.grid)
             return DQTEmbedding.from_embedding(child, self.grid, self.method.rounding, self.method.per_row_scale,
-                                               self.grad_dtype, self.method.scale_policy)
+                                               self.grad_dtype, self.method.scale_policy, quantize)
         is_head = self.method.quantize_embeddings and own_name == HEAD
         if type(child) is not nn.Linear or not (is_projection(qualified_name) or is_head):
             return None
@@ -264,7 +284,7 @@ class QuantPrecision(Precision):
         if self.method.mode == "ste":
             return BitLinear.from_linear(child, self.grid)
         return DQTLinear.from_linear(child, self.grid, self.method.rounding, self.method.per_row_scale,
-                                     self.grad_dtype, self.method.scale_policy)
+                                     self.grad_dtype, self.method.scale_policy, quantize)
 
     @override
     def connect(self, model: nn.Module, optimizers: list, lr_schedulers: list) -> tuple[nn.Module, list, list]:
@@ -291,20 +311,18 @@ class QuantPrecision(Precision):
     def optimizer_step(self, optimizer, model, closure: Callable[[], Any], **kwargs: Any) -> Any:
         """The optimizer step, wrapped with the DQT update when a
         :class:`~dqt_lightning.train.update.QuantizedUpdate` runs: Precision's own closure (training step and backward,
-        ``on_before_optimizer_step``, clipping), then the fused update if configured, then the optimizer's arithmetic,
-        then the rounding of every DQT layer's stepped float view."""
+        ``on_before_optimizer_step``, clipping), then the update of every DQT layer, one at a time, then the
+        optimizer's arithmetic on the float parameters."""
         update = self.quantized_update
         if update is None:
             return super().optimizer_step(optimizer, model, closure, **kwargs)
 
-        def closure_then_fused_update() -> Any:
+        def closure_then_quantized_update() -> Any:
             result = self._wrap_closure(model, optimizer, closure)
             update.after_clipping(optimizer)
             return result
 
-        result = optimizer.step(closure=closure_then_fused_update, **kwargs)
-        update.after_step(optimizer)
-        return result
+        return optimizer.step(closure=closure_then_quantized_update, **kwargs)
 
     @override
     def state_dict(self) -> dict[str, Any]:

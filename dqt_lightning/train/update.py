@@ -92,11 +92,16 @@ class QuantizedUpdate(HookOwner):
     the non-finite policy and checks DDP replicas. Order within one optimizer step (after gradient accumulation):
 
     - ``on_before_optimizer_step``: under DDP, average the quantized gradients in one collective; skip or stop on a
-      non-finite gradient; materialize each layer's float32 ``alpha * q`` (widening a bf16 gradient);
+      non-finite gradient; widen bf16 gradients to float32 when they are about to be clipped;
     - Lightning clips all gradients, float and quantized together;
-    - the optimizer steps every parameter with its own hyper-parameters and the scheduled learning rate;
     - then (from :meth:`QuantPrecision.optimizer_step <dqt_lightning.train.precision.QuantPrecision.optimizer_step>`,
-      which wraps the step) each layer is rounded once and its float values freed: none outlives the step.
+      which wraps the step) one layer at a time: materialize its float32 ``alpha * q``, step that one parameter with
+      the configured optimizer (its own hyper-parameters, state and scheduled learning rate), round it once, free its
+      float values and its gradient. At most one layer's float weight exists at any moment, never the whole model's;
+    - the optimizer steps the float parameters, finding no gradient on the quantized ones.
+
+    Stepping one parameter at a time needs an optimizer whose step of a parameter reads only that parameter's
+    gradient and state, as every elementwise or factored rule does (SGD, Adam, AdamW, Adafactor, Lion).
 
     Under DDP every rank draws the same noise, so the integer replicas stay bit-identical; every
     ``check_replicas_every_n_steps`` steps a checksum comparison proves it, or stops the run.
@@ -153,7 +158,7 @@ class QuantizedUpdate(HookOwner):
         self._names: dict[int, str] = {}
         self._layers: list[tuple[str, DQTWeight]] = []
         self._handles: list[Any] = []
-        self._pending: str | None = None  # "round" or "fused": what this step still has to do after clipping
+        self._pending = False  # whether this step's DQT update still has to run, after clipping
         self._flips: dict[str, torch.Tensor] = {}
         self._sizes: dict[str, int] = {}
         self._trainer: pl.Trainer | None = None
@@ -200,6 +205,8 @@ class QuantizedUpdate(HookOwner):
                 raise ConfigError(f"{FusedUpdate.field} needs exactly one optimizer; got {len(trainer.optimizers)}")
             self._fused = FusedUpdate(trainer.optimizers[0], trainer.strategy.root_device,
                                       execution.compile_fused_update)
+        if self._fused is None:
+            self._steppers = [parameter_stepper(trainer.optimizers[0], m.update_param) for _, m in self._layers]
         if self._in_backward:
             self._hook_into_backward(trainer)
 
@@ -212,8 +219,6 @@ class QuantizedUpdate(HookOwner):
             # Separate from the group DDP's own bucketed all-reduces run on, so the two streams of collectives,
             # both launched from backward hooks, can never be matched against each other.
             self._group = torch.distributed.new_group()
-        if self._fused is None:
-            self._steppers = [parameter_stepper(trainer.optimizers[0], m.update_param) for _, m in self._layers]
         self._handles += [m.update_param.register_post_accumulate_grad_hook(
             functools.partial(self._update_in_backward, i)) for i, (_, m) in enumerate(self._layers)]
 
@@ -236,13 +241,12 @@ class QuantizedUpdate(HookOwner):
             self._average_gradients_across_ranks()
         if not self._gradients_are_finite(optimizer, step) or not self._layers:
             return
-        # Clipped in float32 either way: a norm of bf16 buffers, and their scaling, would round differently.
-        for _, layer in self._layers:
-            if self._fused is not None:
+        if trainer.gradient_clip_val:
+            # Clipped in float32: a norm of bf16 buffers, and their scaling, would round differently. Unclipped, each
+            # layer's gradient is widened only at its own step, so no float32 copy of every gradient exists at once.
+            for _, layer in self._layers:
                 layer.widen_gradient()
-            else:
-                layer.materialize()
-        self._pending = "fused" if self._fused is not None else "round"
+        self._pending = True
 
     def _gradients_are_finite(self, optimizer: torch.optim.Optimizer, step: int) -> bool:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -296,26 +300,17 @@ class QuantizedUpdate(HookOwner):
     @torch.no_grad()
     def after_clipping(self, optimizer: torch.optim.Optimizer) -> None:
         """Called by :class:`~dqt_lightning.train.precision.QuantPrecision` between clipping and the optimizer's own
-        step: the fused update of every layer, after which the optimizer finds no gradient on the quantized weights
-        and steps the float parameters alone."""
-        if self._pending != "fused":
+        step: the update of every DQT layer, one layer at a time (fused, or materialized, stepped and rounded), after
+        which the optimizer finds no gradient on the quantized weights and steps the float parameters alone."""
+        if not self._pending:
             return
-        self._pending = None
+        self._pending = False
         step = self._trainer.global_step
         for index in range(len(self._layers)):
-            self._fused_step(index, step)
-        self._finish_step(step)
-
-    @torch.no_grad()
-    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Called by :class:`~dqt_lightning.train.precision.QuantPrecision` right after the optimizer's step: every
-        layer's stepped float view is shown to the observers, then rounded onto the grid and freed."""
-        if self._pending != "round":
-            return
-        self._pending = None
-        step = self._trainer.global_step
-        for index in range(len(self._layers)):
-            self._round(index, step)
+            if self._fused is not None:
+                self._fused_step(index, step)
+            else:
+                self._step_and_round(index, step)
         self._finish_step(step)
 
     @torch.no_grad()
@@ -333,17 +328,24 @@ class QuantizedUpdate(HookOwner):
             self._fused_step(index, step, skip_nonfinite=True)  # frees the gradient too
             self._updated_in_backward = True
             return
-        layer = self._layers[index][1]
         if apply_nonfinite_policy(finite_gradients([param.grad]), [self._names[id(param)]], step, self.on_nonfinite,
                                   "that layer"):
             param.grad = None
             self._skipped_in_backward = True
             return
-        layer.materialize()
+        self._step_and_round(index, step)
+        self._updated_in_backward = True
+
+    def _step_and_round(self, index: int, step: int) -> None:
+        """One layer's update on the unfused path: its float32 ``alpha * q``, the optimizer's step of that one
+        parameter, the observers, one rounding; then its float values and its gradient are freed."""
+        param = self._layers[index][1].update_param
+        if param.grad is None:  # no gradient this step (the optimizer would skip it too)
+            return
+        self._layers[index][1].materialize()
         self._steppers[index]()
         self._round(index, step)
-        param.grad = None
-        self._updated_in_backward = True
+        param.grad = None  # spent; and the optimizer's own step must not find it on the placeholder
 
     def _keys(self, index: int, step: int, device: torch.device) -> torch.Tensor:
         """Layer ``index``'s noise keys at ``step``: the weights' stream from (run seed, step, layer index), the
