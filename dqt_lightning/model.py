@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 NORM_LAYOUTS = ("llama", "subln", "bitlinear")
@@ -81,6 +82,8 @@ SIZES = {
     "320m": Config("320m", n_layer=24, n_head=16, n_embd=1024, intermediate_size=2816),
     # LLaMA 1B-class shape (d 2048, 24 layers, 16 heads, FFN 5632), the 1.36B model peers measure memory on.
     "1b": Config("1b", n_layer=24, n_head=16, n_embd=2048, intermediate_size=5632),
+    # LLaMA-7B (d 4096, 32 layers, 32 heads, FFN 11008), the model published memory figures are measured on.
+    "7b": Config("7b", n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008),
 }
 
 
@@ -205,6 +208,10 @@ class Block(nn.Module):
 
 
 class LLaMA(nn.Module):
+    # Activation checkpointing: keep only each block's input for backward and recompute the block there (set by
+    # the precision plugin's execution.activation_checkpointing).
+    checkpoint_blocks = False
+
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
@@ -285,8 +292,13 @@ class LLaMA(nn.Module):
             raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.embed_tokens(idx)
+        recompute = self.checkpoint_blocks and caches is None and torch.is_grad_enabled()
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, caches[i] if caches is not None else None, pos)
+            if recompute:
+                # Only each block's input is kept for backward; its inside is computed again there, one block at a time.
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, caches[i] if caches is not None else None, pos)
         return self.lm_head(self.norm(x))
 
     def kv_caches(self, batch: int = 1, dtype: torch.dtype = torch.float32) -> list[KVCache]:

@@ -128,6 +128,9 @@ class Execution:
         pack_in_memory: Keep ternary DQT weights packed 4 per byte in memory too (0.25 bytes per weight instead of
             1); every forward and backward unpacks a layer's levels transiently, so it costs time where nothing fuses
             the unpacking into the matmul. Checkpoints are then packed as well.
+        activation_checkpointing: Keep only each block's input for backward and compute the block again there
+            (``torch.utils.checkpoint``, non-reentrant): the activations of one block instead of every block's, for
+            one more forward per step. Any mode.
     """
 
     precision: str = "32-true"
@@ -138,6 +141,7 @@ class Execution:
     update_in_backward: bool = False
     pack_ternary: bool = False
     pack_in_memory: bool = False
+    activation_checkpointing: bool = False
 
     def check(self, method: Method, grid: Grid | None) -> None:
         """Refuse, naming the setting, what these settings cannot do for ``method`` (whose ``grid`` is ``grid``).
@@ -230,8 +234,10 @@ class QuantPrecision(Precision):
         # Under DDPStrategy the return value is ignored, so every swap happens in place. Converting twice is a no-op:
         # the LightningModule converts layer by layer as it builds the model (convert_layer), and Lightning calls this
         # again in strategy setup.
-        for model in [m for m in module.modules() if isinstance(m, LLaMA) and m.is_empty]:
-            model.materialize(self.convert_layer)  # built layer by layer, quantized as each is drawn
+        for model in [m for m in module.modules() if isinstance(m, LLaMA)]:
+            if model.is_empty:
+                model.materialize(self.convert_layer)  # built layer by layer, quantized as each is drawn
+            model.checkpoint_blocks = self.execution.activation_checkpointing
         if self.method.mode == "fp":
             return module
         for name, parent in list(module.named_modules()):
@@ -337,7 +343,8 @@ class QuantPrecision(Precision):
                        "per_row_scale": self.method.per_row_scale, "scale_policy": self.method.scale_policy,
                        "quantize_embeddings": self.method.quantize_embeddings},
             "execution": {name: getattr(self.execution, name) for name in ("precision", "grad_dtype", "pack_ternary",
-                          "pack_in_memory", "int8_matmul", "fused_update", "update_in_backward")},
+                          "pack_in_memory", "int8_matmul", "fused_update", "update_in_backward",
+                          "activation_checkpointing")},
         }
 
     @override
