@@ -26,6 +26,7 @@ from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -34,9 +35,11 @@ from dqt_lightning.checks import (check_ckpt_path, check_config_files, check_the
                                   quant_plugin)
 from dqt_lightning.commands import first_reason
 from dqt_lightning.train.checkpoint import AtomicCheckpointIO
+from dqt_lightning.train.summary import IntegerWeightModelSummary
 from dqt_lightning.errors import ConfigError, TrainingStopped
 from dqt_lightning.files import atomic_write
 from dqt_lightning.runs import RUNS_DIR, resumable_checkpoint, run_name
+from dqt_lightning.tools.plan import check_memory, print_plan
 from dqt_lightning.train.precision import PRECISIONS, Execution
 
 FLOAT32_MATMUL_PRECISIONS = ("highest", "high", "medium")
@@ -161,6 +164,9 @@ class DQTLightningCLI(LightningCLI):
         parser.add_argument("--float32_matmul_precision", choices=FLOAT32_MATMUL_PRECISIONS, default="highest",
                             help="torch.set_float32_matmul_precision for this run: highest (float32, torch's "
                             "default), high (TF32 on NVIDIA GPUs since Ampere), medium (bf16 passes)")
+        parser.add_argument("--check_memory", type=bool, default=True,
+                            help="fit refuses a run whose memory plan (python -m dqt_lightning plan) exceeds the "
+                            "memory of this machine, or of its GPU, before it builds anything; false: try anyway")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         self._integer_ones = _integer_ones(sys.argv[1:] if args is None else list(args))
@@ -214,6 +220,8 @@ class DQTLightningCLI(LightningCLI):
         _move_trainer_precision_into_the_plugin(config.trainer)
         if self.subcommand is not None:  # a run, not a parse (prepare, or tests of the configs)
             check_the_run_can_start(config)
+        if self.subcommand == "fit" and config.get("check_memory", True):
+            check_memory(config)
         if config.trainer.logger in (None, True):
             config.trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
@@ -227,6 +235,12 @@ class DQTLightningCLI(LightningCLI):
         ones = [key for key in self._integer_ones if trainer_config.get(key) == 1.0]
         for key in ones:
             trainer_config[key] = 1
+        callbacks = trainer_config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if trainer_config.get("enable_model_summary") is not False and not any(
+                isinstance(c, ModelSummary) for c in callbacks):
+            # Lightning's own would count a DQT model's parameters without its integer weights.
+            trainer_config["callbacks"] = [*callbacks, IntegerWeightModelSummary()]
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except RuntimeError as error:
@@ -335,12 +349,34 @@ def _prepare(args: list[str]) -> None:
     print(f"[prepare] {shards.describe()}", flush=True)
 
 
+def _plan(args: list[str]) -> None:
+    """``plan --config ... [--size NAME]``: the memory plan of the run fit would start (dqt_lightning.tools.plan)."""
+    size = None
+    if "--size" in args:
+        at = args.index("--size")
+        if at + 1 >= len(args):
+            sys.stderr.write("error: --size needs a model size\n")
+            sys.exit(2)
+        size, args = args[at + 1], args[:at] + args[at + 2:]
+    try:
+        with warnings.catch_warnings():  # that args and sys.argv differ is the point here: "plan" is not fit's
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            cli = _ParseOnly(LightningModule, LightningDataModule, subclass_mode_model=True,
+                             subclass_mode_data=True, parser_class=_OneLineErrorParser, run=False, args=args,
+                             parser_kwargs={"prog": "python -m dqt_lightning plan"})
+        print_plan(cli.config, size)
+    except ConfigError as error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(2)
+
+
 def _other_commands(argv: list[str]) -> str | None:
     """The tools, for ``--help``: LightningCLI's parser does not know them (main dispatches them first)."""
     if not {"-h", "--help"} & set(argv):
         return None  # naming them imports every tool
     return ("other commands (each takes --help): prepare --config ... (tokenize the data section's source into "
-            f"shards); {commands.summaries()}")
+            "shards); plan --config ... [--size NAME] (the memory a fit of these configs will need, predicted before "
+            f"anything is built); {commands.summaries()}")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -353,10 +389,13 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] == ["prepare"]:  # not a Trainer method, so not a LightningCLI subcommand: dispatched here
         _prepare(argv[1:])
         return
+    if argv[:1] == ["plan"]:
+        _plan(argv[1:])
+        return
     if argv[:1] and argv[0] in commands.TOOLS:  # work on finished runs: no config, model or trainer to build
         sys.exit(commands.run(argv))
     if argv[:1] and not argv[0].startswith("-") and argv[0] not in DQTLightningCLI.subcommands():
-        names = [*DQTLightningCLI.subcommands(), "prepare", *commands.TOOLS]
+        names = [*DQTLightningCLI.subcommands(), "prepare", "plan", *commands.TOOLS]
         sys.stderr.write(f"error: unknown command '{argv[0]}'; choose from {', '.join(names)} "
                          "(python -m dqt_lightning --help)\n")
         sys.exit(2)

@@ -261,24 +261,28 @@ class LLaMA(nn.Module):
         than one layer's float weight beyond those that stay float.
         """
         generator = torch.Generator().set_state(self.rng_state) if initialize else None
-        layers = [(name, m) for name, m in self.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+        # Names, not modules: a list of the float layers would keep every replaced one's weight alive to the end.
+        names = [name for name, m in self.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
         if generator is not None:
             # What building eagerly draws first: each layer's reset_parameters() in its constructor.
-            for _, layer in layers:
-                scratch = torch.empty(layer.weight.shape)
-                if isinstance(layer, nn.Embedding):
+            for name in names:
+                scratch = torch.empty(self.get_submodule(name).weight.shape)
+                if isinstance(self.get_submodule(name), nn.Embedding):
                     nn.init.normal_(scratch, generator=generator)
                 else:
                     nn.init.kaiming_uniform_(scratch, a=math.sqrt(5), generator=generator)
-        for name, layer in layers:
+        for name in names:
+            layer = self.get_submodule(name)
             weight = torch.empty(layer.weight.shape)
             if generator is not None:
                 weight.normal_(mean=0.0, std=self.config.init_std, generator=generator)
             layer.weight = nn.Parameter(weight)
+            del weight
             replacement = convert(name, layer) if convert is not None else None
             if replacement is not None:
                 parent, _, child = name.rpartition(".")
                 setattr(self.get_submodule(parent), child, replacement)
+            del layer, replacement
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.weight = nn.Parameter(torch.ones(module.weight.shape))

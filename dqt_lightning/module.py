@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 import time
 from pathlib import Path
@@ -50,6 +51,29 @@ def check_learning_rate(lr: float, betas: tuple[float, ...] | list[float] = (0.0
     if largest > torch.finfo(torch.float32).max:
         raise ConfigError(f"model.init_args.optimizer.init_args.lr={lr:g} overflows float32 in the optimizer's "
                           f"first step (a step of up to {largest:.3g}, above 3.4e38)")
+
+
+# From this many parameters on, freed memory goes back to the operating system at once (see below).
+LARGE_MODEL = 100_000_000
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_freed_memory_to_the_os(threshold: int = 1 << 20) -> None:
+    """Have glibc's malloc return every freed block of ``threshold`` bytes or more to the operating system at once.
+
+    glibc serves blocks above its mmap threshold with their own mappings, unmapped when freed, but raises that
+    threshold each time it frees one, up to 32 MiB: afterwards every block below it comes from the heap, which keeps
+    its freed pages. A large model's activations, gradients and per-layer float values are such blocks: freed, they
+    stayed resident, and the peak of a step became their sum instead of their maximum (1b model, seq 256: 20.2 GiB
+    instead of 15.9 GiB; docs/benchmarks.md). A fixed threshold (which also stops the raising) costs a page fault per
+    fresh page: nothing at 1b, 35% of a tiny model's speed, which is why only large models set it. Does nothing
+    where the C library has no ``mallopt``.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 NEEDS_THE_CALLBACK = ("trainer.plugins.method.mode=dqt needs the callback that updates the integer weights: add "
@@ -117,6 +141,8 @@ class LanguageModel(pl.LightningModule):
         ``weights_from_checkpoint`` the weights are left for the checkpoint to fill, with no random init first.
         """
         plugin = self._trainer.precision_plugin if self._trainer is not None else None
+        if self.model.num_parameters() >= LARGE_MODEL:
+            return_freed_memory_to_the_os()
         if self.model.is_empty:
             convert = getattr(plugin, "convert_layer", None)
             initialize = not self.weights_from_checkpoint

@@ -213,7 +213,7 @@ def test_an_empty_or_non_mapping_config_file_is_named(command, tmp_path):
 
 def test_an_unknown_command_lists_every_command(command):
     code, _, err = command("frobnicate")
-    assert code == 2 and err == ("error: unknown command 'frobnicate'; choose from fit, validate, test, prepare, "
+    assert code == 2 and err == ("error: unknown command 'frobnicate'; choose from fit, validate, test, prepare, plan, "
                                  "compare, export, generate, bench, reproduce, eval (python -m dqt_lightning --help)\n")
 
 

@@ -92,13 +92,19 @@ def test_quantized_embeddings_take_the_embedding_and_head_off_float32_too(rows: 
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU reporting: no allocator peak there")
-def test_cpu_peak_and_activations_are_not_invented(rows: dict[str, Row]) -> None:
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_cpu_peak_and_activations_are_not_invented_in_a_shared_process(rows: dict[str, Row]) -> None:
     assert all(row.peak_gib is None and row.activations_mib is None for row in rows.values())
     lines = table(list(rows.values())).splitlines()
     assert len(lines) == len(RECIPES) + 2  # header, separator, one line per recipe
+    header = _cells(lines[0])
     for line in lines[2:]:
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
-        assert cells[3] == "n/a" and cells[7] == "n/a"
+        cells = _cells(line)
+        assert cells[header.index("peak GiB")] == "n/a" and cells[header.index("activations MiB")] == "n/a"
+        assert "runtime MiB" not in header and cells[header.index("s/step")] != "n/a"
 
 
 def test_torchao_rows_count_their_real_weight_storage(rows: dict[str, Row]) -> None:
@@ -206,8 +212,15 @@ def test_cli_prints_and_writes_the_table_and_chart(tmp_path, capsys) -> None:
     assert "× fp (same precision)" in table_lines[0]
     assert f"torch {torch.__version__}, torchao " in report
     assert "python -m dqt_lightning bench --recipes fp dqt-1.58 --steps 1" in report
-    if not torch.cuda.is_available():
-        assert "n/a" in table_lines[2]
+    if not torch.cuda.is_available():  # each recipe in a process of its own: its peak, by component, and the plan's
+        header = _cells(table_lines[0])
+        for line in table_lines[2:]:
+            cells = _cells(line)
+            columns = ("runtime MiB", "weights MiB", "grads MiB", "optimizer states MiB", "activations MiB",
+                       "rest MiB")
+            parts = [float(cells[header.index(c)].replace(",", "")) for c in columns]
+            assert float(cells[header.index("peak GiB")]) == pytest.approx(sum(parts) / 1024, abs=0.006)
+            assert 0.3 < parts[0] / 1024 < float(cells[header.index("plan GiB")]) < 2
 
 
 def test_a_run_stopped_midway_leaves_the_recipes_it_measured(tmp_path, monkeypatch, capsys) -> None:
@@ -225,7 +238,7 @@ def test_a_run_stopped_midway_leaves_the_recipes_it_measured(tmp_path, monkeypat
     level = lightning_log.level
     with pytest.raises(KeyboardInterrupt):
         run_tool(["bench", "--recipes", "fp", "dqt-1.58", "--steps", "1", "--warmup", "0", "--batch-size", "2",
-                  "--seq-len", "8", "--vocab-size", "256", "--out", str(out)])
+                  "--seq-len", "8", "--vocab-size", "256", "--out", str(out), "--isolate", "false"])
     report = out.read_text()
     table_lines = [line for line in report.splitlines() if line.startswith("|")]
     assert len(table_lines) == 3 and table_lines[2].startswith("| fp | ") and "| 1.00 |" in table_lines[2]

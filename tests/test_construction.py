@@ -3,6 +3,8 @@ same weights as building it in float32 first, without ever holding more than one
 
 from __future__ import annotations
 
+import gc
+import weakref
 from dataclasses import replace
 
 import lightning.pytorch as pl
@@ -75,15 +77,21 @@ def test_packed_layers_are_packed_as_they_are_built():
     plugin = QuantPrecision(Method(bits=1.58), Execution(pack_in_memory=True))
     unpacked = QuantPrecision(Method(bits=1.58)).convert_module(_empty(_layout("subln"), 1))
     built = _empty(_layout("subln"), 1)
-    seen = []
+    seen, converted_floats = [], []
 
     def convert(name: str, layer: nn.Module) -> nn.Module | None:
-        # Every projection built before this one is packed integers already; none after it exists yet.
+        # Every projection built before this one is packed integers already, and its float weight is gone from
+        # memory (nothing refers to it); none after it exists yet.
         done = [m for n, m in built.named_modules() if is_projection(n) and isinstance(m, (nn.Linear, DQTWeight))]
         seen.append(sum(isinstance(m, DQTWeight) and m.packed for m in done))
         floats = [m for m in done if isinstance(m, nn.Linear) and not m.weight.is_meta]
         assert floats == ([layer] if is_projection(name) else [])
-        return plugin.convert_layer(name, layer)
+        gc.collect()
+        assert all(ref() is None for ref in converted_floats)
+        replacement = plugin.convert_layer(name, layer)
+        if replacement is not None:
+            converted_floats.append(weakref.ref(layer.weight))
+        return replacement
 
     built.materialize(convert)
     assert seen == [0] + list(range(14)) + [14]  # the embedding first, then each projection, then the head

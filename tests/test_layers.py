@@ -259,7 +259,8 @@ def _loss_on_windows(model) -> float:
 def test_bf16_gradient_buffers_take_two_bytes_per_weight():
     model = make_model()
     buffers = StateAtUpdate(lambda module, _: [(m.update_param.grad.dtype, m.update_param.dtype,
-                                                 m.update_param.untyped_storage().nbytes()) for m in dqt_layers(module)])
+                                                 m.update_param.untyped_storage().nbytes())
+                                                for m in dqt_layers(module)])
     accounted, everything = StateAtUpdate(quantized_state_bytes), StateAtUpdate(state_bytes)
     fit(model, steps=2, grad_dtype="bfloat16", quantize_embeddings=True, callbacks=[buffers, accounted, everything])
     assert buffers.last and set(buffers.last) == {(torch.bfloat16, torch.bfloat16, 2)}
@@ -416,3 +417,19 @@ def test_the_plugin_takes_the_method_and_how_it_runs_as_two_groups():
     before = {"trainer": {"plugins": {"class_path": "dqt_lightning.QuantPrecision", "init_args": {
         "mode": "dqt", "bits": 8, "precision": "bf16-mixed"}}}}
     assert plugin_args(nested) == plugin_args(before) == {"mode": "dqt", "bits": 8, "precision": "bf16-mixed"}
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_the_rounding_in_parts_draws_what_the_whole_draws(per_row, monkeypatch):
+    import dqt_lightning.quant.layers as layers_module
+    from dqt_lightning.quant.rounding import noise_keys
+
+    results = []
+    for chunk in (1 << 20, 100):  # 100 elements: four rows of 24 at a time, the last part shorter
+        monkeypatch.setattr(layers_module, "ROUNDING_CHUNK", chunk)
+        layer = DQTLinear.from_linear(_linear(), Grid.from_bits(4), "stochastic", per_row_scale=per_row)
+        layer.materialize()
+        layer.update_param.data.add_(torch.linspace(-0.05, 0.05, layer.shape.numel()).reshape(layer.shape))
+        flips = layer.round_step(noise_keys(7)[0])
+        results.append((layer.weight.clone(), int(flips)))
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1] > 0

@@ -26,6 +26,7 @@ from dqt_lightning.train.moments import (
     quantize_blockwise,
     stochastic_round_bf16,
 )
+from dqt_lightning.train import optim
 from dqt_lightning.train.optim import OPTIMIZER_RULES, AdamW, adamw_update, optimizer_rule
 from tests.conftest import SMALL, TokenWindows, fit, make_model
 from tests.test_cli import parse
@@ -397,3 +398,22 @@ def test_a_subclass_runs_another_registered_rule_with_the_same_states() -> None:
         assert optimizer_rule(optimizer).name == "test_sign_descent"
     finally:
         del OPTIMIZER_RULES["test_sign_descent"]
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16", "int8"])
+def test_a_large_parameter_steps_in_parts_exactly_as_whole(state_dtype, monkeypatch):
+    # 3000 elements: parts of 512 (two blocks of 256) and a last part that ends inside a block.
+    results = []
+    for chunk in (1 << 20, 512):
+        monkeypatch.setattr(optim, "CHUNK", chunk)
+        param = torch.nn.Parameter(torch.linspace(-1, 1, 3000).reshape(30, 100))
+        opt = optim.AdamW([param], lr=1e-2, state_dtype=state_dtype, seed=5)
+        for step in range(3):
+            param.grad = torch.sin(torch.arange(3000.0) * (step + 1)).reshape(30, 100)
+            opt.step()
+        results.append((param.detach().clone(), {k: v.clone() for k, v in opt.state[param].items()
+                                                 if torch.is_tensor(v)}))
+    (whole, whole_state), (parts, parts_state) = results
+    assert torch.equal(whole, parts)
+    assert whole_state.keys() == parts_state.keys() and all(torch.equal(whole_state[k], parts_state[k])
+                                                            for k in whole_state)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dqt_lightning.quant.fp8 import compute_dtype, fp8_linear
+from dqt_lightning.quant.fp8 import autocast_off, compute_dtype, fp8_linear
 from dqt_lightning.quant.grid import Grid, quantize_activations, ste_quantize
 
 
@@ -33,7 +33,7 @@ class _BitLinearFn(torch.autograd.Function):
         x_q = x_q.to(dtype)
         ctx.save_for_backward(x_q, weight)
         ctx.grid, ctx.input_dtype = grid, x_q.dtype
-        with torch.autocast(x_q.device.type, enabled=False):
+        with autocast_off(x_q.device):
             return F.linear(x_q, ste_quantize(weight, grid).to(dtype))
 
     @staticmethod

@@ -14,6 +14,8 @@ project: no FP8-capable GPU was available when this was written.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import importlib.util
 from collections.abc import Callable
 
@@ -61,10 +63,17 @@ def require_fp8(device: torch.device) -> None:
                           f"and torchao; {reason}; use bf16-mixed")
 
 
+def autocast_off(device: torch.device):
+    """A context without autocast on ``device`` (a no-op where autocast does not exist, as on the meta device, where
+    the memory plan runs the model)."""
+    return torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else nullcontext()
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul of ``x`` runs in: autocast's where autocast is on, else ``x``'s own."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):  # none on the meta device
+        return torch.get_autocast_dtype(kind)
     return x.dtype
 
 
@@ -99,7 +108,7 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ``(..., out_features)`` in ``x``'s dtype.
     """
     out_features, in_features = weight.shape
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device):
         if not _fits_fp8_kernels(in_features, out_features):
             return F.linear(x, weight.to(x.dtype))
         rows = x.reshape(-1, in_features)

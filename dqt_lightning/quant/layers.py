@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dqt_lightning.quant.fp8 import compute_dtype, fp8_matmul
+from dqt_lightning.quant.fp8 import autocast_off, compute_dtype, fp8_matmul
 from dqt_lightning.quant import step as quant_step
 from dqt_lightning.quant.bitnet import BitEmbedding, BitLinear, refuse_embedding_options
 from dqt_lightning.quant.grid import Grid, absmean_quantize, pack_ternary, quantize_input, unpack_ternary
 
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ROUNDING_CHUNK = 1 << 16  # elements per pass of the unfused rounding
 
 
 class DQTWeight(nn.Module):
@@ -65,7 +66,7 @@ class DQTWeight(nn.Module):
         self.register_buffer("weight", torch.zeros(shape, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(shape[0], 1) if per_row_scale else torch.ones(()))
         # Not registered as a parameter on purpose: DDP, state_dict and .parameters() must see integer storage only.
-        object.__setattr__(self, "update_param", nn.Parameter(self._placeholder(torch.device("cpu"))))
+        object.__setattr__(self, "update_param", nn.Parameter(self._placeholder(self.weight.device)))
 
     def quantize_from(self, weight: torch.Tensor) -> None:
         """Set the levels and scale from a float weight, round to nearest (absmean initialisation), or the
@@ -84,7 +85,7 @@ class DQTWeight(nn.Module):
         if not self.grid.is_ternary:
             raise ValueError(f"only ternary weights can be packed; this layer's grid is [{self.grid.qmin}, "
                              f"{self.grid.qmax}]")
-        self.weight = pack_ternary(self.weight)
+        self.weight = pack_ternary(self.weight, check=not self.weight.is_meta)
         self.packed = True
 
     def levels(self) -> torch.Tensor:
@@ -114,7 +115,7 @@ class DQTWeight(nn.Module):
         return self
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.levels().to(dtype) * self.scale.to(dtype)
+        return dequantized(self.weight, self.scale, self.shape if self.packed else None, dtype)
 
     def materialize(self) -> None:
         """Give the optimizer a float32 ``alpha * q`` (and float32 gradient) to step from; freed by :meth:`release`.
@@ -156,7 +157,15 @@ class DQTWeight(nn.Module):
             q_new, alpha = quant_step.rescaled_step(stepped, self.grid, self.scale.dim() > 0, self.rounding, key)
             self.scale.copy_(alpha.reshape(self.scale.shape))
         else:
-            q_new = quant_step.dqt_step(q, self.scale, stepped, self.grid, self.rounding, key)
+            # A few rows at a time, drawing the same noise by flat index: the rounding's float and int64 temporaries
+            # stay a few hundred KiB (which malloc reuses) instead of several times the layer.
+            q_new = torch.empty_like(q)
+            rows = max(1, ROUNDING_CHUNK // q.shape[1])
+            for start in range(0, q.shape[0], rows):
+                part = slice(start, start + rows)
+                alpha = self.scale[part] if self.scale.dim() else self.scale
+                q_new[part] = quant_step.dqt_step(q[part], alpha, stepped[part], self.grid, self.rounding, key,
+                                                  start * q.shape[1])
         flips = torch.count_nonzero(q_new != q)
         self.set_levels(q_new)
         self.release()
@@ -217,6 +226,14 @@ class DQTWeight(nn.Module):
         return f"levels=[{self.grid.qmin}, {self.grid.qmax}]{packed}, rounding={self.rounding}, scale={scale}{grad}"
 
 
+def dequantized(q: torch.Tensor, scale: torch.Tensor, packed_shape: torch.Size | None,
+                dtype: torch.dtype) -> torch.Tensor:
+    """``alpha * q`` in ``dtype`` from stored levels (int8, or packed with ``packed_shape``): the int8 levels times the
+    scale in one product (``q.to(dtype) * scale`` in the same IEEE operations, without a second full-size tensor)."""
+    levels = q if packed_shape is None else unpack_ternary(q, packed_shape)
+    return torch.mul(levels, scale.to(dtype))
+
+
 class _DQTLinearFn(torch.autograd.Function):
     """``y = x_q @ (alpha * q)^T`` with the true gradient w.r.t. the stored weight, ``grad_W = g^T @ x_q`` (no STE
     there), and the straight-through gradient of the activation quantizer, ``grad_x = g @ (alpha * q)``.
@@ -235,9 +252,8 @@ class _DQTLinearFn(torch.autograd.Function):
         ctx.grad_dtype = update_param.dtype
         ctx.input_dtype = x.dtype
         ctx.packed_shape = packed_shape
-        levels = q if packed_shape is None else unpack_ternary(q, packed_shape)
-        with torch.autocast(x.device.type, enabled=False):
-            return (fp8_matmul if fp8 else F.linear)(x_q, levels.to(x_q.dtype) * scale.to(x_q.dtype))
+        with autocast_off(x.device):
+            return (fp8_matmul if fp8 else F.linear)(x_q, dequantized(q, scale, packed_shape, x_q.dtype))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -250,10 +266,8 @@ def _linear_grads(ctx, g: torch.Tensor, x_q: torch.Tensor, q: torch.Tensor, scal
                   need_w: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The backward both DQT linear functions share: ``grad_x = g @ (alpha * q)`` (straight through the activation
     quantizer) and ``grad_W = g^T @ x_q`` (the true gradient w.r.t. the stored weight), in ``x_q``'s dtype."""
-    if ctx.packed_shape is not None:
-        q = unpack_ternary(q, ctx.packed_shape)
     g = g.to(x_q.dtype)
-    grad_x = (g @ (q.to(g.dtype) * scale.to(g.dtype))).to(ctx.input_dtype) if need_x else None
+    grad_x = (g @ dequantized(q, scale, ctx.packed_shape, g.dtype)).to(ctx.input_dtype) if need_x else None
     grad_w = (g.reshape(-1, g.shape[-1]).t() @ x_q.reshape(-1, x_q.shape[-1])).to(ctx.grad_dtype) if need_w else None
     return grad_x, grad_w
 

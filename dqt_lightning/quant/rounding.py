@@ -98,23 +98,24 @@ def noise_keys(seed: int | Sequence[int | tuple[int, int]], device: torch.device
     return keys.pin_memory().to(device, non_blocking=True)
 
 
-def counter_bits(key: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+def counter_bits(key: torch.Tensor, shape: torch.Size | tuple[int, ...], offset: int = 0) -> torch.Tensor:
     """32 random bits per element (in an int64 tensor of ``shape``): two rounds of a hash of the element's flat index
     and the stream's ``key`` (one row of :func:`noise_keys`), ``hash(hash(lo(i) ^ key[0]) ^ (hi(i) + key[1]))`` with
-    ``lo``/``hi`` the 32-bit words of the index. A pure function of its arguments."""
+    ``lo``/``hi`` the 32-bit words of the index. A pure function of its arguments. ``offset`` is the flat index of
+    the first element: a slice of a tensor, from ``offset`` on, draws exactly the numbers of that part of the whole."""
     numel = 1
     for size in shape:
         numel *= size
-    index = torch.arange(numel, dtype=torch.int64, device=key.device).view(shape)
-    if numel <= 2**32:  # every index is its own low word and its high word is 0 (key[1] < 2**32)
+    index = torch.arange(offset, offset + numel, dtype=torch.int64, device=key.device).view(shape)
+    if offset + numel <= 2**32:  # every index is its own low word and its high word is 0 (key[1] < 2**32)
         return _hash32_(_hash32_(index.bitwise_xor_(key[0])).bitwise_xor_(key[1]))
     mixed = _hash32_((index & _MASK32).bitwise_xor_(key[0]))
     return _hash32_(mixed.bitwise_xor_(((index >> 32) + key[1]) & _MASK32))
 
 
-def counter_uniform(key: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+def counter_uniform(key: torch.Tensor, shape: torch.Size | tuple[int, ...], offset: int = 0) -> torch.Tensor:
     """Float32 uniforms in ``[0, 1)`` on a grid of ``2**-24`` from :func:`counter_bits`."""
-    return counter_bits(key, shape).bitwise_right_shift_(8).float().mul_(2.0**-24)
+    return counter_bits(key, shape, offset).bitwise_right_shift_(8).float().mul_(2.0**-24)
 
 
 # --- the registry of rounding rules ---------------------------------------------------------------------------------

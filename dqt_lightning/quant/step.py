@@ -35,23 +35,26 @@ def grid_coordinates(q: torch.Tensor, alpha: torch.Tensor, stepped: torch.Tensor
     return grid_move(levels, alpha, stepped).add_(levels)
 
 
-def round_to_grid(y: torch.Tensor, grid: Grid, rounding: str, key: torch.Tensor | None) -> torch.Tensor:
+def round_to_grid(y: torch.Tensor, grid: Grid, rounding: str, key: torch.Tensor | None,
+                  offset: int = 0) -> torch.Tensor:
     """Round float grid coordinates ``y`` with the rule registered as ``rounding``, clip to ``grid``, as int8.
 
     ``key`` is the weights' noise stream of this layer and step (a row of
     :func:`~dqt_lightning.quant.rounding.noise_keys`); rules registered with ``needs_noise=False`` never read it.
+    ``offset`` is the flat index of ``y``'s first element in its layer, where ``y`` is a part of it.
     """
     rule = rounding_rule(rounding)
     if rule.needs_noise and key is None:
         raise ValueError(f"the rounding rule '{rule.name}' draws noise: pass the layer's noise key")
-    u = counter_uniform(key, y.shape) if rule.needs_noise else None
+    u = counter_uniform(key, y.shape, offset) if rule.needs_noise else None
     return rule.fn(y.float(), u).clamp(grid.qmin, grid.qmax).to(torch.int8)
 
 
 def dqt_step(q: torch.Tensor, alpha: torch.Tensor, stepped: torch.Tensor, grid: Grid, rounding: str,
-             key: torch.Tensor | None) -> torch.Tensor:
-    """The DQT update with a fixed scale: int8 levels ``clip(round(grid_coordinates(q, alpha, stepped)))``."""
-    return round_to_grid(grid_coordinates(q, alpha, stepped), grid, rounding, key)
+             key: torch.Tensor | None, offset: int = 0) -> torch.Tensor:
+    """The DQT update with a fixed scale: int8 levels ``clip(round(grid_coordinates(q, alpha, stepped)))``, of a
+    whole layer or of its part from flat index ``offset`` on."""
+    return round_to_grid(grid_coordinates(q, alpha, stepped), grid, rounding, key, offset)
 
 
 def rescaled_step(stepped: torch.Tensor, grid: Grid, per_row: bool, rounding: str,

@@ -15,14 +15,17 @@ import datetime
 import gc
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import platform
 import shlex
+import signal
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
@@ -37,25 +40,20 @@ from dqt_lightning.files import atomic_write
 from dqt_lightning.quant.layers import dqt_layers
 from dqt_lightning.tools.bench_report import TORCHAO, Row, fmt, table
 from dqt_lightning.tools.bench_report import plot as plot_chart
-from dqt_lightning.tools.memory import StateAtUpdate, fit_on_tokens, unique_storage_bytes
+from dqt_lightning.tools.memory import (PeakMemoryByPhase, StateAtUpdate, fit_on_tokens, resident_bytes,
+                                        unique_storage_bytes)
+from dqt_lightning.tools.plan import RunSettings, machine_memory, plan
+from dqt_lightning.train.update import QuantizedUpdate
 from dqt_lightning.model import SIZES, Config
 from dqt_lightning.module import LanguageModel
-from dqt_lightning.train.optim import default_adamw
-from dqt_lightning.train.precision import Execution, Method, QuantPrecision, is_projection
+# _torchao stays importable from here, where the tests of the torchao recipes find it.
+from dqt_lightning.tools.recipes import _torchao  # noqa: F401
+from dqt_lightning.tools.recipes import (OPTIONS, RECIPES, TORCHAO_IMPORT_LOGGERS, optimizer_for, optimizer_settings,
+                                         quiet_loggers, recipe_plugin)
+from dqt_lightning.train.precision import QuantPrecision
 
-RECIPES = ("fp", "ste", "dqt-1.58", "dqt-2", "dqt-3", "dqt-4", "dqt-8", "dqt-1.58-lean", "dqt-8-lean")
-# Lean-state options a DQT recipe can add as suffixes, e.g. `dqt-1.58-packed-inbwd`: weights packed four per
-# byte in memory (ternary only), the update inside backward (no gradient buffer), AdamW with 8-bit moments; `lean`
-# is all three. `qemb` also puts the token embedding and the output head on the grid (as the official DQT code);
-# `int8mm` runs the forward matmuls on integers (torch._int_mm); `fused` steps and rounds each DQT layer in one
-# compiled pass (dqt_lightning.train.fused; the first warm-up step compiles).
-OPTIONS = ("packed", "inbwd", "adam8", "lean", "qemb", "int8mm", "fused")
-LEAN = ("packed", "inbwd", "adam8")
 MIB, GIB = 2**20, 2**30
 PROG = "python -m dqt_lightning bench"
-# torchao's import logs a warning per CUDA kernel library it cannot load (always, on a CPU-only torch) and torch logs
-# a deprecation of how torchao registers an enum; neither says anything about the benchmark.
-TORCHAO_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 class StepTimer(pl.Callback):
@@ -117,68 +115,8 @@ def state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[in
     return weights, grads, states
 
 
-@contextlib.contextmanager
-def _quiet_loggers(names: Sequence[str], level: int = logging.ERROR) -> Iterator[None]:
-    """Raise the named loggers to ``level`` inside ``with``, and give them their own levels back after it."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(level)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-def _torchao(recipe: str, model: LanguageModel, precision: str) -> None:
-    # Only the seven projections of every block become torchao weights: embeddings, lm_head and norm gains stay float,
-    # exactly what QuantPrecision converts for the ste and dqt recipes.
-    with _quiet_loggers(TORCHAO_IMPORT_LOGGERS):
-        from torchao import quantize_
-        from torchao.prototype.quantized_training import bitnet_training, int8_weight_only_quantized_training
-
-    model.configure_model()  # the float model, which torchao converts before the trainer sees it
-    if precision == "bf16-mixed":
-        # torchao's quantized training is built for a bf16 model (its pretraining benchmark calls model.bfloat16()):
-        # its autograd functions ignore autocast, and an int8 weight quantized from float32 (float32 scale) gives a
-        # float32 output whose gradient then meets a bf16 input in the weight-gradient matmul and fails. So under
-        # bf16-mixed these rows train torchao's way, every weight and state in bf16, against our bf16-autocast
-        # baseline, as the published peer measurements (docs/benchmarks.md) compare them.
-        model.to(torch.bfloat16)
-    config = int8_weight_only_quantized_training() if recipe == "torchao-int8" else bitnet_training()
-    projections = {name: m for name, m in model.model.named_modules()
-                   if isinstance(m, nn.Linear) and is_projection(name)}
-    quantize_(model.model, config, filter_fn=lambda m, fqn: fqn in projections)
-
-
-def optimizer_for(recipe: str) -> Callable[..., torch.optim.Optimizer] | None:
-    """The optimizer factory a recipe trains with; ``None`` means :class:`LanguageModel`'s default AdamW.
-
-    Every recipe runs that AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.01 on matrices) except ``torchao-int8``,
-    which runs it without weight decay: torchao 0.18's int8 weight subclass implements no ``aten.mul_``, the op
-    AdamW's decoupled decay applies to the weight, and the step fails with ``NotImplementedError``.
-    ``torchao-bitnet`` keeps a float master weight and takes the decay.
-
-    On a GPU the float32-moment AdamW is ``torch.optim.AdamW(fused=True)``, the baseline the published peer
-    measurements use (torch's default there is the slower ``foreach`` form, which would flatter every ratio to fp);
-    torchao's int8 weights keep the default form, as the peers ran them.
-
-    Args:
-        recipe: A recipe name (see :func:`run_recipe`).
-
-    Returns:
-        A factory taking parameter groups, or ``None``.
-    """
-    if recipe == "torchao-int8":
-        return default_adamw(weight_decay=0.0)
-    if {"adam8", "lean"} & set(recipe.split("-")[2:]):
-        return default_adamw("int8")
-    return default_adamw(fused=True) if torch.cuda.is_available() else None
-
-
 def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len: int, steps: int, warmup: int,
-               precision: str, compile: bool = False) -> Row:
+               precision: str, compile: bool = False, probe: PeakMemoryByPhase | None = None) -> Row:
     """Train ``warmup + steps`` steps of one recipe and measure its throughput and memory.
 
     Args:
@@ -192,15 +130,13 @@ def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len
         warmup: Unmeasured steps first.
         precision: ``32-true`` or ``bf16-mixed``.
         compile: Wrap the LLaMA forward with ``torch.compile``.
+        probe: Measures the peak resident memory of each phase of the run (in a process of the recipe's own, on a
+            CPU: see :func:`run_recipe_isolated`); its results fill the row's resident-memory columns.
 
     Returns:
         The row, with ``ratio`` unset.
     """
-    name, _, rest = recipe.partition("-")
-    bits, *suffixes = rest.split("-")
-    options = set(suffixes) | (set(LEAN) if "lean" in suffixes else set())
-    torchao = name == "torchao"
-    mode = "fp" if torchao else name
+    torchao = recipe.startswith("torchao")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -217,21 +153,29 @@ def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len
         torch.compiler.reset()
         model.model.compile()  # lazy: compiles on the first forward, after QuantPrecision has swapped the layers
     timer = StepTimer(warmup)
-    # A torchao recipe's suffix names torchao's method, not a bit width; its model trains under the fp plugin.
-    grid_bits = float(bits) if bits and not torchao else 1.58
-    plugin = QuantPrecision(
-        Method(mode=mode, bits=grid_bits, quantize_embeddings="qemb" in options),
-        Execution(precision=precision, update_in_backward="inbwd" in options, int8_matmul="int8mm" in options,
-                  pack_in_memory="packed" in options and grid_bits == 1.58, fused_update="fused" in options))
-    probe = StateAtUpdate(state_bytes)  # at the last update, when every gradient is complete
-    fit_on_tokens(model, tokens, batch_size, plugins=[plugin], callbacks=[timer, probe], accelerator="auto")
-    peak = torch.cuda.max_memory_allocated() if cuda else None
-    weights, grads, states = probe.last
+    plugin = recipe_plugin(recipe, precision)
+    # Planned from what this process holds before the model is built (in a process of its own: its runtime).
+    predicted = None if torchao else predicted_peak(recipe, plugin, size, vocab_size, batch_size, seq_len, cuda,
+                                                    resident_bytes() if probe is not None else None)
+    accounted = StateAtUpdate(state_bytes)  # at the last update, when every gradient is complete
+    update = UpdateTime(warmup)
+    callbacks = [timer, accounted, update, *([probe] if probe is not None else [])]
+    fit_on_tokens(model, tokens, batch_size, plugins=[plugin], callbacks=callbacks, accelerator="auto")
+    peak = torch.cuda.max_memory_allocated() if cuda else probe.peak if probe is not None else None
+    weights, grads, states = accounted.last
     row = Row(recipe=TORCHAO.get(recipe, recipe), tokens_per_s=batch_size * seq_len * timer.steps / timer.seconds,
               peak_gib=peak / GIB if peak is not None else None, weights_mib=weights / MIB, grads_mib=grads / MIB,
-              states_mib=states / MIB, measured_steps=timer.steps)
-    if peak is not None:  # also holds the input batch, rope tables and the optimizer's temporaries
+              states_mib=states / MIB, measured_steps=timer.steps, seconds_per_step=timer.seconds / timer.steps,
+              update_share=update.seconds / timer.seconds if timer.seconds else None)
+    if predicted is not None:
+        row.predicted_gib = predicted / GIB
+    if cuda and peak is not None:  # also holds the input batch, rope tables and the optimizer's temporaries
         row.activations_mib = (peak - weights - grads - states) / MIB
+    elif probe is not None:
+        forward = probe.peaks.get("forward", 0) - probe.at_start.get("forward", 0)
+        row.runtime_mib = probe.peaks.get("start", 0) / MIB
+        row.activations_mib = forward / MIB
+        row.rest_mib = (peak - probe.peaks.get("start", 0) - weights - grads - states - forward) / MIB
     del model, tokens
     gc.collect()
     if cuda:
@@ -239,7 +183,80 @@ def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len
     return row
 
 
-def _run_soft(recipe: str, **kwargs) -> Row:
+class UpdateTime(pl.Callback):
+    """Wall time of the update in the timed steps: from ``on_before_optimizer_step`` to the batch's end (clipping,
+    the DQT update, the optimizer's step), and the DQT update that runs inside backward."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.seconds, self._start, self._inside = warmup, 0.0, 0.0, 0.0
+
+    def _now(self) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @staticmethod
+    def _inside_backward(trainer: pl.Trainer) -> float:
+        update = next((c for c in trainer.callbacks if isinstance(c, QuantizedUpdate)), None)
+        return update.update_seconds_total if update is not None and update._in_backward else 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._inside = self._inside_backward(trainer)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._start = self._now()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if batch_idx >= self.warmup:
+            self.seconds += self._now() - self._start + self._inside_backward(trainer) - self._inside
+
+
+def predicted_peak(recipe: str, plugin: QuantPrecision, size: str, vocab_size: int, batch_size: int, seq_len: int,
+                   cuda: bool, runtime: int | None) -> int:
+    """The memory plan's peak for a recipe (:mod:`dqt_lightning.tools.plan`), in bytes."""
+    class_path, args = optimizer_settings(recipe)
+    settings = RunSettings(replace(SIZES[size], vocab_size=vocab_size), batch_size, seq_len, plugin.method,
+                           plugin.execution, class_path, args, "cuda" if cuda else "cpu", runtime)
+    return plan(settings).peak
+
+
+CHILD_MARK = "bench-row: "
+
+
+def run_recipe_isolated(recipe: str, **kwargs) -> Row:
+    """:func:`run_recipe` in a fresh Python process of its own, with its resident memory measured phase by phase
+    (:class:`~dqt_lightning.tools.memory.PeakMemoryByPhase`): on a CPU the peak of a process is the only memory
+    measure there is, and a recipe's must neither inherit another's allocations nor miss its model's construction.
+    A process that dies (the kernel's OOM killer) becomes a skipped row saying so."""
+    if not recipe.startswith("torchao"):  # one the plan says cannot fit would only wake the OOM killer
+        predicted = predicted_peak(recipe, recipe_plugin(recipe, kwargs["precision"]), kwargs["size"],
+                                   kwargs["vocab_size"], kwargs["batch_size"], kwargs["seq_len"], False, None)
+        if predicted > machine_memory():
+            return Row(recipe, skipped=f"the memory plan needs {predicted / GIB:.1f} GiB, this machine has "
+                                       f"{machine_memory() / GIB:.1f}", predicted_gib=predicted / GIB)
+    arguments = json.dumps({"recipe": recipe, "threads": torch.get_num_threads(), **kwargs})
+    code = "import sys; from dqt_lightning.tools.bench import _run_child; _run_child(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", code, arguments], capture_output=True, text=True, check=False)
+    rows = [line[len(CHILD_MARK):] for line in done.stdout.splitlines() if line.startswith(CHILD_MARK)]
+    if done.returncode != 0 or not rows:
+        killed = done.returncode == -signal.SIGKILL
+        reason = ("killed (SIGKILL: out of memory?)" if killed else
+                  next((ln for ln in reversed(done.stderr.splitlines()) if ln.strip()), f"exit {done.returncode}"))
+        return Row(TORCHAO.get(recipe, recipe), skipped=f"its process ended: {reason}")
+    return Row(**json.loads(rows[-1]))
+
+
+def _run_child(arguments: str) -> None:
+    args = json.loads(arguments)
+    torch.set_num_threads(args.pop("threads"))
+    with quiet_loggers(["lightning.pytorch", *TORCHAO_IMPORT_LOGGERS], logging.WARNING):
+        row = run_recipe(**args, probe=PeakMemoryByPhase(verbose=False))
+    print(CHILD_MARK + json.dumps(asdict(row)), flush=True)
+
+
+def _run_soft(recipe: str, isolate: bool = False, **kwargs) -> Row:
+    if isolate:
+        return run_recipe_isolated(recipe, **kwargs)
     try:
         return run_recipe(recipe, **kwargs)
     except Exception as error:  # noqa: BLE001 - only the optional torchao recipes may fail softly
@@ -300,8 +317,8 @@ def run_benchmark(recipes: Sequence[str] = RECIPES, repeats: int = 1,
 def bench(size: str = "tiny", vocab_size: int = 4096, batch_size: int = 8, seq_len: int = 128, steps: int = 10,
           warmup: int = 3, precision: Literal["32-true", "bf16-mixed"] | None = None,
           recipes: list[str] | None = None, compile: bool = False, repeats: int = 1, threads: int | None = None,
-          out: Path | None = None, plot: Path | None = None) -> int:
-    """Throughput and memory by component of every training recipe, side by side in one process.
+          isolate: bool | None = None, out: Path | None = None, plot: Path | None = None) -> int:
+    """Throughput and memory by component of every training recipe, side by side.
 
     Prints the report, and writes it and the chart when asked. Returns 0, or 2 when an output file cannot be written
     (the report is printed first).
@@ -320,6 +337,9 @@ def bench(size: str = "tiny", vocab_size: int = 4096, batch_size: int = 8, seq_l
         repeats: rounds of all recipes, interleaved; rows then give median tokens/s (range) and the median per-round
             ratio to fp
         threads: CPU threads for torch (default: torch's own choice)
+        isolate: run each recipe in a fresh process of its own and report its peak resident memory, construction
+            included, phase by phase (default: on a CPU, where that is the only peak there is; on a GPU all recipes
+            share one process and each reports its allocator peak)
         out: also write the report to this Markdown file
         plot: also draw tokens/s and memory by component per recipe into this PNG
     """
@@ -346,6 +366,7 @@ def bench(size: str = "tiny", vocab_size: int = 4096, batch_size: int = 8, seq_l
         raise ConfigError(f"unknown recipe {unknown[0]}; use fp, ste[-BITS], dqt-BITS[-{'|'.join(OPTIONS)}...], "
                           f"{' or '.join(TORCHAO)}")
     cuda = torch.cuda.is_available()
+    isolate = not cuda if isolate is None else isolate
     precision = args.precision or ("bf16-mixed" if cuda else "32-true")
     device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})"
     versions = f"torch {torch.__version__}"
@@ -361,7 +382,11 @@ def bench(size: str = "tiny", vocab_size: int = 4096, batch_size: int = 8, seq_l
             f"CPU threads: {torch.get_num_threads()}."
             " Weights, grads and optimizer states cover all parameters, at the update.", "", table(rows), "",
             f"Device: {device}; {versions}; {datetime.date.today().isoformat()}."
-            + ("" if cuda else " No allocator peak on CPU, so peak and activations are n/a.")
+            + (" Peak: the allocator's." if cuda else
+               " Peak: resident memory of each recipe's own process, construction included; runtime: before the "
+               "model was built; activations: the forward's growth; rest: the peak less the other columns (the "
+               "update's and backward's transients)." if isolate else
+               " No allocator peak on CPU (recipes share one process: --isolate), so peak and activations are n/a.")
             + ("" if has_torchao else " torchao not installed: its recipes are omitted.") + note,
             f"Command: `{shlex.join([*PROG.split(), *commands.invocation])}`",
         ])
@@ -382,10 +407,10 @@ def bench(size: str = "tiny", vocab_size: int = 4096, batch_size: int = 8, seq_l
                 atomic_write(args.out, lambda f: f.write((render(rows, note) + "\n").encode()))
 
     # Lightning's "GPU available / TPU available" banners are noise in a table meant for pasting.
-    with _quiet_loggers(["lightning.pytorch"], logging.WARNING):
+    with quiet_loggers(["lightning.pytorch"], logging.WARNING):
         rows = run_benchmark(recipes, size=args.size, vocab_size=args.vocab_size, batch_size=args.batch_size,
                              seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, precision=precision,
-                             compile=args.compile, repeats=args.repeats, on_row=progress)
+                             compile=args.compile, repeats=args.repeats, on_row=progress, isolate=isolate)
     report = render(rows)
     print(report)
     try:

@@ -21,14 +21,23 @@ class Row:
         recipe: Label of the recipe.
         tokens_per_s: Training tokens per second over the measured steps.
         ratio: ``tokens_per_s`` relative to the fp recipe's under the same precision.
-        peak_gib: Allocator peak during the run (CUDA only).
-        weights_mib: Weights of all parameters as kept between steps.
-        grads_mib: Their gradients.
+        peak_gib: Allocator peak during the run on CUDA; on a CPU the peak resident memory of the recipe's own
+            process, construction included (where it ran in one: ``bench``'s default there).
+        weights_mib: Weights of all parameters, at the update.
+        grads_mib: Their gradients, at the update (when every one is complete).
         states_mib: Their optimizer states.
-        activations_mib: ``peak - (weights + grads + states)`` (CUDA only).
+        activations_mib: CUDA: ``peak - (weights + grads + states)``; CPU: how much resident memory grew during the
+            forward pass.
         skipped: Why the recipe did not run, if it did not.
         measured_steps: Steps the throughput was timed over (the warm-up excluded).
         tokens_per_s_range: Lowest and highest tokens/s over repeated runs (``None`` for a single run).
+        seconds_per_step: Mean wall time of a timed step.
+        update_share: Share of that time spent in the update: from the end of backward to the end of the step, and
+            the DQT update that runs inside backward.
+        predicted_gib: The memory plan's peak for the recipe (:mod:`dqt_lightning.tools.plan`).
+        runtime_mib: CPU: the process before the model was built (Python, torch, Lightning, the data).
+        rest_mib: CPU: the peak less the runtime, weights, gradients, states and activations: the transient float
+            values of the update and of backward, and what malloc keeps.
     """
 
     recipe: str
@@ -42,6 +51,11 @@ class Row:
     skipped: str | None = None
     measured_steps: int = 0
     tokens_per_s_range: tuple[float, float] | None = None
+    seconds_per_step: float | None = None
+    update_share: float | None = None
+    predicted_gib: float | None = None
+    runtime_mib: float | None = None
+    rest_mib: float | None = None
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -50,19 +64,28 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def table(rows: Sequence[Row]) -> str:
-    """The Markdown table of ``rows``: a header, a separator and one line per row."""
-    lines = ["| recipe | tokens/s | × fp (same precision) | peak GiB | weights MiB | grads MiB | optimizer states MiB "
-             "| activations MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """The Markdown table of ``rows``: a header, a separator and one line per row. Rows measured in processes of
+    their own (on a CPU) add the runtime and the rest to the memory columns, summing to the peak."""
+    resident = any(r.runtime_mib is not None for r in rows)
+    header = ("| recipe | tokens/s | × fp (same precision) | s/step | update share | peak GiB | plan GiB "
+              + ("| runtime MiB " if resident else "") + "| weights MiB | grads MiB | optimizer states MiB "
+              "| activations MiB |" + (" rest MiB |" if resident else ""))
+    columns = header.count("|") - 1
+    lines = [header, "|---" + "|---:" * (columns - 1) + "|"]
     for r in rows:
         if r.skipped:
-            lines.append(f"| {r.recipe} | skipped: {r.skipped} |  |  |  |  |  |  |")
+            lines.append(f"| {r.recipe} | skipped: {r.skipped} |" + "  |" * (columns - 2))
             continue
         speed = fmt(r.tokens_per_s, ',.0f')
         if r.tokens_per_s_range:
             speed += f" ({r.tokens_per_s_range[0]:,.0f}-{r.tokens_per_s_range[1]:,.0f})"
-        lines.append(f"| {r.recipe} | {speed} | {fmt(r.ratio, '.2f')} | "
-                     f"{fmt(r.peak_gib, '.2f')} | {fmt(r.weights_mib, '.2f')} | {fmt(r.grads_mib, '.2f')} | "
-                     f"{fmt(r.states_mib, '.2f')} | {fmt(r.activations_mib, '.1f')} |")
+        cells = [r.recipe, speed, fmt(r.ratio, '.2f'), fmt(r.seconds_per_step, '.3g'), fmt(r.update_share, '.0%'),
+                 fmt(r.peak_gib, '.2f'), fmt(r.predicted_gib, '.2f')]
+        cells += [fmt(r.runtime_mib, ',.0f')] if resident else []
+        cells += [fmt(r.weights_mib, ',.2f'), fmt(r.grads_mib, ',.2f'), fmt(r.states_mib, ',.2f'),
+                  fmt(r.activations_mib, ',.1f')]
+        cells += [fmt(r.rest_mib, ',.0f')] if resident else []
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

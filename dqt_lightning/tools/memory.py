@@ -1,8 +1,10 @@
 """Bytes of persistent training state per quantized parameter: weight, gradient and optimizer states, by mode.
 
 DQT's claim is memory: its weights live only as int8 levels plus a scale, with no float master copy. This module
-measures what a real Lightning run actually keeps allocated at its update, when every gradient is complete, for the seven projections of
-every block (the only layers a mode changes), by reading tensor storage sizes rather than trusting shapes.
+measures what a real Lightning run actually keeps allocated at its update, when every gradient is complete, for the
+seven projections of every block (the only layers a mode changes), by reading tensor storage sizes rather than
+trusting shapes. It also measures the peak resident memory of a run by phase (:class:`PeakMemoryByPhase`) and checks
+that training moved every trained tensor (:class:`TrainedTensorsMove`).
 
 Run ``python -m dqt_lightning.tools.memory`` for the Markdown table of fp / BitNet STE / DQT ternary / DQT 8-bit, and of
 DQT ternary with bf16 or 8-bit AdamW states.
@@ -11,7 +13,9 @@ DQT ternary with bf16 or 8-bit AdamW states.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
+import os
 import platform
 import time
 import warnings
@@ -150,6 +154,137 @@ class StateAtUpdate(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         self.last = self.measure(pl_module, optimizer)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux), from ``/proc/self/statm``."""
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes() -> int:
+    """The high-water mark of this process's resident memory (Linux ``VmHWM``): since it started, or since the last
+    :func:`reset_peak_resident`."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_resident() -> None:
+    """Set the high-water mark back to the resident memory of now (``/proc/self/clear_refs``, Linux 4.0+). The kernel's
+    own peak of the process (``ru_maxrss``, what ``/usr/bin/time`` prints) is reset with it."""
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+        clear.write("5")
+
+
+PHASES = ("start", "build", "forward", "backward", "update", "between steps")
+
+
+class PeakMemoryByPhase(pl.Callback):
+    """The peak resident memory of each phase of a run, measured exactly (Linux): what the process held before the
+    trainer set up (``start``: the runtime, the data), the model's construction and the optimizer's (``build``), then
+    for every step its ``forward``, ``backward`` (with the DQT update when it runs inside backward), ``update`` (after
+    backward: clipping, the quantized update, the optimizer's step) and what comes ``between steps`` (logging,
+    validation, checkpoints). Each phase ends by reading the high-water mark and resetting it
+    (:func:`reset_peak_resident`), so the process's own peak no longer covers the whole run: read ``peak`` instead,
+    the largest of the phases. Where resident memory stood when each phase began is kept in ``at_start``.
+    """
+
+    def __init__(self, verbose: bool = True) -> None:
+        self.verbose = verbose  # print the report at the end of fit
+        self.peaks: dict[str, int] = {}
+        self.at_start: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}  # wall time spent in each phase, all steps together
+        self._phase = "start"
+        self._since = time.perf_counter()
+
+    @property
+    def peak(self) -> int:
+        """The peak of the whole run so far, in bytes."""
+        return max([*self.peaks.values(), peak_resident_bytes()])
+
+    def _enter(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[self._phase] = self.seconds.get(self._phase, 0.0) + now - self._since
+        self._since = now
+        self.peaks[self._phase] = max(self.peaks.get(self._phase, 0), peak_resident_bytes())
+        reset_peak_resident()
+        now = resident_bytes()
+        self.at_start[phase] = max(self.at_start.get(phase, 0), now)
+        self._phase = phase
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._enter("build")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._enter("forward")
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self._enter("backward")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._enter("update")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._enter("between steps")
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._enter("between steps")
+        if stage == "fit" and self.verbose:
+            print(self.report(), flush=True)
+
+    def report(self) -> str:
+        """One line: the peak of each phase, and resident memory when it began, in GiB."""
+        parts = [f"{phase} {self.peaks[phase] / 2**30:.2f} (from {self.at_start.get(phase, 0) / 2**30:.2f}, "
+                 f"{self.seconds.get(phase, 0):.0f} s)" for phase in PHASES if phase in self.peaks]
+        return f"peak resident memory by phase, GiB: {'; '.join(parts)}; whole run {self.peak / 2**30:.2f}"
+
+
+class TrainedTensorsMove(pl.Callback):
+    """Checks that training moved every trained tensor: each DQT layer's levels (and scale, when it is trained) and
+    every float parameter, projections, embedding, head and norm gains alike. Published memory figures have come from
+    runs in which some of them never moved (an embedding left out of a per-layer update).
+
+    At the start of fit it keeps a fingerprint of each tensor (a hash of its bytes, not a copy: a 7B model's copy
+    would double its memory); at the end it compares, prints one line and keeps the names that did not change in
+    ``unchanged``. It also keeps every step's training loss in ``losses``.
+    """
+
+    def __init__(self) -> None:
+        self.unchanged: list[str] = []
+        self.losses: list[float] = []
+        self._before: dict[str, str] = {}
+
+    @staticmethod
+    def _tensors(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        tensors = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+        for name, layer in pl_module.named_modules():
+            if isinstance(layer, DQTWeight):
+                tensors[f"{name}.weight"] = layer.weight
+        return tensors
+
+    @staticmethod
+    def _fingerprint(tensor: torch.Tensor) -> str:
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._before = {name: self._fingerprint(t) for name, t in self._tensors(pl_module).items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        after = {name: self._fingerprint(t) for name, t in self._tensors(pl_module).items()}
+        self.unchanged = [name for name, value in after.items() if self._before.get(name) == value]
+        moved = len(after) - len(self.unchanged)
+        losses = ", ".join(f"{loss:.4f}" for loss in self.losses)
+        verdict = "all moved" if not self.unchanged else f"unchanged: {', '.join(self.unchanged)}"
+        print(f"trained tensors moved: {moved} of {len(after)} ({verdict}); training loss by step: {losses}",
+              flush=True)
 
 
 def fit_on_tokens(model: LanguageModel, tokens: torch.Tensor, batch_size: int, plugins: list,

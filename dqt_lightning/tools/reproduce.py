@@ -60,7 +60,10 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dqt-8bit-bf16": ("ternary.yaml", ("bits/8.yaml", "precision/bf16.yaml")),
 }
 # On an FP8 GPU only (H100, L40S): claim 3's FP8 part. Not in the default set, since elsewhere it refuses to start.
-OPTIONAL_ARMS = {"dqt-8bit-fp8": ("ternary.yaml", ("bits/8.yaml", "precision/fp8.yaml"))}
+OPTIONAL_ARMS = {"dqt-8bit-fp8": ("ternary.yaml", ("bits/8.yaml", "precision/fp8.yaml")),
+                 # The lean recipes of the 7B runs, for what their leaner state costs in quality.
+                 "dqt-ternary-lean": ("ternary.yaml", ("recipes/lean.yaml",)),
+                 "dqt-ternary-lean-factored": ("ternary.yaml", ("recipes/lean-factored.yaml",))}
 
 
 @dataclass(frozen=True)

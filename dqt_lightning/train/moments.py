@@ -38,7 +38,7 @@ def _code_values(codes: torch.Tensor, top: int, range_log2: float) -> torch.Tens
     return values.mul_(codes > 0)
 
 
-def stochastic_round_bf16(x: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+def stochastic_round_bf16(x: torch.Tensor, key: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """Round float32 values to bfloat16 up or down at random, with ``E[result] = x``.
 
     bfloat16 is float32 without the low 16 bits of the mantissa. Adding a uniform integer from ``[0, 2**16)`` to the
@@ -54,7 +54,7 @@ def stochastic_round_bf16(x: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         A bfloat16 tensor of ``x``'s shape.
     """
     bits = x.contiguous().view(torch.int32)
-    noise = (counter_bits(key, x.shape) >> 16).to(torch.int32)
+    noise = (counter_bits(key, x.shape, offset) >> 16).to(torch.int32)
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536 = 0xFFFF0000: exact in bf16
 
 
@@ -74,8 +74,8 @@ def _grid(signed: bool) -> tuple[int, float]:
     return (SIGNED_TOP, SIGNED_RANGE_LOG2) if signed else (UNSIGNED_TOP, UNSIGNED_RANGE_LOG2)
 
 
-def quantize_blockwise(x: torch.Tensor, block_size: int, signed: bool,
-                       key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(x: torch.Tensor, block_size: int, signed: bool, key: torch.Tensor,
+                       offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode ``x`` as 8-bit logarithmic codes and one float32 scale (absolute maximum) per block, rounding at random.
 
     Args:
@@ -101,7 +101,7 @@ def quantize_blockwise(x: torch.Tensor, block_size: int, signed: bool,
     lower = _code_values(lower_code, top, range_log2)
     upper = _code_values((lower_code + 1).clamp_(max=top), top, range_log2)
     up = (magnitude - lower).div_((upper - lower).clamp_(min=torch.finfo(torch.float32).tiny)).clamp_(0.0, 1.0)
-    codes = lower_code.add_(counter_uniform(key, magnitude.shape) < up)
+    codes = lower_code.add_(counter_uniform(key, magnitude.shape, offset) < up)
     if signed:
         return torch.copysign(codes, flat).to(torch.int8).view(x.shape), scales
     # Never zero for a positive value: the second moment divides the update.
@@ -147,28 +147,44 @@ def read_moment(stored: torch.Tensor, scales: torch.Tensor | None, block_size: i
 
 
 def encode_moment(value: torch.Tensor, dtype: torch.dtype, block_size: int, signed: bool,
-                  key: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  key: torch.Tensor | None, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The inverse of :func:`read_moment`: float32 ``value`` as a state of ``dtype``, rounded stochastically with the
-    noise stream ``key`` where narrower. Returns ``(stored values, block scales or None)``."""
+    noise stream ``key`` where narrower (``value`` being the part of the moment from flat index ``offset`` on, a
+    multiple of ``block_size``). Returns ``(stored values, block scales or None)``."""
     if dtype == torch.float32:
         return value, None
     if dtype == torch.bfloat16:
-        return stochastic_round_bf16(value, key), None
-    return quantize_blockwise(value, block_size, signed, key)
+        return stochastic_round_bf16(value, key, offset), None
+    return quantize_blockwise(value, block_size, signed, key, offset)
 
 
-def read_moments(state: dict[str, Any], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return (read_moment(state["exp_avg"], state.get("exp_avg_scale"), block_size),
-            read_moment(state["exp_avg_sq"], state.get("exp_avg_sq_scale"), block_size))
+def _part(state: dict[str, Any], name: str, block_size: int, part: slice | None) -> tuple[torch.Tensor, Any]:
+    """A moment's stored values and block scales, whole or (``part``, a slice of flat indices starting on a block)
+    the views of that part."""
+    stored, scales = state[name], state.get(f"{name}_scale")
+    if part is None:
+        return stored, scales
+    blocks = slice(part.start // block_size, -(-part.stop // block_size))
+    return stored.view(-1)[part], None if scales is None else scales[blocks]
+
+
+def read_moments(state: dict[str, Any], block_size: int, part: slice | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both moments as float32, whole or the ``part`` of them (flat indices, starting on a block)."""
+    return (read_moment(*_part(state, "exp_avg", block_size, part), block_size),
+            read_moment(*_part(state, "exp_avg_sq", block_size, part), block_size))
 
 
 def write_moments(state: dict[str, Any], block_size: int, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                   keys: torch.Tensor | None) -> None:
-    # Into the existing state tensors (their storage is reused every step), rounded stochastically where narrower.
+                   keys: torch.Tensor | None, part: slice | None = None) -> None:
+    """Store both moments, whole or their ``part``, into the existing state tensors (their storage is reused every
+    step), rounded stochastically where narrower."""
+    offset = 0 if part is None else part.start
     for name, value, signed, stream in (("exp_avg", exp_avg, True, EXP_AVG), ("exp_avg_sq", exp_avg_sq, False,
                                                                                EXP_AVG_SQ)):
-        stored, scales = encode_moment(value, state[name].dtype, block_size, signed,
-                                       None if keys is None else keys[stream])
-        state[name].copy_(stored)
+        target, target_scales = _part(state, name, block_size, part)
+        stored, scales = encode_moment(value, target.dtype, block_size, signed,
+                                       None if keys is None else keys[stream], offset)
+        target.copy_(stored.view(target.shape))
         if scales is not None:
-            state[f"{name}_scale"].copy_(scales)
+            target_scales.copy_(scales)

@@ -58,6 +58,8 @@ class OptimizerRule:
 
 
 OPTIMIZER_RULES: dict[str, OptimizerRule] = {}
+# Elements per pass of AdamW's eager step over a large parameter.
+CHUNK = 1 << 16
 
 
 def register_optimizer_rule(name: str, scalars: Callable[[dict[str, Any], float], tuple[float, ...]],
@@ -193,12 +195,29 @@ class AdamW(torch.optim.Optimizer):
             init_state(state, param.shape, param.device, kind, block_size)
         state["step"] += 1
         rule = OPTIMIZER_RULES[self.rule]
-        exp_avg, exp_avg_sq = read_moments(state, block_size)
+        scalars = rule.scalars(group, state["step"])
+        keys = moment_keys(group, state["step"], index, param.device)
+        if not param.is_contiguous() or param.numel() <= CHUNK:
+            self._step_part(param, param.grad, state, rule, scalars, keys, block_size, None)
+            return
+        # A large parameter in parts of CHUNK elements (whole blocks of the 8-bit states): the same arithmetic, the
+        # same noise (drawn by flat index), in temporaries of a few hundred KiB that malloc reuses, where one pass over
+        # a 131M-element embedding held gigabytes of them at once.
+        flat, grad = param.view(-1), param.grad.reshape(-1)
+        chunk = -(-CHUNK // block_size) * block_size
+        for start in range(0, flat.numel(), chunk):
+            part = slice(start, min(start + chunk, flat.numel()))
+            self._step_part(flat[part], grad[part], state, rule, scalars, keys, block_size, part)
+
+    @staticmethod
+    def _step_part(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], rule: OptimizerRule,
+                   scalars: tuple[float, ...], keys: torch.Tensor | None, block_size: int, part: slice | None) -> None:
+        exp_avg, exp_avg_sq = read_moments(state, block_size, part)
         weights = param if param.dtype == torch.float32 else param.float()
-        weights, exp_avg, exp_avg_sq = rule.update(weights, param.grad.float(), exp_avg, exp_avg_sq,
-                                                   *rule.scalars(group, state["step"]))
+        weights, exp_avg, exp_avg_sq = rule.update(weights, grad.float(), exp_avg.view(param.shape),
+                                                   exp_avg_sq.view(param.shape), *scalars)
         param.copy_(weights)
-        write_moments(state, block_size, exp_avg, exp_avg_sq, moment_keys(group, state["step"], index, param.device))
+        write_moments(state, block_size, exp_avg, exp_avg_sq, keys, part)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict, keeping every state tensor exactly as saved, or converting it to this ``state_dtype``.

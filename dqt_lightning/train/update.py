@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
@@ -94,30 +95,24 @@ class QuantizedUpdate(HookOwner):
     - ``on_before_optimizer_step``: under DDP, average the quantized gradients in one collective; skip or stop on a
       non-finite gradient; widen bf16 gradients to float32 when they are about to be clipped;
     - Lightning clips all gradients, float and quantized together;
-    - then (from :meth:`QuantPrecision.optimizer_step <dqt_lightning.train.precision.QuantPrecision.optimizer_step>`,
-      which wraps the step) one layer at a time: materialize its float32 ``alpha * q``, step that one parameter with
-      the configured optimizer (its own hyper-parameters, state and scheduled learning rate), round it once, free its
-      float values and its gradient. At most one layer's float weight exists at any moment, never the whole model's;
-    - the optimizer steps the float parameters, finding no gradient on the quantized ones.
-
-    Stepping one parameter at a time needs an optimizer whose step of a parameter reads only that parameter's
-    gradient and state, as every elementwise or factored rule does (SGD, Adam, AdamW, Adafactor, Lion).
+    - then (from :meth:`QuantPrecision.optimizer_step <dqt_lightning.train.precision.QuantPrecision.optimizer_step>`)
+      one layer at a time: materialize its float32 ``alpha * q``, step that one parameter with the configured
+      optimizer (its hyper-parameters, state and scheduled learning rate), round it once, free its float values and
+      gradient; so at most one layer's float weight ever exists. This needs an optimizer whose step of a parameter
+      reads only that parameter's gradient and state, as every elementwise or factored rule does (SGD, Adam, AdamW,
+      Adafactor, Lion). The optimizer then steps the float parameters, finding no gradient on the quantized ones.
 
     Under DDP every rank draws the same noise, so the integer replicas stay bit-identical; every
     ``check_replicas_every_n_steps`` steps a checksum comparison proves it, or stops the run.
 
-    With ``Execution(update_in_backward=True)`` the same update runs per layer inside backward instead, from a
-    hook that fires as soon as the layer's gradient is complete: average it across ranks (one collective per layer,
-    on a process group of its own), step the one parameter with the configured optimizer, round, free the gradient.
-    Same seeds, same arithmetic, same weights as the usual path. A non-finite gradient then skips (or stops at) that
-    layer only: the layers before it in backward have already moved.
+    With ``Execution(update_in_backward=True)`` the same update runs per layer inside backward, from a hook that fires
+    as soon as the layer's gradient is complete (averaged across ranks first, on a process group of its own): the
+    same weights as the usual path. A non-finite gradient then skips (or stops at) that layer only.
 
-    With ``Execution(fused_update=True)`` no float weight is materialized: after clipping, each layer's levels,
-    gradient and moments go through the optimizer's registered rule fused with the rounding
-    (:class:`~dqt_lightning.train.fused.FusedUpdate`), then the optimizer steps the float parameters alone. Same
-    arithmetic and noise as the usual path. Inside backward too, when both are on; there the fused step leaves a
-    layer with a non-finite gradient untouched, decided on the device, and skipped layers are counted once after
-    backward (one host sync per step, not per layer).
+    With ``Execution(fused_update=True)`` no float weight is materialized: each layer's levels, gradient and moments
+    go through the optimizer's registered rule fused with the rounding
+    (:class:`~dqt_lightning.train.fused.FusedUpdate`), after clipping or inside backward, where a layer with a
+    non-finite gradient is left untouched, decided on the device (skips are counted once per step, after backward).
 
     Args:
         seed: Seed of the rounding noise; ``None`` takes the run's ``seed_everything`` value (``PL_GLOBAL_SEED``).
@@ -172,6 +167,8 @@ class QuantizedUpdate(HookOwner):
         self._fused: FusedUpdate | None = None
         self._fused_finite: dict[int, torch.Tensor] = {}  # layer index: whether its fused step in backward applied
         self._step_keys: tuple[int, torch.Tensor] | None = None  # (step, every layer's noise keys at that step)
+        # Host time in this step's DQT update (on a GPU: launching it), and over the whole run.
+        self._update_seconds = self.update_seconds_total = 0.0
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -300,8 +297,7 @@ class QuantizedUpdate(HookOwner):
     @torch.no_grad()
     def after_clipping(self, optimizer: torch.optim.Optimizer) -> None:
         """Called by :class:`~dqt_lightning.train.precision.QuantPrecision` between clipping and the optimizer's own
-        step: the update of every DQT layer, one layer at a time (fused, or materialized, stepped and rounded), after
-        which the optimizer finds no gradient on the quantized weights and steps the float parameters alone."""
+        step (which then steps the float parameters alone): every DQT layer's update, one layer at a time."""
         if not self._pending:
             return
         self._pending = False
@@ -337,15 +333,17 @@ class QuantizedUpdate(HookOwner):
         self._updated_in_backward = True
 
     def _step_and_round(self, index: int, step: int) -> None:
-        """One layer's update on the unfused path: its float32 ``alpha * q``, the optimizer's step of that one
-        parameter, the observers, one rounding; then its float values and its gradient are freed."""
+        """One layer's unfused update: ``alpha * q``, the optimizer's step of it, the observers, one rounding."""
         param = self._layers[index][1].update_param
         if param.grad is None:  # no gradient this step (the optimizer would skip it too)
             return
+        started = time.perf_counter()
         self._layers[index][1].materialize()
         self._steppers[index]()
         self._round(index, step)
         param.grad = None  # spent; and the optimizer's own step must not find it on the placeholder
+        self._update_seconds += time.perf_counter() - started
+        self.update_seconds_total += time.perf_counter() - started
 
     def _keys(self, index: int, step: int, device: torch.device) -> torch.Tensor:
         """Layer ``index``'s noise keys at ``step``: the weights' stream from (run seed, step, layer index), the
@@ -368,7 +366,10 @@ class QuantizedUpdate(HookOwner):
 
     def _fused_step(self, index: int, step: int, skip_nonfinite: bool = False) -> None:
         name, layer = self._layers[index]
+        started = time.perf_counter()
         result = self._fused.step(layer, self._keys(index, step, layer.weight.device), skip_nonfinite)
+        self._update_seconds += time.perf_counter() - started
+        self.update_seconds_total += time.perf_counter() - started
         if result is None:
             return
         self._flips[name], stats, finite = result
@@ -419,7 +420,9 @@ class QuantizedUpdate(HookOwner):
             return
         total = sum(self._sizes.values())
         flipped = torch.stack(list(self._flips.values())).sum()
-        metrics = {"dqt/flip_rate": flipped.float() / total, "dqt/skipped_steps": self.skipped_steps}
+        metrics = {"dqt/flip_rate": flipped.float() / total, "dqt/skipped_steps": self.skipped_steps,
+                   "dqt/update_seconds": self._update_seconds}
+        self._update_seconds = 0.0
         # Per-layer rates only when the logger writes this step (as Lightning's own monitors decide): logging dozens
         # of metrics every step cost as much as the rounding itself at small sizes, and loggers drop the rest anyway.
         if self.log_per_layer and (_logger_writes(trainer) or trainer.fast_dev_run):
