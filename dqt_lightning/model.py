@@ -16,6 +16,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 NORM_LAYOUTS = ("llama", "subln", "bitlinear")
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass
@@ -36,6 +37,18 @@ class Config:
         norm_layout: Where the RMSNorms sit. ``llama``: one pre-norm per sub-block. ``subln`` (1bitLLM and the
             official DQT code): the pre-norms plus one more before ``o_proj`` and before ``down_proj``.
             ``bitlinear`` (Microsoft's BitNet): an RMSNorm on the input of every projection, block pre-norms removed.
+        n_kv_head: Key and value heads (grouped-query attention: each serves ``n_head / n_kv_head`` query heads);
+            ``None``: as many as query heads.
+        head_dim: Width of each attention head; ``None``: ``n_embd / n_head``.
+        tie_word_embeddings: The output head is the token embedding itself (one matrix), as in SmolLM and Llama 3.2.
+        rope_type: How the rotary frequencies are scaled for long contexts, as Hugging Face names it: ``default``
+            (not at all), ``linear`` (every frequency divided by ``rope_factor``) or ``llama3`` (Llama 3.1's: low
+            frequencies divided by ``rope_factor``, high ones kept, a smooth blend between, set by
+            ``rope_low_freq_factor``, ``rope_high_freq_factor`` and ``rope_original_max_position``).
+        rope_factor: The scaling factor of ``linear`` and ``llama3``.
+        rope_low_freq_factor: ``llama3``'s low-frequency factor.
+        rope_high_freq_factor: ``llama3``'s high-frequency factor.
+        rope_original_max_position: ``llama3``'s original context length.
     """
 
     name: str = "tiny"
@@ -49,10 +62,22 @@ class Config:
     rope_base: float = 10000.0
     init_std: float = 0.02
     norm_layout: str = "subln"
+    n_kv_head: int | None = None
+    head_dim: int | None = None
+    tie_word_embeddings: bool = False
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
 
     @property
     def head_size(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_dim if self.head_dim is not None else self.n_embd // max(self.n_head, 1)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
 
     @classmethod
     def from_name(cls, name: str, **overrides: object) -> Config:
@@ -67,10 +92,19 @@ class Config:
             value = getattr(self, f.name)
             if f.type in ("int", "float") and value <= 0:
                 out.append(f"{f.name} must be > 0, got {value}")
-        if self.n_embd % max(self.n_head, 1) or self.head_size % 2:
+        for name in ("n_kv_head", "head_dim"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                out.append(f"{name} must be > 0 (or null), got {getattr(self, name)}")
+        if self.head_dim is None and (self.n_embd % max(self.n_head, 1) or self.head_size % 2):
             out.append(f"n_embd ({self.n_embd}) must split into n_head ({self.n_head}) heads of even size")
+        elif self.head_size % 2:
+            out.append(f"head_dim must be even (rotary pairs), got {self.head_size}")
+        if self.kv_heads > 0 and self.n_head % self.kv_heads:
+            out.append(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.kv_heads})")
         if self.norm_layout not in NORM_LAYOUTS:
             out.append(f"norm_layout must be one of {', '.join(NORM_LAYOUTS)}; got '{self.norm_layout}'")
+        if self.rope_type not in ROPE_TYPES:
+            out.append(f"rope_type must be one of {', '.join(ROPE_TYPES)}; got '{self.rope_type}'")
         return out
 
 
@@ -107,10 +141,30 @@ def _projection(config: Config, n_in: int, n_out: int) -> nn.Module:
     return nn.Sequential(RMSNorm(n_in, config.norm_eps), linear)
 
 
-def rope_tables(config: Config, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(config: Config, device: torch.device | None = None) -> torch.Tensor:
+    """The rotary frequencies of one head, ``1 / base^(2i / head_size)``, scaled as ``config.rope_type`` says (in the
+    arithmetic of Hugging Face's ``ROPE_INIT_FUNCTIONS``, so that an imported model rotates as it was trained)."""
     half = config.head_size // 2
     inv_freq = 1.0 / config.rope_base ** (torch.arange(half, device=device, dtype=torch.float32) / half)
-    angles = torch.outer(torch.arange(config.block_size, device=device, dtype=torch.float32), inv_freq)
+    if config.rope_type == "linear":
+        return inv_freq / config.rope_factor
+    if config.rope_type != "llama3":
+        return inv_freq
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    original = config.rope_original_max_position
+    wavelen = 2 * math.pi / inv_freq
+    # Wavelengths longer than the original context at low_freq_factor: divided by the factor; shorter than it at
+    # high_freq_factor: kept; between: blended.
+    scaled = torch.where(wavelen > original / low, inv_freq / config.rope_factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
+    medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_tables(config: Config, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.outer(torch.arange(config.block_size, device=device, dtype=torch.float32),
+                         rope_frequencies(config, device))
     return angles.cos(), angles.sin()
 
 
@@ -135,7 +189,7 @@ class KVCache(nn.Module):
     def __init__(self, batch: int, config: Config, device: torch.device | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        shape = (batch, config.n_head, config.block_size, config.head_size)
+        shape = (batch, config.kv_heads, config.block_size, config.head_size)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
@@ -151,30 +205,32 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
-        d = config.n_embd
-        self.n_head, self.head_size = config.n_head, config.head_size
-        self.q_proj = _projection(config, d, d)
-        self.k_proj = _projection(config, d, d)
-        self.v_proj = _projection(config, d, d)
-        self.sub_norm = RMSNorm(d, config.norm_eps) if config.norm_layout == "subln" else nn.Identity()
-        self.o_proj = _projection(config, d, d)
+        d, inner, kv = config.n_embd, config.n_head * config.head_size, config.kv_heads * config.head_size
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
+        self.q_proj = _projection(config, d, inner)
+        self.k_proj = _projection(config, d, kv)
+        self.v_proj = _projection(config, d, kv)
+        self.sub_norm = RMSNorm(inner, config.norm_eps) if config.norm_layout == "subln" else nn.Identity()
+        self.o_proj = _projection(config, inner, d)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 pos: int = 0) -> torch.Tensor:
-        B, T, C = x.shape
-        heads = (B, T, self.n_head, self.head_size)
-        q, k, v = (p(x).view(heads).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        k, v = (p(x).view(B, T, self.n_kv_head, self.head_size).transpose(1, 2) for p in (self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cached = cache.update(pos, k, v)
+            k, v = cached if pos > 0 else (k, v)  # the first chunk attends to itself only
+        if self.n_kv_head != self.n_head:  # grouped-query attention: each key and value head serves a group
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
         if cache is None or pos == 0:
-            if cache is not None:
-                cache.update(0, k, v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            k, v = cache.update(pos, k, v)
             # Query i (at position pos + i) sees keys 0 .. pos + i: all cached ones, and the new ones up to itself.
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)
         return self.o_proj(self.sub_norm(y))
 
 
@@ -211,6 +267,9 @@ class LLaMA(nn.Module):
     # Activation checkpointing: keep only each block's input for backward and recompute the block there (set by
     # the precision plugin's execution.activation_checkpointing).
     checkpoint_blocks = False
+    # Where materialize() reads the weights from instead of drawing them: a pretrained checkpoint's tensors by our
+    # state-dict key (None for one it lacks), set by the LightningModule that imports one.
+    weights_source: Callable[[str], torch.Tensor | None] | None = None
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -219,6 +278,8 @@ class LLaMA(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_tables(config)
         # Derived from the config, so kept out of checkpoints.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -248,19 +309,23 @@ class LLaMA(nn.Module):
 
     @torch.no_grad()
     def materialize(self, convert: Callable[[str, nn.Module], nn.Module | None] | None = None,
-                    initialize: bool = True) -> None:
+                    initialize: bool = True,
+                    weights: Callable[[str], torch.Tensor | None] | None = None) -> None:
         """Give a model built by :meth:`empty` its weights, one matrix at a time, on the CPU.
 
         Each weight is the one ``LLaMA(config)`` draws when built from the random state :meth:`empty` kept: the same
         draws in the same order (first those of each layer's own constructor, then the normal init of
         ``_init_weights``), one layer at a time. With ``initialize=False`` the weights are left uninitialized, for a
-        checkpoint to fill, and nothing is drawn.
+        checkpoint to fill, and nothing is drawn. With ``weights`` (our state-dict key to a float tensor, or ``None``
+        for one it lacks: a norm gain then starts at one) each weight is read from there instead, one at a time: how
+        a pretrained checkpoint comes in (:mod:`dqt_lightning.pretrained`; ``weights_source`` is the default).
 
         ``convert(name, layer)`` may replace each projection, embedding and head as soon as it holds its float weight
         (the precision plugin quantizes it there): the float weight is then dropped, so the process never holds more
         than one layer's float weight beyond those that stay float.
         """
-        generator = torch.Generator().set_state(self.rng_state) if initialize else None
+        weights = weights if weights is not None or not initialize else self.weights_source
+        generator = torch.Generator().set_state(self.rng_state) if initialize and weights is None else None
         # Names, not modules: a list of the float layers would keep every replaced one's weight alive to the end.
         names = [name for name, m in self.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
         if generator is not None:
@@ -273,7 +338,13 @@ class LLaMA(nn.Module):
                     nn.init.kaiming_uniform_(scratch, a=math.sqrt(5), generator=generator)
         for name in names:
             layer = self.get_submodule(name)
-            weight = torch.empty(layer.weight.shape)
+            if name == "lm_head" and self.config.tie_word_embeddings:
+                # The embedding itself; building eagerly draws its init a second time, into the same tensor.
+                if generator is not None:
+                    self.embed_tokens.weight.data.normal_(mean=0.0, std=self.config.init_std, generator=generator)
+                layer.weight = self.embed_tokens.weight
+                continue
+            weight = weights(f"{name}.weight") if weights is not None else torch.empty(layer.weight.shape)
             if generator is not None:
                 weight.normal_(mean=0.0, std=self.config.init_std, generator=generator)
             layer.weight = nn.Parameter(weight)
@@ -283,9 +354,10 @@ class LLaMA(nn.Module):
                 parent, _, child = name.rpartition(".")
                 setattr(self.get_submodule(parent), child, replacement)
             del layer, replacement
-        for module in self.modules():
+        for name, module in self.named_modules():
             if isinstance(module, RMSNorm):
-                module.weight = nn.Parameter(torch.ones(module.weight.shape))
+                gain = weights(f"{name}.weight") if weights is not None else None
+                module.weight = nn.Parameter(gain if gain is not None else torch.ones(module.weight.shape))
         self.rope_cos, self.rope_sin = rope_tables(self.config)
 
     def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:

@@ -19,8 +19,9 @@ from typing_extensions import override
 from dqt_lightning.train.checkpoint import (GRIDS_KEY, PACKED_KEY, TOKENIZER_KEY, check_checkpoint_fits, dqt_grids,
                                            pack_ternary_weights, tokenizer_record, unpack_ternary_weights)
 from dqt_lightning.errors import ConfigError
-from dqt_lightning.quant.layers import DQTWeight, quantized_parameters
+from dqt_lightning.quant.layers import BitLinear, DQTWeight, quantized_parameters
 from dqt_lightning.model import LLaMA, Config
+from dqt_lightning.pretrained import Pretrained, pretrained_weights
 from dqt_lightning.train.optim import default_adamw
 from dqt_lightning.train.schedule import BitWidthSchedule
 from dqt_lightning.quant.ternary import TernaryWeights
@@ -96,14 +97,27 @@ class LanguageModel(pl.LightningModule):
             (:class:`~dqt_lightning.quant.ternary.TernaryWeights`) and log ``val/loss_ternary`` beside ``val/loss``
             (DQT weights with the least-squares scale), and for a DQT model ``val/loss_ternary_absmean`` (BitNet's
             absmean scale) too.
+        init_from: A local Hugging Face LLaMA-family checkpoint directory to start from
+            (:mod:`dqt_lightning.pretrained`): its sizes replace the config's (a size set otherwise is refused), its
+            weights are read one tensor at a time and quantized as each arrives, and its tokenizer is the data's.
     """
 
     def __init__(self, config: Config | None = None, vocab_size: int = 4096, optimizer: OptimizerCallable | None = None,
-                 warmup_steps: int = 100, min_lr_ratio: float = 0.1, ternary_eval: bool = False) -> None:
+                 warmup_steps: int = 100, min_lr_ratio: float = 0.1, ternary_eval: bool = False,
+                 init_from: str | None = None) -> None:
         super().__init__()
         # ternary_eval is a choice of how to evaluate, not part of the model: LightningCLI would otherwise let a
         # checkpoint's saved value override the flag given to `validate --ckpt_path`.
         self.save_hyperparameters(ignore=["optimizer", "ternary_eval"])
+        self.pretrained = Pretrained(init_from) if init_from is not None else None
+        if self.pretrained is not None:
+            if vocab_size > self.pretrained.sizes["vocab_size"]:
+                raise ConfigError(f"the data's tokenizer has {vocab_size} tokens, more than the {init_from} model's "
+                                  f"{self.pretrained.sizes['vocab_size']}; its data must use the checkpoint's tokenizer")
+            config = self.pretrained.config(config)
+            vocab_size = config.vocab_size
+            # Checkpoints of this run name the real sizes, for the tools that rebuild a model from one.
+            self.hparams.update(config=config, vocab_size=vocab_size)
         config = replace(config or Config(), vocab_size=vocab_size)
         problems = [f"model.config.{p}" for p in config.problems()]
         if warmup_steps < 0:
@@ -117,6 +131,9 @@ class LanguageModel(pl.LightningModule):
         # integers, so that a model whose float copy would not fit in memory never has one. The weights are drawn
         # from the random state of this moment: the very ones building the model here would have drawn.
         self.model = LLaMA.empty(config)
+        if self.pretrained is not None:  # names and shapes, from the files' headers: refused before anything is read
+            self.pretrained.check(pretrained_weights(self.model), config.norm_layout)
+            self.model.weights_source = self.pretrained.reader(config.norm_layout)
         self.weights_from_checkpoint = False  # set where a checkpoint will fill the weights: no random init then
         self._restored = False
         self.optimizer_factory = optimizer or default_adamw()
@@ -230,6 +247,12 @@ class LanguageModel(pl.LightningModule):
     @override
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
+        warmup = getattr(getattr(self.trainer.precision_plugin, "method", None), "ste_warmup_steps", 0)
+        if warmup:  # BitNet's quantizers blended in over the warm-up: lambda from 0 at the first step to 1
+            strength = min(self.trainer.global_step / warmup, 1.0)
+            for layer in self.model.modules():
+                if isinstance(layer, BitLinear):
+                    layer.strength = strength
 
     @override
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Training text every Python ships with (pydoc topics + stdlib docstrings), BPE-tokenized and packed into windows."""
 
 import ast
+import contextlib
 import functools
 import hashlib
 import math
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
 from dqt_lightning.data.sampling import PositionedLoader, ResumablePosition, TrainEvalLoaders
-from dqt_lightning.data.tokenizer import EOT
+from dqt_lightning.data.tokenizer import EOT, TextTokenizer, resolve_tokenizer, tokenizer_vocab_size
 from dqt_lightning.data.tokenizer import train_bpe as _train_tokenizer  # the one BPE recipe; tests patch this name
 
 FORMAT_VERSION = 1  # bump whenever corpus selection, tokenizer recipe or file layout changes, so old caches are ignored
@@ -115,6 +116,23 @@ def _load(tok_path: Path, ids_path: Path) -> tuple[Tokenizer, np.ndarray] | None
     return (tokenizer, tokens) if tokens.dtype == np.uint16 and tokens.ndim == 1 else None
 
 
+def load_or_encode(cache_dir: str | Path, tokenizer: TextTokenizer, docs: Sequence[str]) -> np.ndarray:
+    """The corpus encoded with a given tokenizer (a checkpoint's), from ``cache_dir`` if present, else encoded and
+    saved: one uint16 stream with the tokenizer's end-of-text id between consecutive documents."""
+    key = hashlib.sha256(f"{cache_key(docs, tokenizer.vocab_size)}|{tokenizer.fingerprint}".encode()).hexdigest()[:16]
+    path = Path(cache_dir).expanduser() / f"tokens-{key}.npy"
+    with contextlib.suppress(OSError, ValueError):
+        tokens = np.load(path)
+        if tokens.dtype == np.uint16 and tokens.ndim == 1:
+            return tokens
+    eot = np.array([tokenizer.eot_id], np.uint16)
+    tokens = np.concatenate([piece for ids in tokenizer.encode_batch(list(docs))
+                             for piece in (eot, np.array(ids, np.uint16))][1:])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: np.save(f, tokens))
+    return tokens
+
+
 def load_or_build(cache_dir: str | Path, vocab_size: int, docs: Sequence[str]) -> tuple[Tokenizer, np.ndarray]:
     """Return the tokenizer and the encoded corpus, from ``cache_dir`` if present and readable, else built and saved.
 
@@ -189,16 +207,23 @@ class EmbeddedDocs(ResumablePosition, TrainEvalLoaders, pl.LightningDataModule):
         seed: Seeds the document split and the order of training windows.
         num_workers: DataLoader worker processes; 0 loads in the main process.
         cache_dir: Directory for the trained tokenizer and the encoded corpus, reused across runs.
+        tokenizer: A ``tokenizer.json`` (or a directory holding one) to encode the corpus with instead of training a
+            BPE: a pretrained model's (``model.init_args.init_from`` sets it); ``vocab_size`` is then its size, at
+            most 65536 (the corpus is kept as uint16; ``configs/data/embedded.yaml`` takes any size).
     """
 
     def __init__(  # noqa: PLR0913 - one argument per user-facing config field
         self, seq_len: int = 128, batch_size: int = 16, vocab_size: int = 4096, val_fraction: float = 0.05,
-        seed: int = 1234, num_workers: int = 0, cache_dir: str = ".cache/dqt_lightning",
+        seed: int = 1234, num_workers: int = 0, cache_dir: str = ".cache/dqt_lightning", tokenizer: str | None = None,
     ) -> None:
         super().__init__()
         _require(seq_len >= 2, "seq_len", ">= 2", seq_len)
         _require(batch_size >= 1, "batch_size", ">= 1", batch_size)
-        _require(259 <= vocab_size <= 65535, "vocab_size", "between 259 (256 bytes + specials) and 65535", vocab_size)
+        if tokenizer is not None:
+            vocab_size = tokenizer_vocab_size(tokenizer, vocab_size)
+            _require(vocab_size <= 65536, "tokenizer", "one of at most 65536 tokens (the embedded corpus is kept as "
+                     "uint16; configs/data/embedded.yaml takes any size)", f"{tokenizer} ({vocab_size} tokens)")
+        _require(259 <= vocab_size <= 65536, "vocab_size", "between 259 (256 bytes + specials) and 65535", vocab_size)
         _require(0 < val_fraction < 0.5, "val_fraction", "in (0, 0.5)", val_fraction)
         _require(num_workers >= 0, "num_workers", ">= 0", num_workers)
         self.save_hyperparameters()
@@ -212,17 +237,25 @@ class EmbeddedDocs(ResumablePosition, TrainEvalLoaders, pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build (or find) the cached tokenizer and token ids; Lightning runs this once per node."""
-        load_or_build(self.hparams.cache_dir, self.vocab_size, _corpus())
+        self._tokenize(_corpus())
+
+    def _tokenize(self, docs: Sequence[str]) -> tuple[Tokenizer | TextTokenizer, np.ndarray, int]:
+        """(tokenizer, encoded corpus, end-of-text id): a BPE trained here, or the given tokenizer's encoding."""
+        spec = self.hparams.get("tokenizer")
+        if spec is None:
+            tokenizer, tokens = load_or_build(self.hparams.cache_dir, self.vocab_size, docs)
+            return tokenizer, tokens, tokenizer.token_to_id(EOT)
+        tokenizer = resolve_tokenizer(spec, self.vocab_size, lambda: docs, self.hparams.cache_dir, "")
+        return tokenizer, load_or_encode(self.hparams.cache_dir, tokenizer, docs), tokenizer.eot_id
 
     def setup(self, stage: str | None = None) -> None:
         """Load the cache (building it if ``prepare_data`` was skipped), split by document and check window sizes."""
         if self.tokenizer is not None:
             return
         docs = _corpus()
-        tokenizer, self.tokens = load_or_build(self.hparams.cache_dir, self.vocab_size, docs)
+        tokenizer, self.tokens, eot = self._tokenize(docs)
         self.n_docs, self.n_chars = len(docs), sum(map(len, docs))
         self.train_docs, self.val_docs = split_documents(self.n_docs, self.hparams.val_fraction, self.seed)
-        eot = tokenizer.token_to_id(EOT)
         self.train_stream, self.val_stream = (_join(self.tokens, ids, eot) for ids in (self.train_docs, self.val_docs))
         need = self.seq_len + 1
         if len(self.val_stream) < need:

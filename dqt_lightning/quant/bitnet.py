@@ -28,30 +28,33 @@ class _BitLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_q: torch.Tensor, weight: torch.Tensor, grid: Grid, dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, x_q: torch.Tensor, weight: torch.Tensor, grid: Grid, dtype: torch.dtype,
+                strength: float = 1.0) -> torch.Tensor:
         # As autocast runs F.linear: both operands in the compute dtype; the saved input is that cast.
         x_q = x_q.to(dtype)
         ctx.save_for_backward(x_q, weight)
-        ctx.grid, ctx.input_dtype = grid, x_q.dtype
+        ctx.grid, ctx.input_dtype, ctx.strength = grid, x_q.dtype, strength
         with autocast_off(x_q.device):
-            return F.linear(x_q, ste_quantize(weight, grid).to(dtype))
+            return F.linear(x_q, ste_quantize(weight, grid, strength).to(dtype))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x_q, weight = ctx.saved_tensors
-        w_q = ste_quantize(weight, ctx.grid).to(x_q.dtype)
+        w_q = ste_quantize(weight, ctx.grid, ctx.strength).to(x_q.dtype)
         grad_x = g @ w_q if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = (g.reshape(-1, g.shape[-1]).t() @ x_q.reshape(-1, x_q.shape[-1])).to(weight.dtype)
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
 
 
 class BitLinear(nn.Linear):
     """BitNet b1.58: a float master weight, fake-quantized (absmean, ``grid``) in every forward through an STE, and
-    8-bit per-token activations."""
+    8-bit per-token activations. ``strength`` below 1 blends both quantizers with their float inputs (the warm-up of
+    ``Method.ste_warmup_steps``, which sets it)."""
 
     fp8 = False  # set by the fp8 precision on a GPU that has FP8 matmuls
+    strength = 1.0
 
     def __init__(self, in_features: int, out_features: int, grid: Grid) -> None:
         super().__init__(in_features, out_features, bias=False)
@@ -66,9 +69,10 @@ class BitLinear(nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_q = quantize_activations(x, self.strength)
         if self.fp8:
-            return fp8_linear(quantize_activations(x), ste_quantize(self.weight, self.grid))
-        return _BitLinearFn.apply(quantize_activations(x), self.weight, self.grid, compute_dtype(x))
+            return fp8_linear(x_q, ste_quantize(self.weight, self.grid, self.strength))
+        return _BitLinearFn.apply(x_q, self.weight, self.grid, compute_dtype(x), self.strength)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, levels=[{self.grid.qmin}, {self.grid.qmax}]"

@@ -85,11 +85,15 @@ def absmean_quantize(w: torch.Tensor, grid: Grid, per_row: bool = False,
     return q.to(torch.int8), alpha
 
 
-def ste_quantize(w: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """BitNet's weight fake-quantizer: the forward sees ``alpha * q``, the backward passes straight through to ``w``."""
+def ste_quantize(w: torch.Tensor, grid: Grid, strength: float = 1.0) -> torch.Tensor:
+    """BitNet's weight fake-quantizer: the forward sees ``alpha * q``, the backward passes straight through to ``w``.
+
+    ``strength`` (lambda, in [0, 1]) blends the two, ``w + lambda * (alpha * q - w)``: the warm-up of Hugging Face's
+    1.58-bit fine-tuning, which turns a pretrained float model ternary gradually. 1 is BitNet's quantizer exactly.
+    """
     q, alpha = absmean_quantize(w, grid)
     w_q = (q.to(w.dtype) * alpha.to(w.dtype)).detach()
-    return w + (w_q - w).detach()
+    return w + (w_q - w).detach() if strength == 1.0 else w + strength * (w_q - w).detach()
 
 
 @torch.no_grad()
@@ -129,15 +133,17 @@ class _ActivationQuantizer(torch.autograd.Function):
         return g
 
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+def quantize_activations(x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
     """Per-token absmax 8-bit fake quantization with a straight-through estimator, as in BitNet b1.58.
 
     ``s = 127 / max|x|`` per token, ``x_q = clip(round(x * s), -128, 127) / s``; the gradient passes to ``x`` unchanged.
     One custom autograd node instead of the usual ``x + (x_q - x).detach()``: the same values (``x_q - x`` is exact,
     since ``x_q`` lies within a factor of two of ``x``, so adding ``x`` back gives ``x_q`` bit for bit) and the same
-    gradient, without two full-size temporaries and two autograd nodes per projection.
+    gradient, without two full-size temporaries and two autograd nodes per projection. ``strength`` below 1 blends,
+    ``x + strength * (x_q - x)`` (see :func:`ste_quantize`).
     """
-    return _ActivationQuantizer.apply(x)
+    x_q = _ActivationQuantizer.apply(x)
+    return x_q if strength == 1.0 else x + strength * (x_q - x)
 
 
 class SharedInputQuantizer:

@@ -80,6 +80,9 @@ def export_gguf(ckpt: Path, out: Path, gguf_type: str = "tq2_0", ternary: bool =
     if config.norm_layout != "llama":
         raise ConfigError(f"--format gguf needs norm_layout llama (llama.cpp's llama architecture); this model has "
                           f"norm_layout {config.norm_layout}: {LAYOUT_REFUSALS[config.norm_layout]}")
+    if config.rope_type != "default":
+        raise ConfigError(f"--format gguf writes unscaled rotary frequencies; this model has rope_type "
+                          f"{config.rope_type} (use --format hf)")
     tokenizer = tokenizer_of_checkpoint(ckpt, config.vocab_size)
     vocab = _gpt2_vocab(tokenizer, config.vocab_size, ckpt)
     qtype = {"tq2_0": gguf.GGMLQuantizationType.TQ2_0, "tq1_0": gguf.GGMLQuantizationType.TQ1_0,
@@ -108,7 +111,8 @@ def export_gguf(ckpt: Path, out: Path, gguf_type: str = "tq2_0", ternary: bool =
         for name, gguf_name in projections.items():
             weight, levels, alpha = _projection(tensors, name)
             if name.endswith(("q_proj", "k_proj")):  # rotate-half -> llama.cpp's interleaved pairs
-                weight, levels, alpha = (permute_rope_rows(t, config.n_head) for t in (weight, levels, alpha))
+                heads = config.n_head if name.endswith("q_proj") else config.kv_heads
+                weight, levels, alpha = (permute_rope_rows(t, heads) for t in (weight, levels, alpha))
             if qtype == gguf.GGMLQuantizationType.F16:
                 writer.add_tensor(f"{gguf_name}.weight", weight.astype(np.float16))
             else:
@@ -116,7 +120,8 @@ def export_gguf(ckpt: Path, out: Path, gguf_type: str = "tq2_0", ternary: bool =
                 _check_lossless(gguf, blocks, qtype, levels, alpha, gguf_name)
                 writer.add_tensor(f"{gguf_name}.weight", blocks, raw_dtype=qtype)
         writer.add_tensor("output_norm.weight", _float(tensors, "norm"))
-        writer.add_tensor("output.weight", _float(tensors, "lm_head").astype(np.float16))
+        if not config.tie_word_embeddings:  # without an output tensor llama.cpp ties the head to token_embd
+            writer.add_tensor("output.weight", _float(tensors, "lm_head").astype(np.float16))
         _write_whole(writer, gguf, out)
     return out
 
@@ -219,7 +224,10 @@ def _add_metadata(writer, gguf, config, file_type, ckpt: Path) -> None:
     writer.add_block_count(config.n_layer)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.n_head)
-    writer.add_head_count_kv(config.n_head)
+    writer.add_head_count_kv(config.kv_heads)
+    if config.head_size * config.n_head != config.n_embd:
+        writer.add_key_length(config.head_size)
+        writer.add_value_length(config.head_size)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_rope_freq_base(config.rope_base)
     writer.add_rope_dimension_count(config.head_size)

@@ -49,6 +49,7 @@ from torch import nn
 from dqt_lightning.errors import ConfigError, require_extra
 from dqt_lightning.files import atomic_directory, check_replaceable_directory
 from dqt_lightning.model import LLaMA
+from dqt_lightning.pretrained import hf_name
 from dqt_lightning.quant.ternary import TernaryWeights
 from dqt_lightning.tools.loading import (integer_state, model_from_checkpoint, resolve_checkpoint,
                                          tokenizer_of_checkpoint)
@@ -102,6 +103,8 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "float32", ternary: bool = Fal
         written = json.loads(hf_config.to_json_string(use_diff=False))
         # transformers 5 reads rope_parameters and dtype; 4.x read these two (5 ignores them, checked on 5.24).
         written.update(rope_theta=config.rope_base, torch_dtype=dtype)
+        if config.rope_type != "default":
+            written["rope_scaling"] = {k: v for k, v in written["rope_parameters"].items() if k != "rope_theta"}
         (staging / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             from transformers import GenerationConfig  # noqa: PLC0415 - the optional dependency
@@ -173,19 +176,6 @@ def pack_ternary_rows(q: torch.Tensor) -> torch.Tensor:
     return codes[0] | (codes[1] << 2) | (codes[2] << 4) | (codes[3] << 6)
 
 
-def _hf_name(name: str, layout: str) -> str:
-    """transformers' name of one of our state-dict keys."""
-    if name.startswith("lm_head."):
-        return name
-    name = name.replace(".attn_norm.", ".input_layernorm.").replace(".mlp_norm.", ".post_attention_layernorm.")
-    name = name.replace(".attn.sub_norm.", ".self_attn.attn_sub_norm.").replace(".mlp.sub_norm.", ".mlp.ffn_sub_norm.")
-    name = name.replace(".attn.", ".self_attn.")
-    if layout == "bitlinear":  # our (RMSNorm, Linear) pairs: transformers' AutoBitLinear with its own rms_norm
-        for proj in (*ATTENTION, *MLP):
-            name = name.replace(f".{proj}.0.", f".{proj}.rms_norm.").replace(f".{proj}.1.", f".{proj}.")
-    return f"model.{name}"
-
-
 def _hf_tensors(model: LLaMA, levels: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The safetensors content under transformers' names: float tensors in ``dtype``, and packed levels with their
@@ -195,16 +185,18 @@ def _hf_tensors(model: LLaMA, levels: dict[str, tuple[torch.Tensor, torch.Tensor
     out = {}
     for name, tensor in tensors.items():
         module = name.rsplit(".", 1)[0]
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue  # transformers ties it to the embedding (tie_word_embeddings), as it came
         if name.endswith(".scale") and module in integer:
             continue  # folded into its weight, or written as weight_scale
         if levels is not None and module in levels:
             q, alpha = levels[module]
-            out[_hf_name(name, layout)] = pack_ternary_rows(q)
-            out[_hf_name(f"{module}.weight_scale", layout)] = alpha.reshape(1).to(dtype)
+            out[hf_name(name, layout)] = pack_ternary_rows(q)
+            out[hf_name(f"{module}.weight_scale", layout)] = alpha.reshape(1).to(dtype)
         elif module in integer:
-            out[_hf_name(name, layout)] = (tensor.float() * tensors[f"{module}.scale"].float()).to(dtype)
+            out[hf_name(name, layout)] = (tensor.float() * tensors[f"{module}.scale"].float()).to(dtype)
         else:
-            out[_hf_name(name, layout)] = tensor.to(dtype)
+            out[hf_name(name, layout)] = tensor.to(dtype)
     if layout == "bitlinear":  # transformers' Llama blocks keep their pre-norms; ours are identities
         for i in range(model.config.n_layer):
             for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -218,12 +210,22 @@ def _hf_config(model: LLaMA, ternary: bool, dtype: str, eot: int | None):
 
     c = model.config
     subln = c.norm_layout == "subln"
+    rope = {"rope_type": c.rope_type, "rope_theta": c.rope_base}
+    if c.rope_type != "default":
+        rope["factor"] = c.rope_factor
+    if c.rope_type == "llama3":
+        rope.update(low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor,
+                    original_max_position_embeddings=c.rope_original_max_position)
+    if subln and c.n_head * c.head_size != c.n_embd:
+        raise ConfigError(f"transformers' BitNet architecture (norm_layout subln) has heads that fill the width; "
+                          f"this model's {c.n_head} heads of {c.head_size} do not fill {c.n_embd}")
+    head_dim = {"head_dim": c.head_size} if not subln else {}
     config = (BitNetConfig if subln else LlamaConfig)(
         vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head, hidden_act="silu",
-        max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps, tie_word_embeddings=False,
-        bos_token_id=eot, eos_token_id=eot, attention_bias=False,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_base})
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.kv_heads, **head_dim,
+        hidden_act="silu", max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
+        tie_word_embeddings=c.tie_word_embeddings, bos_token_id=eot, eos_token_id=eot, attention_bias=False,
+        rope_parameters=rope)
     config.architectures = ["BitNetForCausalLM" if subln else "LlamaForCausalLM"]
     config.dtype = dtype
     if ternary:

@@ -34,6 +34,7 @@ from torch import nn
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.model import SIZES, Config, LLaMA
+from dqt_lightning.pretrained import Pretrained
 from dqt_lightning.quant.layers import DQTWeight
 from dqt_lightning.train.precision import Execution, Method, QuantPrecision
 
@@ -274,6 +275,8 @@ def settings_from_config(config: Any) -> RunSettings:
     model_config = Config(**{k: v for k, v in sizes.items() if k in known and v is not None})
     if vocab:
         model_config = replace(model_config, vocab_size=int(vocab))
+    if model_args.get("init_from"):  # a pretrained model's sizes are its checkpoint's
+        model_config = Pretrained(model_args["init_from"]).config(model_config)
     trainer = config.get("trainer") or {}
     plugins = trainer.get("plugins")
     plugins = plugins if isinstance(plugins, list) else [plugins]

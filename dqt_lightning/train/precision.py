@@ -64,6 +64,9 @@ class Method:
             as the official DQT code does; off by default, as in BitNet and torchao. ``dqt``: a
             :class:`~dqt_lightning.quant.layers.DQTEmbedding` and a :class:`~dqt_lightning.quant.layers.DQTLinear`
             head (8-bit activations); ``ste``: their BitNet counterparts (float masters behind an STE).
+        ste_warmup_steps: ``ste`` only: quantize gradually over the first this many optimizer steps, the forward
+            seeing ``w + lambda * (q(w) - w)`` for weights and activations alike with lambda rising linearly from 0
+            to 1 (Hugging Face's recipe for turning a pretrained float model ternary); 0: lambda is 1 throughout.
     """
 
     mode: str = "dqt"
@@ -73,6 +76,7 @@ class Method:
     per_row_scale: bool = False
     scale_policy: str = "fixed"
     quantize_embeddings: bool = False
+    ste_warmup_steps: int = 0
 
     def grid(self) -> Grid | None:
         """The weight grid these settings define (None for ``fp``), once every setting is checked.
@@ -87,6 +91,11 @@ class Method:
         if self.quantize_embeddings and self.mode == "fp":
             raise ConfigError("trainer.plugins.method.quantize_embeddings needs mode dqt or ste; mode fp quantizes "
                               "nothing")
+        if self.ste_warmup_steps and self.mode != "ste":
+            raise ConfigError(f"trainer.plugins.method.ste_warmup_steps applies to BitNet STE (mode: ste); got mode "
+                              f"{self.mode}")
+        if self.ste_warmup_steps < 0:
+            raise ConfigError(f"trainer.plugins.method.ste_warmup_steps must be >= 0; got {self.ste_warmup_steps}")
         if self.scale_policy != "fixed" and self.mode != "dqt":
             raise ConfigError(f"trainer.plugins.method.scale_policy applies to DQT weights only (mode: dqt); got mode "
                               f"{self.mode}")
@@ -234,7 +243,11 @@ class QuantPrecision(Precision):
         # Under DDPStrategy the return value is ignored, so every swap happens in place. Converting twice is a no-op:
         # the LightningModule converts layer by layer as it builds the model (convert_layer), and Lightning calls this
         # again in strategy setup.
-        for model in [m for m in module.modules() if isinstance(m, LLaMA)]:
+        models = [m for m in module.modules() if isinstance(m, LLaMA)]
+        if self.method.quantize_embeddings and any(m.config.tie_word_embeddings for m in models):
+            raise ConfigError("trainer.plugins.method.quantize_embeddings quantizes the embedding and the head apart; "
+                              "this model ties them (model.config.tie_word_embeddings: true)")
+        for model in models:
             if model.is_empty:
                 model.materialize(self.convert_layer)  # built layer by layer, quantized as each is drawn
             model.checkpoint_blocks = self.execution.activation_checkpointing
@@ -341,7 +354,8 @@ class QuantPrecision(Precision):
             "method": {"mode": self.method.mode, "bits": grid.bits if grid else None,
                        "symmetric": bool(grid and grid.qmin == -grid.qmax), "rounding": self.method.rounding,
                        "per_row_scale": self.method.per_row_scale, "scale_policy": self.method.scale_policy,
-                       "quantize_embeddings": self.method.quantize_embeddings},
+                       "quantize_embeddings": self.method.quantize_embeddings,
+                       "ste_warmup_steps": self.method.ste_warmup_steps},
             "execution": {name: getattr(self.execution, name) for name in ("precision", "grad_dtype", "pack_ternary",
                           "pack_in_memory", "int8_matmul", "fused_update", "update_in_backward",
                           "activation_checkpointing")},
