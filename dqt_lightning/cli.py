@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from dqt_lightning import commands
 from dqt_lightning.checks import (check_ckpt_path, check_config_files, check_the_run_can_start, check_trainer_numbers,
-                                  quant_plugin)
+                                  quant_plugin, resolve_config_files)
 from dqt_lightning.commands import first_reason
 from dqt_lightning.train.checkpoint import AtomicCheckpointIO
 from dqt_lightning.train.summary import IntegerWeightModelSummary
@@ -66,6 +66,12 @@ class _OneLineErrorParser(LightningArgumentParser):
         line = str(found) if found else first_reason(message)
         if "arguments are required" in line and "model" in line:
             line += " (start from a config that names them: --config configs/ternary.yaml)"
+        not_finite = re.match(r"""Parser key "lr": '([-+]?(?:inf|nan|infinity))' is not a valid value""", line, re.I)
+        if not_finite:  # YAML reads inf and nan as words; say what is wrong with them as numbers
+            line = f"model.init_args.optimizer.init_args.lr must be a finite number; got {not_finite.group(1)}"
+        if line.startswith('expected "subcommand" to be one of'):
+            names = [*DQTLightningCLI.subcommands(), "prepare", "plan", *commands.TOOLS]
+            line = f"give a command: {', '.join(names)} (python -m dqt_lightning --help)"
         sys.stderr.write(f"error: {line}\n")
         sys.exit(2)
 
@@ -400,6 +406,11 @@ def _other_commands(argv: list[str]) -> str | None:
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     try:
+        argv = resolve_config_files(argv)
+        if args is None:
+            sys.argv[1:] = argv  # LightningCLI reads them there
+        else:
+            args = argv
         check_config_files(argv)
     except ConfigError as error:
         sys.stderr.write(f"error: {error}\n")

@@ -71,6 +71,12 @@ def first_reason(message: str) -> str:
 class OneLineParser(ArgumentParser):
     """jsonargparse prints usage plus a nested report; users get the one line that matters."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse takes -1e-3 for a flag (its negative numbers are -1 and -.5 only): a value such as --lr-sweep
+        # -1e-3 reaches the tool, which says what is wrong with it.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
     def error(self, message: str, ex: Exception | None = None):
         sys.stderr.write(f"error: {_as_typed(first_reason(message))}\n")
         sys.exit(2)

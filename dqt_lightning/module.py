@@ -47,11 +47,19 @@ def check_learning_rate(lr: float, betas: tuple[float, ...] | list[float] = (0.0
     lr = float(lr)
     if not math.isfinite(lr):
         raise ConfigError(f"model.init_args.optimizer.init_args.lr must be finite; got {lr:g}")
+    if lr < 0:
+        raise ConfigError(f"model.init_args.optimizer.init_args.lr must be >= 0; got {lr:g}")
     # Adam's first step moves a weight by up to lr / (1 - beta1), which the update computes in float32.
     largest = lr / (1 - betas[0])
     if largest > torch.finfo(torch.float32).max:
         raise ConfigError(f"model.init_args.optimizer.init_args.lr={lr:g} overflows float32 in the optimizer's "
                           f"first step (a step of up to {largest:.3g}, above 3.4e38)")
+
+
+def check_window(seq_len: int, block_size: int) -> None:
+    """A training window longer than the rotary tables reach is one line, before anything is built or written."""
+    if seq_len > block_size:
+        raise ConfigError(f"data.seq_len={seq_len} is longer than model.config.block_size={block_size}")
 
 
 # From this many parameters on, freed memory goes back to the operating system at once (see below).
@@ -231,8 +239,8 @@ class LanguageModel(pl.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         seq_len = getattr(self.trainer.datamodule, "seq_len", None)
-        if seq_len is not None and seq_len > self.config.block_size:
-            raise ConfigError(f"data.seq_len={seq_len} is longer than model.config.block_size={self.config.block_size}")
+        if seq_len is not None:
+            check_window(seq_len, self.config.block_size)
 
     def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Each window holds seq_len + 1 tokens: inputs are the first seq_len, targets the last seq_len.

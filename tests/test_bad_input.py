@@ -160,8 +160,14 @@ def test_a_corpus_of_one_document_says_it_all_went_to_validation(tmp_path):
     data = TextCorpus(source=TextSource(path=str(tmp_path / "big.txt")), vocab_size=300, seq_len=8, batch_size=2,
                       cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ConfigError, match=r"^data.source: all 1 document of .*big.txt.* went to validation, leaving "
-                                          r"the train split empty .* set data.source.validation_split$"):
+                                          r"the train split empty .*\(in a \.txt file a blank line separates "
+                                          r"documents\), or set data.source.validation_split$"):
         data.setup()
+    # Following the hint: the same words as paragraphs, a blank line between them.
+    (tmp_path / "paragraphs.txt").write_text("\n\n".join(" ".join(f"word{i % 50}" for i in range(j, j + 2000))
+                                                          for j in range(0, 20000, 2000)) + "\n")
+    TextCorpus(source=TextSource(path=str(tmp_path / "paragraphs.txt")), vocab_size=300, seq_len=8, batch_size=2,
+               cache_dir=str(tmp_path / "cache")).setup()
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,7 +196,12 @@ def _fit(*args: str) -> list[str]:
     (["--trainer.gradient_clip_val", "-1"],
      "trainer.gradient_clip_val must be a finite number >= 0 (0 or null: no clipping); got -1"),
     (["--model.init_args.optimizer.init_args.lr", "inf"],
-     "Parser key \"lr\": 'inf' is not a valid value (expected float or torch.Tensor)"),
+     "model.init_args.optimizer.init_args.lr must be a finite number; got inf"),
+    (["--model.init_args.optimizer.init_args.lr", "nan"],
+     "model.init_args.optimizer.init_args.lr must be a finite number; got nan"),
+    (["--model.init_args.optimizer.init_args.lr", "-0.001"], "model.init_args.optimizer.init_args.lr must be >= 0; "
+                                                             "got -0.001"),
+    (["--data.init_args.seq_len", "4096"], "data.seq_len=4096 is longer than model.config.block_size=2048"),
     (["--model.init_args.optimizer.init_args.lr", "1e38"],
      "model.init_args.optimizer.init_args.lr=1e+38 overflows float32 in the optimizer's first step (a step of up to "
      "1e+39, above 3.4e38)"),
@@ -297,3 +308,61 @@ def test_ddp_replicas_are_compared_at_the_end_of_every_run(monkeypatch):
     update.on_train_end(SimpleNamespace(world_size=2, global_step=50), None)  # its last step was checked already
     update.on_train_end(SimpleNamespace(world_size=1, global_step=20), None)  # no replicas to compare
     assert checked == [19]
+
+
+def _leaves_nothing(tmp_path: Path) -> bool:
+    return not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_a_safetensors_file_as_ckpt_path_is_named_and_points_to_init_from(command, tmp_path, subcommand):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.parent.mkdir()
+    save_file({"model.norm.weight": torch.ones(4)}, weights)
+    code, _, err = command(subcommand, "--config", str(REPO / "configs" / "ternary.yaml"), "--ckpt_path", str(weights))
+    assert code == 2 and err == (f"error: ckpt_path {weights} is a safetensors file of weights, not a checkpoint to "
+                                 f"resume; a Lightning checkpoint is a .ckpt file that fit wrote\n")
+    (weights.parent / "config.json").write_text("{}")
+    code, _, err = command(subcommand, "--config", str(REPO / "configs" / "ternary.yaml"), "--ckpt_path", str(weights))
+    assert code == 2 and err.endswith(f"to start from this Hugging Face model, use --model.init_args.init_from "
+                                      f"{weights.parent}\n")
+    assert _leaves_nothing(tmp_path)
+
+
+def test_an_8bit_checkpoint_into_a_ternary_run_is_refused_before_anything_is_written(command, tmp_path):
+    code, _, _ = command(*_fit("--config", str(REPO / "configs" / "bits" / "8.yaml"), "--model.init_args.config.n_layer",
+                               "1", "--data.init_args.vocab_size", "300", "--trainer.limit_val_batches", "0"))
+    assert code == 0
+    runs = sorted((tmp_path / "runs").rglob("last.ckpt"))
+    assert len(runs) == 1
+    before = sorted(p for p in (tmp_path / "runs").rglob("*"))
+    for subcommand in ("validate", "fit"):
+        code, _, err = command(subcommand, *_fit("--model.init_args.config.n_layer", "1",
+                                                 "--data.init_args.vocab_size", "300", "--ckpt_path", str(runs[0]))[1:])
+        assert code == 2 and err == (f"error: ckpt_path {runs[0]} holds model.layers.0.attn.q_proj on levels [-128, "
+                                     "127], this config's DQT grid has ternary levels {-1, 0, 1} "
+                                     "(trainer.plugins.method.bits, symmetric); the config of the run that saved it "
+                                     "(config.yaml in its run directory) says how it was trained\n"), subcommand
+    assert sorted(p for p in (tmp_path / "runs").rglob("*")) == before
+
+
+def test_a_config_named_without_its_folder_is_a_shipped_one(command, tmp_path):
+    code, _, err = command("fit", "--config", "ternry.yaml")
+    assert code == 2 and err == ("error: config file ternry.yaml does not exist, here or among the shipped configs; "
+                                 "did you mean ternary.yaml or bitnet.yaml or model/tiny.yaml?\n")
+    (tmp_path / "ternary.yaml").write_text("seed_everything: 7\n")  # a local file of that name comes first
+    code, _, err = command("fit", "--config", "ternary.yaml")
+    assert code == 2 and "start from a config that names them" in err  # it has no model: read, not the shipped one
+
+
+def test_a_command_line_without_a_command_lists_every_command(command):
+    code, _, err = command()
+    assert code == 2 and err == ("error: give a command: fit, validate, test, prepare, plan, compare, export, "
+                                 "generate, bench, reproduce, eval (python -m dqt_lightning --help)\n")
+
+
+def test_a_negative_rate_reaches_the_tool_that_says_what_is_wrong(capsys, tmp_path):
+    assert run_tool(["reproduce", "--out", str(tmp_path / "r"), "--lr-sweep", "-1e-3", "2e-3"]) == 2
+    assert capsys.readouterr().err == "error: --lr-sweep takes distinct learning rates > 0; got -0.001 0.002\n"

@@ -1,6 +1,7 @@
 import math
 from functools import partial
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -433,3 +434,26 @@ def test_the_rounding_in_parts_draws_what_the_whole_draws(per_row, monkeypatch):
         flips = layer.round_step(noise_keys(7)[0])
         results.append((layer.weight.clone(), int(flips)))
     assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1] > 0
+
+
+class StrengthRecorder(pl.Callback):
+    """The first training loss, and BitNet's quantizer strength (lambda) at every step."""
+
+    def __init__(self) -> None:
+        self.strengths, self.losses = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.strengths += [{m.strength for m in pl_module.modules() if isinstance(m, BitLinear)}]
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_the_ste_warmup_starts_from_the_float_model_and_reaches_bitnet():
+    warm, plain, float_run = StrengthRecorder(), StrengthRecorder(), StrengthRecorder()
+    fit(make_model(), mode="ste", steps=6, ste_warmup_steps=4, callbacks=[warm])
+    fit(make_model(), mode="ste", steps=2, callbacks=[plain])
+    fit(make_model(), mode="fp", steps=1, callbacks=[float_run])
+    assert warm.strengths == [{0.0}, {0.25}, {0.5}, {0.75}, {1.0}, {1.0}]
+    assert warm.losses[0] == float_run.losses[0]  # lambda 0: the float model exactly
+    assert plain.strengths == [{1.0}, {1.0}] and plain.losses[0] != float_run.losses[0]
+    with pytest.raises(ConfigError, match="ste_warmup_steps applies to BitNet STE"):
+        Method(mode="dqt", ste_warmup_steps=10).grid()

@@ -218,12 +218,13 @@ class TextCorpus(ResumablePosition, pl.LightningDataModule):
                     "data.source.validation_split")
         counts = self.source.held_out_of()
         if counts is not None and counts[0] == counts[1]:
-            # Validation holds out at least one document: a corpus of one document (a .txt file of one line, say)
-            # leaves nothing to train on, however large it is.
+            # Validation holds out at least one document: a corpus of one document (a .txt file without a blank line,
+            # say) leaves nothing to train on, however large it is.
             n = counts[0]
             return (f"data.source: all {n} document{'s' if n != 1 else ''} of {where} went to validation, leaving "
                     "the train split empty (at least one is held out, and data.source.val_fraction of them); give it "
-                    "more documents (a .txt file holds one per line), or set data.source.validation_split")
+                    "more documents (in a .txt file a blank line separates documents), or set "
+                    "data.source.validation_split")
         return f"data.source: the train split of {where} holds no text"
 
     def prepare_data(self) -> None:

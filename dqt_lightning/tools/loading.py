@@ -22,6 +22,7 @@ from torch import nn
 from dqt_lightning.data.tokenizer import TextTokenizer, resolve_tokenizer
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.model import Config, LLaMA
+from dqt_lightning.pretrained import Pretrained, pretrained_weights
 from dqt_lightning.quant.grid import Grid, absmean_quantize, unpack_ternary
 from dqt_lightning.quant.layers import BitEmbedding, BitLinear, DQTWeight
 from dqt_lightning.tools.compare import plugin_args, run_config
@@ -148,6 +149,8 @@ def load_exported(directory: str | Path) -> tuple[LLaMA, TextTokenizer | None]:
     if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
         raise ConfigError(f"{directory} is not an export (needs config.json and model.safetensors)")
     config = json.loads((directory / "config.json").read_text())
+    if "quantization" not in config:  # a Hugging Face checkpoint (or a --format hf export): its float model
+        return load_pretrained(directory)
     quant = config.pop("quantization")
     tensors = load_file(str(directory / "model.safetensors"))
     for name, shape in quant["packed"].items():
@@ -162,6 +165,16 @@ def load_exported(directory: str | Path) -> tuple[LLaMA, TextTokenizer | None]:
     model = _built_for_loading(Config(**config), plugin)
     model.load_state_dict(tensors)
     return model.eval(), tokenizer_beside(directory, config["vocab_size"])
+
+
+def load_pretrained(directory: str | Path) -> tuple[LLaMA, TextTokenizer | None]:
+    """A Hugging Face LLaMA-family checkpoint directory as our float model (:mod:`dqt_lightning.pretrained`), read one
+    tensor at a time, and its tokenizer: what ``generate`` and ``eval`` run when given such a directory."""
+    pretrained = Pretrained(directory)
+    model = LLaMA.empty(pretrained.config(Config(norm_layout="llama")))
+    pretrained.check(pretrained_weights(model), "llama")
+    model.materialize(weights=pretrained.reader("llama"))
+    return model.eval(), tokenizer_beside(Path(directory), model.config.vocab_size)
 
 
 def tokenizer_beside(directory: Path, vocab_size: int) -> TextTokenizer | None:

@@ -34,6 +34,7 @@ from torch import nn
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.model import SIZES, Config, LLaMA
+from dqt_lightning.module import check_window
 from dqt_lightning.pretrained import Pretrained
 from dqt_lightning.quant.layers import DQTWeight
 from dqt_lightning.train.precision import Execution, Method, QuantPrecision
@@ -205,8 +206,7 @@ def plan(settings: RunSettings) -> MemoryPlan:
     problems = [f"model.config.{problem}" for problem in config.problems()]
     if problems:
         raise ConfigError("; ".join(problems))
-    if settings.seq_len > config.block_size:
-        raise ConfigError(f"data.seq_len={settings.seq_len} is longer than model.config.block_size={config.block_size}")
+    check_window(settings.seq_len, config.block_size)
     plugin = _plugin(settings)
     execution = plugin.execution
     model = _meta_model(config, plugin)

@@ -84,6 +84,22 @@ def _levels(qmin: int, qmax: int) -> str:
     return "ternary levels {-1, 0, 1}" if (qmin, qmax) == (-1, 1) else f"levels [{qmin}, {qmax}]"
 
 
+def grid_mismatch(source: str, name: str, saved: tuple[int, int], grid: Grid) -> str:
+    """The one line refusing a checkpoint whose layer ``name`` is on the levels ``saved``, not on ``grid``."""
+    return (f"{source} holds {name} on {_levels(*saved)}, this config's DQT grid has {_levels(grid.qmin, grid.qmax)} "
+            f"(trainer.plugins.method.bits, symmetric); {_WHERE_FROM}")
+
+
+def check_checkpoint_grids(path: str | Path, grid: Grid) -> None:
+    """Refuse, before anything is built or written, a checkpoint whose DQT layers are on other levels than ``grid``
+    (an 8-bit checkpoint into a ternary run): the check :func:`check_checkpoint_fits` makes again when it loads, for
+    a run without a bit-width schedule, whose grids cannot move. Reads only the checkpoint's record of its grids."""
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(GRIDS_KEY, {})
+    for name, levels in saved.items():
+        if tuple(levels) != (grid.qmin, grid.qmax):
+            raise ConfigError(grid_mismatch(f"ckpt_path {path}", name, tuple(levels), grid))
+
+
 def check_checkpoint_fits(checkpoint: dict[str, Any], module: nn.Module, source: str, grids: Iterable[Grid] = (),
                           strict: bool = True) -> None:
     """Refuse, in one line, a checkpoint whose weights ``module`` cannot hold as they are, before torch copies them.
@@ -118,9 +134,7 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], module: nn.Module, source:
             continue
         other = next((g for g in grids if (g.qmin, g.qmax) == tuple(saved_grids[name])), None)
         if other is None:
-            raise ConfigError(f"{source} holds {name} on {_levels(*saved_grids[name])}, this config's DQT grid has "
-                              f"{_levels(layer.grid.qmin, layer.grid.qmax)} (trainer.plugins.method.bits, symmetric); "
-                              f"{_WHERE_FROM}")
+            raise ConfigError(grid_mismatch(source, name, saved_grids[name], layer.grid))
         layer.grid = other
     for key, shape in expected.items():
         if key in saved and tuple(saved[key].shape) != shape:
