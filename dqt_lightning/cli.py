@@ -347,15 +347,20 @@ class _ParseOnly(DQTLightningCLI):
         pass
 
 
+def _parsed(command: str, args: list[str]) -> Namespace:
+    """fit's configs and overrides, parsed (not instantiated) for another command: ``prepare`` or ``plan``."""
+    with warnings.catch_warnings():  # that args and sys.argv differ is the point here: the command is not fit
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = _ParseOnly(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                         parser_class=_OneLineErrorParser, run=False, args=args,
+                         parser_kwargs={"prog": f"python -m dqt_lightning {command}"})
+    return cli.config
+
+
 def _prepare(args: list[str]) -> None:
     """``prepare --config ...``: tokenize the ``data`` section's source into shards (``dqt_lightning.data.shards``)."""
     try:
-        with warnings.catch_warnings():  # that args and sys.argv differ is the point here: "prepare" is not fit's
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            cli = _ParseOnly(LightningModule, LightningDataModule, subclass_mode_model=True,
-                             subclass_mode_data=True, parser_class=_OneLineErrorParser, run=False, args=args,
-                             parser_kwargs={"prog": "python -m dqt_lightning prepare"})
-        config = cli.config
+        config = _parsed("prepare", args)
         from dqt_lightning.data.shards import TokenShards, prepare_from_config  # noqa: PLC0415 - only prepare needs it
 
         wanted = f"{TokenShards.__module__}.{TokenShards.__name__}"
@@ -383,12 +388,7 @@ def _plan(args: list[str]) -> None:
             sys.exit(2)
         size, args = args[at + 1], args[:at] + args[at + 2:]
     try:
-        with warnings.catch_warnings():  # that args and sys.argv differ is the point here: "plan" is not fit's
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            cli = _ParseOnly(LightningModule, LightningDataModule, subclass_mode_model=True,
-                             subclass_mode_data=True, parser_class=_OneLineErrorParser, run=False, args=args,
-                             parser_kwargs={"prog": "python -m dqt_lightning plan"})
-        print_plan(cli.config, size)
+        print_plan(_parsed("plan", args), size)
     except ConfigError as error:
         sys.stderr.write(f"error: {error}\n")
         sys.exit(2)

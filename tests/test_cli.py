@@ -144,7 +144,7 @@ MISTAKES = {
     "bits0": (["--trainer.plugins.init_args.method.bits", "0"], "trainer.plugins.method.bits"),
     "bits9": (["--trainer.plugins.init_args.method.bits", "9"], "trainer.plugins.method.bits"),
     "mode-foo": (["--trainer.plugins.init_args.method.mode", "foo"], "trainer.plugins.method.mode"),
-    "negative-lr": (["--model.init_args.optimizer.init_args.lr", "-0.001"], "model.optimizer"),
+    "negative-lr": (["--model.init_args.optimizer.init_args.lr", "-0.001"], "model.init_args.optimizer.init_args.lr"),
     "seq-len-too-long": (["--data.init_args.seq_len", "100000"], "data.seq_len"),
     # Lightning's own refusal (the base config has a ModelCheckpoint), as one line too
     "checkpointing-off-with-a-checkpoint": (["--trainer.enable_checkpointing", "false"], "enable_checkpointing"),

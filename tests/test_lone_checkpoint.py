@@ -44,7 +44,8 @@ def test_the_checkpoint_records_the_method_and_the_tokenizer(lone: Path):
     ckpt = torch.load(lone, map_location="cpu", weights_only=True)
     assert ckpt[METHOD_KEY]["method"] == {"mode": "dqt", "bits": 8.0, "symmetric": False, "rounding": "stochastic",
                                           "per_row_scale": False, "scale_policy": "fixed",
-                                          "quantize_embeddings": False}
+                                          "quantize_embeddings": False,
+                                          "ste_warmup_steps": 0}
     assert ckpt[METHOD_KEY]["execution"]["precision"] == "32-true"
     assert ckpt[TOKENIZER_KEY]["file"] == "tokenizer.json"
     assert ckpt[TOKENIZER_KEY]["data"].dtype == torch.uint8

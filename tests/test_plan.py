@@ -120,7 +120,7 @@ def test_fit_refuses_a_run_the_machine_cannot_hold_and_names_what_fits(tmp_path,
                           "--data.init_args.cache_dir", data_cache], capsys)
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("error: this run needs about 83.6 GiB at its peak and this machine has 20.0 GiB")
-    assert "it fits with --config configs/recipes/lean.yaml (17.7 GiB) or --config configs/recipes/lean-factored.yaml" \
+    assert "it fits with --config configs/recipes/lean.yaml (17.8 GiB) or --config configs/recipes/lean-factored.yaml" \
         in err and err.rstrip().endswith("or add --check_memory false to try anyway")
     assert list(tmp_path.iterdir()) in ([], [tmp_path / ".cache"])  # no run directory, no config.yaml
 

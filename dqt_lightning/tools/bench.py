@@ -173,9 +173,12 @@ def run_recipe(recipe: str, size: str, vocab_size: int, batch_size: int, seq_len
         row.activations_mib = (peak - weights - grads - states) / MIB
     elif probe is not None:
         forward = probe.peaks.get("forward", 0) - probe.at_start.get("forward", 0)
+        row.peak_phase = max(probe.peaks, key=probe.peaks.__getitem__)
         row.runtime_mib = probe.peaks.get("start", 0) / MIB
         row.activations_mib = forward / MIB
-        row.rest_mib = (peak - probe.peaks.get("start", 0) - weights - grads - states - forward) / MIB
+        # The activations are in the peak only where it falls while they are held.
+        held = forward if row.peak_phase in ("forward", "backward") else 0
+        row.rest_mib = (peak - probe.peaks.get("start", 0) - weights - grads - states - held) / MIB
     del model, tokens
     gc.collect()
     if cuda:

@@ -36,8 +36,10 @@ class Row:
             the DQT update that runs inside backward.
         predicted_gib: The memory plan's peak for the recipe (:mod:`dqt_lightning.tools.plan`).
         runtime_mib: CPU: the process before the model was built (Python, torch, Lightning, the data).
-        rest_mib: CPU: the peak less the runtime, weights, gradients, states and activations: the transient float
-            values of the update and of backward, and what malloc keeps.
+        rest_mib: CPU: the peak less the runtime, weights, gradients, states and, where the peak falls in the forward
+            or backward, activations: the transient float values of the update and of backward, and what malloc
+            keeps.
+        peak_phase: CPU: the phase of a step the peak falls in (``forward``, ``backward``, ``update``, or ``build``).
     """
 
     recipe: str
@@ -56,6 +58,7 @@ class Row:
     predicted_gib: float | None = None
     runtime_mib: float | None = None
     rest_mib: float | None = None
+    peak_phase: str | None = None
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -79,8 +82,9 @@ def table(rows: Sequence[Row]) -> str:
         speed = fmt(r.tokens_per_s, ',.0f')
         if r.tokens_per_s_range:
             speed += f" ({r.tokens_per_s_range[0]:,.0f}-{r.tokens_per_s_range[1]:,.0f})"
+        peak = fmt(r.peak_gib, '.2f') + (f" ({r.peak_phase})" if r.peak_phase else "")
         cells = [r.recipe, speed, fmt(r.ratio, '.2f'), fmt(r.seconds_per_step, '.3g'), fmt(r.update_share, '.0%'),
-                 fmt(r.peak_gib, '.2f'), fmt(r.predicted_gib, '.2f')]
+                 peak, fmt(r.predicted_gib, '.2f')]
         cells += [fmt(r.runtime_mib, ',.0f')] if resident else []
         cells += [fmt(r.weights_mib, ',.2f'), fmt(r.grads_mib, ',.2f'), fmt(r.states_mib, ',.2f'),
                   fmt(r.activations_mib, ',.1f')]

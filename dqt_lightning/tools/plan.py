@@ -50,6 +50,11 @@ UNFUSED_UPDATE_BYTES = 18
 FUSED_UPDATE_BYTES = 9
 # Backward of a DQT or BitNet projection: its float weight, dequantized (or fake-quantized) for grad_x.
 BACKWARD_BYTES = 4
+# An optimizer's own temporaries, per element of the float parameter it steps (the embedding or head, the largest):
+# torch's AdamW and Adafactor hold two float32 tensors of it at once; this project's AdamW steps in parts.
+OPTIMIZER_STEP_BYTES = 8
+# torch.compile's compiler and kernels in the process, for the fused update on a CPU.
+COMPILE_BYTES = 200 * 2**20
 # Candidate overlays `fit` names when a run would not fit, leanest last.
 OVERLAYS = ("configs/optim/adamw-8bit.yaml", "configs/recipes/lean.yaml", "configs/recipes/lean-factored.yaml")
 
@@ -221,6 +226,11 @@ def plan(settings: RunSettings) -> MemoryPlan:
     dqt_sizes = [shape.numel() for shape, is_dqt in trained if is_dqt]
     dqt_grads = 0 if execution.update_in_backward else grad_size * sum(dqt_sizes)
     largest = max(dqt_sizes or [shape.numel() for shape, _ in trained])
+    from dqt_lightning.train.optim import AdamW  # noqa: PLC0415 - beside the other optimizers' lookup
+
+    chunked = issubclass(_resolve(settings.optimizer) or object, AdamW)
+    float_step = 0 if chunked else OPTIMIZER_STEP_BYTES * max(
+        [shape.numel() for shape, is_dqt in trained if not is_dqt] or [0])
 
     per_block, outside = activation_bytes(settings, plugin)
     logits = 4 * settings.batch_size * settings.seq_len * config.vocab_size
@@ -232,24 +242,25 @@ def plan(settings: RunSettings) -> MemoryPlan:
 
     update_bytes = FUSED_UPDATE_BYTES if execution.fused_update else UNFUSED_UPDATE_BYTES
     runtime = 0 if settings.device != "cpu" else RUNTIME_BYTES if settings.runtime is None else settings.runtime
+    if execution.fused_update and settings.device == "cpu":
+        runtime += COMPILE_BYTES
     persistent = runtime + weights + states
-    if dqt:
-        update_transient = update_bytes * largest
-        backward_transient = BACKWARD_BYTES * largest
-    else:  # the optimizer's own temporaries (torch's AdamW: one float32 tensor of the parameter it steps)
-        update_transient = 4 * largest
-        backward_transient = BACKWARD_BYTES * largest if settings.method.mode == "ste" else 0
+    layer_step = update_bytes * largest if dqt else 0  # one DQT layer's update, unfused or fused
+    backward_transient = BACKWARD_BYTES * largest if settings.method.mode != "fp" else 0
     # The float gradients are still held when the next forward ends (Lightning sets them to None only after it); DQT
-    # frees its own at its update.
-    phases = {"forward": persistent + float_grads + activations}
+    # frees its own at its update. The float parameters are stepped last, DQT's gradients freed by then.
+    phases = {"forward": persistent + float_grads + activations,
+              "update": persistent + float_grads + max(dqt_grads + layer_step, float_step)}
     if dqt and execution.update_in_backward:
         # The first layers stepped inside backward meet nearly all of the activations and one layer's gradient.
         phases["backward"] = persistent + float_grads + activations + (grad_size + update_bytes) * largest
     else:
         phases["backward"] = persistent + float_grads + dqt_grads + backward_transient
-        phases["update"] = persistent + float_grads + dqt_grads + update_transient
     phase = max(phases, key=phases.__getitem__)
-    transients = update_transient if phase != "forward" else 0
+    transients = {"forward": 0, "update": phases["update"] - persistent - float_grads - dqt_grads,
+                  "backward": phases["backward"] - persistent - float_grads - dqt_grads}[phase]
+    if phase == "backward" and dqt and execution.update_in_backward:
+        transients -= activations
     return MemoryPlan(runtime, weights, states, float_grads + dqt_grads, activations, transients, phases[phase], phase)
 
 
