@@ -11,7 +11,6 @@ import torch
 import yaml
 
 from dqt_lightning import cli
-from dqt_lightning.model import Config
 from dqt_lightning.tools import plan as plan_module
 from dqt_lightning.tools.bench import optimizer_for, optimizer_settings, recipe_plugin, state_bytes
 from dqt_lightning.tools.memory import StateAtUpdate
