@@ -66,6 +66,6 @@ kill "$monitor" 2>/dev/null
 for done in "$RUNS"/*/DONE; do [ -f "$done" ] && echo "finished: $(cat "$done")"; done
 
 $PYTHON -m dqt_lightning reproduce --out "$RUNS" --report --max-steps "$MAX_STEPS" "${STACK[@]}" > /dev/null \
-    && cp "$RUNS/results.md" "$RUNS/val_loss.png" "$OUT/" && grep -A12 "^## The claims" "$OUT/results.md"
+    && cp "$RUNS/results.md" "$RUNS/val_loss.png" "$OUT/" && grep -A12 "^## The paper's claims" "$OUT/results.md"
 tar czf "$OUT/reproduce.tgz" --exclude='*.ckpt' "$RUNS"
 ls -la "$OUT"

@@ -121,7 +121,7 @@ def _without_activation_quantization(monkeypatch, transformers):
     context = monkeypatch.context()
     m = context.__enter__()
     m.setattr(layers, "quantize_input", lambda x, dtype: x.to(dtype))
-    m.setattr(bitnet, "quantize_activations", lambda x: x)
+    m.setattr(bitnet, "quantize_activations", lambda x, strength=1.0: x)
     m.setattr(hf_bitnet.ActQuant, "apply", staticmethod(lambda x: x))
     return context
 

@@ -50,8 +50,9 @@ def test_the_gpu_reproduction_runs_every_arm_and_judges_the_claims(tmp_path, dat
                     str(corpus), "--data.init_args.source.val_fraction", "0.05", "--data.init_args.shard_dir",
                     str(shards)], cwd=ROOT, check=True, capture_output=True, timeout=600)
     out = tmp_path / "out"
-    _run("gpu_reproduce.sh", out, DATA=str(shards), RUNS=str(tmp_path / "runs"), MAX_STEPS="2", PARALLEL="2",
-         LIMIT="900")
+    printed = _run("gpu_reproduce.sh", out, DATA=str(shards), RUNS=str(tmp_path / "runs"), MAX_STEPS="2",
+                   PARALLEL="2", LIMIT="900")
     results = (out / "results.md").read_text()
-    assert "## The claims" in results
+    assert "## The paper's claims" in results
+    assert "| claim | verdict | evidence |" in printed  # the call's output shows the verdicts
     assert (out / "reproduce.tgz").is_file()

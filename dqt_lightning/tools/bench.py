@@ -327,7 +327,7 @@ def bench(size: str = "tiny", vocab_size: int = 4096, batch_size: int = 8, seq_l
     (the report is printed first).
 
     Args:
-        size: model size: a name in dqt_lightning.model.SIZES (tiny, 130m, 320m, 1b)
+        size: model size: a name in dqt_lightning.model.SIZES (tiny, 130m, 320m, 1b, 7b)
         vocab_size: vocabulary size
         batch_size: sequences per step
         seq_len: tokens per sequence
