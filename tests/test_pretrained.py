@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from dqt_lightning import Method, QuantPrecision
@@ -189,6 +190,20 @@ def test_fit_starts_from_a_checkpoint_with_its_tokenizer(checkpoint_with_tokeniz
     assert cli.model.config.n_kv_head == 2 and cli.model.config.vocab_size == cli.datamodule.vocab_size == 300
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 2
+
+
+def test_validate_from_a_checkpoint_logs_one_vocabulary(checkpoint_with_tokenizer, tmp_path, monkeypatch):
+    # With the default logger Lightning logs the model's and the data module's hyperparameters side by side and
+    # refuses a vocab_size that differs: the data module's must be its tokenizer's, not the BPE size it would train.
+    from dqt_lightning import cli
+
+    monkeypatch.chdir(tmp_path)
+    at = SHRINK.index("--trainer.logger")
+    without_logger = SHRINK[:at] + SHRINK[at + 2:]
+    assert cli.main(["validate", "--config", str(CONFIGS / "ternary.yaml"), "--model.init_args.init_from",
+                     str(checkpoint_with_tokenizer), *without_logger]) in (0, None)
+    saved = yaml.safe_load(next(tmp_path.glob("runs/*/version_0/config.yaml")).read_text())
+    assert saved["data"]["init_args"]["vocab_size"] == 300
 
 
 def test_a_tokenizer_other_than_the_checkpoint_s_is_refused(checkpoint_with_tokenizer, tmp_path, monkeypatch, capsys):
