@@ -219,3 +219,23 @@ def test_a_tokenizer_other_than_the_checkpoint_s_is_refused(checkpoint_with_toke
     assert done.value.code == 2 and err.count("\n") == 1
     assert err.startswith(f"error: data.init_args.tokenizer is {other}, but model.init_args.init_from ")
     assert not any(tmp_path.glob("runs"))
+
+
+def test_eval_and_generate_take_a_hugging_face_directory(checkpoint_with_tokenizer, tmp_path, capsys):
+    from dqt_lightning import cli
+
+    text = tmp_path / "notes.txt"
+    text.write_text("The model reads this text and scores every token of it.\n")
+    printed = []
+    for args in (["eval", str(checkpoint_with_tokenizer), "--text", str(text), "--no-progress"],
+                 ["generate", str(checkpoint_with_tokenizer), "--prompt", "The model", "--max-new-tokens", "4",
+                  "--temperature", "0"]):
+        try:
+            code = cli.main(args)
+        except SystemExit as done:
+            code = done.code
+        captured = capsys.readouterr()
+        assert code in (0, None), captured.err
+        printed.append(captured.out)
+    assert "perplexity: " in printed[0]
+    assert printed[1].startswith("The model")

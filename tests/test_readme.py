@@ -71,3 +71,17 @@ def test_the_readme_path_out_of_the_app_runs_as_written(tmp_path: Path, data_cac
     # Both loaders continued the prompt, and eval printed its perplexity and the two tasks' accuracy.
     assert result.stdout.count("The model") >= 1, result.stdout[-3000:]
     assert re.search(r"perplexity: \d", result.stdout) and "| copy |" in result.stdout, result.stdout[-3000:]
+
+
+def test_the_readme_memory_plan_runs_as_written(tmp_path: Path) -> None:
+    # The first command of the large-model block: the plan of the 7B lean run, which fits the machine it names.
+    block = readme_bash_block("## Large models")
+    command = block.split("\n.venv/bin/python", 1)[0].replace("\\\n", " ").split("#", 1)[0].split()
+    assert command[:4] == [".venv/bin/python", "-m", "dqt_lightning", "plan"], command
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    peak = re.search(r"^peak +([\d.]+) GiB", result.stdout, re.MULTILINE)
+    assert peak and 16.0 < float(peak.group(1)) < 19.6, result.stdout  # within 10% of the 17.8 GiB measured

@@ -25,8 +25,9 @@ from dqt_lightning.model import LLaMA
 
 
 def load_model(path: str | Path) -> tuple[LLaMA, TextTokenizer]:
-    """The model and tokenizer of a checkpoint, a run directory or an export (as ``generate`` loads them); a Hugging
-    Face model directory is refused in one line, pointing to lm-eval's own ``hf`` model."""
+    """The model and tokenizer of a checkpoint, a run directory, an export or a Hugging Face LLaMA directory (as
+    ``generate`` loads them); a Hugging Face model of another type is refused in one line, pointing to lm-eval's own
+    ``hf`` model."""
     from dqt_lightning.tools.generate import load  # noqa: PLC0415 - generate imports the export module, itself heavy
 
     path = Path(path)
@@ -37,6 +38,8 @@ def load_model(path: str | Path) -> tuple[LLaMA, TextTokenizer]:
         except (OSError, ValueError) as error:
             raise ConfigError(f"{config_file} is not valid JSON ({error})") from error
         if not isinstance(config, dict) or "quantization" not in config:
+            if isinstance(config, dict) and config.get("model_type") == "llama":
+                return load(path)  # its float model, imported as init_from imports it
             if isinstance(config, dict) and "model_type" in config:
                 raise ConfigError(f"{path} is a Hugging Face model directory (config.json has model_type "
                                   f"{config['model_type']!r}), not an export of this package; evaluate it with "
