@@ -39,8 +39,7 @@ from dqt_lightning.train.summary import IntegerWeightModelSummary
 from dqt_lightning.errors import ConfigError, TrainingStopped
 from dqt_lightning.files import atomic_write
 from dqt_lightning.runs import RUNS_DIR, resumable_checkpoint, run_name
-from dqt_lightning.data.tokenizer import tokenizer_vocab_size
-from dqt_lightning.pretrained import Pretrained
+from dqt_lightning.pretrained import settle_data_tokenizer
 from dqt_lightning.tools.plan import check_memory, print_plan
 from dqt_lightning.train.precision import PRECISIONS, Execution
 
@@ -150,33 +149,6 @@ def _move_trainer_precision_into_the_plugin(trainer: Namespace) -> None:
     trainer.precision = None
 
 
-def _the_data_takes_the_checkpoint_tokenizer(config: Namespace) -> None:
-    """With ``model.init_args.init_from``, the data module tokenizes with the checkpoint's tokenizer (and the model's
-    vocabulary is its size): a BPE trained here would give the pretrained embedding rows other meanings."""
-    init_from = config.get("model.init_args.init_from")
-    data = config.get("data.init_args")
-    if not init_from or data is None:
-        return
-    theirs = Pretrained(init_from).tokenizer
-    mine = data.get("tokenizer")
-    if mine in (None, "bpe"):
-        data.tokenizer = str(theirs)
-    elif Path(mine).resolve() not in (theirs.resolve(), theirs.parent.resolve()):
-        raise ConfigError(f"data.init_args.tokenizer is {mine}, but model.init_args.init_from {init_from} brings its "
-                          f"own ({theirs}); leave data.init_args.tokenizer out")
-
-
-def _the_data_states_its_tokenizer_size(config: Namespace) -> None:
-    """A data module given a tokenizer file has that tokenizer's vocabulary, whatever its ``vocab_size`` says (that
-    is the size of a BPE to train): the config says so too, so that the run's config.yaml and the hyperparameters
-    Lightning logs agree with the model's vocabulary (Lightning refuses a data module and a model whose logged
-    ``vocab_size`` differ)."""
-    data = config.get("data.init_args")
-    if data is None or data.get("tokenizer") in (None, "", "bpe") or data.get("vocab_size") is None:
-        return
-    data.vocab_size = tokenizer_vocab_size(data.tokenizer, data.vocab_size)
-
-
 class DQTLightningCLI(LightningCLI):
     # fit with --ckpt_path last: the version directory of the run it continues (the default logger's only)
     _resume_version: int | None = None
@@ -253,8 +225,7 @@ class DQTLightningCLI(LightningCLI):
         # Refused here, before a logger opens a run directory or config.yaml is written: nothing to clean up.
         check_trainer_numbers(config.trainer)
         _move_trainer_precision_into_the_plugin(config.trainer)
-        _the_data_takes_the_checkpoint_tokenizer(config)
-        _the_data_states_its_tokenizer_size(config)
+        settle_data_tokenizer(config)
         if self.subcommand is not None:  # a run, not a parse (prepare, or tests of the configs)
             check_the_run_can_start(config)
         if self.subcommand == "fit" and config.get("check_memory", True):

@@ -219,3 +219,31 @@ def pretrained_weights(model: nn.Module) -> dict[str, torch.Size]:
     tied = getattr(model, "config", None) is not None and model.config.tie_word_embeddings
     return {key: tensor.shape for key, tensor in model.state_dict().items()
             if key.endswith(".weight") and ".sub_norm." not in key and not (tied and key == "lm_head.weight")}
+
+
+def settle_data_tokenizer(config) -> None:
+    """The data module's tokenizer in a parsed run config (LightningCLI's namespace), settled before anything is built.
+
+    With ``model.init_args.init_from`` the data module tokenizes with the checkpoint's tokenizer (and the model's
+    vocabulary is its size): a BPE trained here would give the pretrained embedding rows other meanings; another
+    tokenizer is refused. A data module given a tokenizer file has that tokenizer's vocabulary, whatever its
+    ``vocab_size`` says (the size of a BPE to train): the config says so too, so that the run's config.yaml and the
+    hyperparameters Lightning logs agree with the model's (Lightning refuses a data module and a model whose logged
+    ``vocab_size`` differ).
+    """
+    from dqt_lightning.data.tokenizer import tokenizer_vocab_size  # noqa: PLC0415 - the tokenizers package, lazily
+
+    data = config.get("data.init_args")
+    if data is None:
+        return
+    init_from = config.get("model.init_args.init_from")
+    if init_from:
+        theirs = Pretrained(init_from).tokenizer
+        mine = data.get("tokenizer")
+        if mine in (None, "bpe"):
+            data.tokenizer = str(theirs)
+        elif Path(mine).resolve() not in (theirs.resolve(), theirs.parent.resolve()):
+            raise ConfigError(f"data.init_args.tokenizer is {mine}, but model.init_args.init_from {init_from} brings "
+                              f"its own ({theirs}); leave data.init_args.tokenizer out")
+    if data.get("tokenizer") not in (None, "", "bpe") and data.get("vocab_size") is not None:
+        data.vocab_size = tokenizer_vocab_size(data.tokenizer, data.vocab_size)

@@ -216,7 +216,7 @@ def test_bad_options_and_models_are_one_line_and_write_nothing(tokenizer, text_f
     export = hand_export(tmp_path / "m", tokenizer)
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 512}))
+    (hf / "config.json").write_text(json.dumps({"model_type": "qwen2", "vocab_size": 512}))
     output = tmp_path / "out.json"
     cases = [
         ([str(export), "--tasks", str(tmp_path / "nope.jsonl")], "--tasks: "),
