@@ -231,7 +231,7 @@ def settle_data_tokenizer(config) -> None:
     hyperparameters Lightning logs agree with the model's (Lightning refuses a data module and a model whose logged
     ``vocab_size`` differ).
     """
-    from dqt_lightning.data.tokenizer import tokenizer_vocab_size  # noqa: PLC0415 - the tokenizers package, lazily
+    from dqt_lightning.data.tokenizer import BPE_SPECS, tokenizer_vocab_size  # noqa: PLC0415 - tokenizers, lazily
 
     data = config.get("data.init_args")
     if data is None:
@@ -240,10 +240,10 @@ def settle_data_tokenizer(config) -> None:
     if init_from:
         theirs = Pretrained(init_from).tokenizer
         mine = data.get("tokenizer")
-        if mine in (None, "bpe"):
+        if mine in BPE_SPECS:
             data.tokenizer = str(theirs)
         elif Path(mine).resolve() not in (theirs.resolve(), theirs.parent.resolve()):
             raise ConfigError(f"data.init_args.tokenizer is {mine}, but model.init_args.init_from {init_from} brings "
                               f"its own ({theirs}); leave data.init_args.tokenizer out")
-    if data.get("tokenizer") not in (None, "", "bpe") and data.get("vocab_size") is not None:
+    if data.get("tokenizer") not in BPE_SPECS and data.get("vocab_size") is not None:
         data.vocab_size = tokenizer_vocab_size(data.tokenizer, data.vocab_size)

@@ -192,6 +192,21 @@ def test_fit_starts_from_a_checkpoint_with_its_tokenizer(checkpoint_with_tokeniz
     assert cli.trainer.global_step == 2
 
 
+@pytest.mark.parametrize("bpe_spec", ["bpe", ""])
+def test_every_spelling_of_a_bpe_to_train_gives_way_to_the_checkpoint_s_tokenizer(bpe_spec, checkpoint_with_tokenizer,
+                                                                                 tmp_path, monkeypatch):
+    from dqt_lightning.cli import DQTLightningCLI
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    monkeypatch.chdir(tmp_path)
+    cli = DQTLightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                          run=False, args=["--config", str(CONFIGS / "ternary.yaml"), "--model.init_args.init_from",
+                                           str(checkpoint_with_tokenizer), "--data.init_args.tokenizer", bpe_spec,
+                                           *SHRINK])
+    assert cli.datamodule.hparams.tokenizer == str(checkpoint_with_tokenizer / "tokenizer.json")
+    assert cli.model.config.vocab_size == cli.datamodule.vocab_size == 300
+
+
 def test_validate_from_a_checkpoint_logs_one_vocabulary(checkpoint_with_tokenizer, tmp_path, monkeypatch):
     # With the default logger Lightning logs the model's and the data module's hyperparameters side by side and
     # refuses a vocab_size that differs: the data module's must be its tokenizer's, not the BPE size it would train.

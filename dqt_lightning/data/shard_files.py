@@ -30,7 +30,7 @@ import numpy as np
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.files import atomic_write
 from dqt_lightning.data.text_source import TextSource
-from dqt_lightning.data.tokenizer import TextTokenizer, resolve_tokenizer
+from dqt_lightning.data.tokenizer import BPE_SPECS, TextTokenizer, resolve_tokenizer
 
 FORMAT_VERSION = 1  # bump whenever the file layout or the token stream's definition changes
 MANIFEST = "manifest.json"
@@ -38,7 +38,6 @@ SPLITS = ("train", "validation")
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 ENCODE_CHARS = 1_000_000  # characters per encode_batch call: work for every core, memory bounded, progress often
 ENCODE_DOCS = 4096
-BPE_SPECS = (None, "", "bpe")  # tokenizer specs that mean "train a byte-level BPE"
 # The default shard directory is named after every data setting, so prepare must see the same ones as fit.
 PREPARE_HINT = ("python -m dqt_lightning prepare --config ... (the same --config files and --data.init_args overrides "
                 "as fit)")

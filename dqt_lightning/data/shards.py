@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.data.sampling import PositionedLoader, ResumablePosition, TrainEvalLoaders
-from dqt_lightning.data.shard_files import BPE_SPECS, PREPARE_HINT, Manifest, default_shard_dir, prepare
+from dqt_lightning.data.shard_files import PREPARE_HINT, Manifest, default_shard_dir, prepare
 from dqt_lightning.data.text_source import TextSource
-from dqt_lightning.data.tokenizer import TextTokenizer, resolve_tokenizer
+from dqt_lightning.data.tokenizer import BPE_SPECS, TextTokenizer, resolve_tokenizer
 
 __all__ = ["ShardWindows", "TokenShards", "prepare", "prepare_from_config"]
 

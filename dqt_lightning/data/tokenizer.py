@@ -25,7 +25,7 @@ MIN_BPE_VOCAB = 257  # 256 byte tokens + the end-of-text token
 # Document separators of common tokenizer families, in the order they are looked for: GPT-2 style, LLaMA-3,
 # LLaMA-1/2 and T5 (SentencePiece exports), Gemma.
 EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>")
-_BPE_NAMES = (None, "", "bpe")
+BPE_SPECS = (None, "", "bpe")  # tokenizer specs that mean "train a byte-level BPE on the data"
 
 
 def train_bpe(docs: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -270,7 +270,7 @@ def resolve_tokenizer(spec: str | None, vocab_size: int, documents: Callable[[],
         ConfigError: One line naming the file or field: a missing file, an unreadable one, no network for a hub
             name, a vocabulary too small for a byte-level BPE.
     """
-    if spec in _BPE_NAMES:
+    if spec in BPE_SPECS:
         return _trained_bpe(vocab_size, documents, cache_dir, data_fingerprint)
     path = _local_file(spec)
     return _load_file(path) if path is not None else _load_hub(spec)
@@ -281,7 +281,7 @@ def tokenizer_vocab_size(spec: str | None, vocab_size: int) -> int:
 
     A BPE to be trained reports ``vocab_size``; a tokenizer file or hub tokenizer reports its own size.
     """
-    if spec in _BPE_NAMES:
+    if spec in BPE_SPECS:
         _check_bpe_size(vocab_size)
         return vocab_size
     path = _local_file(spec)
