@@ -307,25 +307,38 @@ class LLaMA(nn.Module):
         """Whether the model still waits for :meth:`materialize`."""
         return self.rope_cos.is_meta
 
+    def _init_generator(self, device: torch.device) -> torch.Generator:
+        """The generator :meth:`materialize` draws from when the weights are built on ``device`` (the default device:
+        Lightning's ``configure_model`` runs under its root device). On the CPU, and on the meta device (no draws), the
+        random state :meth:`empty` kept: the eager model's values. A GPU tensor draws only from a generator of its own
+        device: one seeded from that state, so a seed still fixes the weights there, though not to the CPU's values
+        (another algorithm draws them). Building on the GPU keeps a 7B model's thirteen billion draws off the CPU.
+        """
+        generator = torch.Generator().set_state(self.rng_state)
+        if device.type in ("cpu", "meta"):
+            return generator
+        return torch.Generator(device).manual_seed(int(torch.randint(2**62, (), generator=generator)))
+
     @torch.no_grad()
     def materialize(self, convert: Callable[[str, nn.Module], nn.Module | None] | None = None,
                     initialize: bool = True,
                     weights: Callable[[str], torch.Tensor | None] | None = None) -> None:
-        """Give a model built by :meth:`empty` its weights, one matrix at a time, on the CPU.
+        """Give a model built by :meth:`empty` its weights, one matrix at a time, on the default device.
 
-        Each weight is the one ``LLaMA(config)`` draws when built from the random state :meth:`empty` kept: the same
-        draws in the same order (first those of each layer's own constructor, then the normal init of
-        ``_init_weights``), one layer at a time. With ``initialize=False`` the weights are left uninitialized, for a
-        checkpoint to fill, and nothing is drawn. With ``weights`` (our state-dict key to a float tensor, or ``None``
-        for one it lacks: a norm gain then starts at one) each weight is read from there instead, one at a time: how
-        a pretrained checkpoint comes in (:mod:`dqt_lightning.pretrained`; ``weights_source`` is the default).
+        Each weight is the one ``LLaMA(config)`` draws when built from the random state :meth:`empty` kept (on the
+        CPU; on a GPU, see :meth:`_init_generator`): the same draws in the same order (first those of each layer's
+        own constructor, then the normal init of ``_init_weights``), one layer at a time. With ``initialize=False``
+        the weights are left uninitialized, for a checkpoint to fill, and nothing is drawn. With ``weights`` (our
+        state-dict key to a float tensor, or ``None`` for one it lacks: a norm gain then starts at one) each weight
+        is read from there instead, one at a time: how a pretrained checkpoint comes in
+        (:mod:`dqt_lightning.pretrained`; ``weights_source`` is the default).
 
         ``convert(name, layer)`` may replace each projection, embedding and head as soon as it holds its float weight
         (the precision plugin quantizes it there): the float weight is then dropped, so the process never holds more
         than one layer's float weight beyond those that stay float.
         """
         weights = weights if weights is not None or not initialize else self.weights_source
-        generator = torch.Generator().set_state(self.rng_state) if initialize and weights is None else None
+        generator = self._init_generator(torch.get_default_device()) if initialize and weights is None else None
         # Names, not modules: a list of the float layers would keep every replaced one's weight alive to the end.
         names = [name for name, m in self.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
         if generator is not None:

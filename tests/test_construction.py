@@ -60,6 +60,26 @@ def test_float_weights_are_those_of_the_eager_build(layout):
     assert torch.equal(eager.rope_cos, built.rope_cos) and torch.equal(eager.rope_sin, built.rope_sin)
 
 
+def test_weights_built_on_a_gpu_draw_from_a_generator_of_that_device(monkeypatch):
+    # Lightning's configure_model runs under `with root_device`, and a CUDA tensor refuses a CPU generator. No GPU
+    # here: a stand-in records the device each generator is asked for (and draws on the CPU in its place).
+    asked, real = [], torch.Generator
+
+    def generator(device="cpu"):
+        asked.append(torch.device(device).type)
+        return real()
+
+    model = _empty(_layout("llama"), 3)
+    monkeypatch.setattr(torch, "Generator", generator)
+    first = model._init_generator(torch.device("cuda", 0))
+    assert asked == ["cpu", "cuda"]
+    # Seeded from the state the empty model kept: the same seed gives the same weights on that device.
+    again = model._init_generator(torch.device("cuda"))
+    assert torch.equal(torch.rand(8, generator=first), torch.rand(8, generator=again))
+    assert model._init_generator(torch.device("cpu")).get_state().equal(model.rng_state)
+    assert model._init_generator(torch.device("meta")).get_state().equal(model.rng_state)
+
+
 @pytest.mark.parametrize("method", [Method(bits=1.58), Method(bits=8), Method(bits=4, per_row_scale=True),
                                     Method(bits=1.58, quantize_embeddings=True), Method(mode="ste")],
                          ids=["ternary", "8bit", "4bit-per-row", "ternary-embeddings", "ste"])

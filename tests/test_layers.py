@@ -436,6 +436,15 @@ def test_the_rounding_in_parts_draws_what_the_whole_draws(per_row, monkeypatch):
     assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1] > 0
 
 
+def test_a_gpu_rounds_and_steps_in_parts_far_larger_than_a_cpu():
+    # A CPU pass stays a few hundred KiB for malloc to reuse; on a GPU each pass is a few dozen kernel launches, so a
+    # 7B layer (45M elements) must take a handful, not hundreds.
+    from dqt_lightning.quant.layers import ROUNDING_CHUNK, elements_per_pass
+
+    assert elements_per_pass(torch.device("cpu"), ROUNDING_CHUNK) == ROUNDING_CHUNK
+    assert elements_per_pass(torch.device("cuda", 0), ROUNDING_CHUNK) >= 4096 * 11008 // 4
+
+
 class StrengthRecorder(pl.Callback):
     """The first training loss, and BitNet's quantizer strength (lambda) at every step."""
 

@@ -25,7 +25,17 @@ from dqt_lightning.quant.bitnet import BitEmbedding, BitLinear, refuse_embedding
 from dqt_lightning.quant.grid import Grid, absmean_quantize, pack_ternary, quantize_input, unpack_ternary
 
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-ROUNDING_CHUNK = 1 << 16  # elements per pass of the unfused rounding
+ROUNDING_CHUNK = 1 << 16  # elements per pass of the unfused rounding on a CPU
+# On a GPU the caching allocator reuses temporaries of any size, and every pass costs a few dozen kernel launches:
+# parts of 16M elements (a few 64 MiB temporaries) keep a 7B layer's update to a handful of passes.
+GPU_PASS_ELEMENTS = 1 << 24
+
+
+def elements_per_pass(device: torch.device, on_cpu: int) -> int:
+    """How many elements an eager pass over a large tensor takes at once on ``device``: ``on_cpu`` on a CPU, where
+    parts of a few hundred KiB are what malloc reuses instead of holding several times the tensor in temporaries,
+    else :data:`GPU_PASS_ELEMENTS`. The parts draw the same noise by flat index: any size gives the same result."""
+    return on_cpu if device.type == "cpu" else max(on_cpu, GPU_PASS_ELEMENTS)
 
 
 class DQTWeight(nn.Module):
@@ -160,7 +170,7 @@ class DQTWeight(nn.Module):
             # A few rows at a time, drawing the same noise by flat index: the rounding's float and int64 temporaries
             # stay a few hundred KiB (which malloc reuses) instead of several times the layer.
             q_new = torch.empty_like(q)
-            rows = max(1, ROUNDING_CHUNK // q.shape[1])
+            rows = max(1, elements_per_pass(q.device, ROUNDING_CHUNK) // q.shape[1])
             for start in range(0, q.shape[0], rows):
                 part = slice(start, start + rows)
                 alpha = self.scale[part] if self.scale.dim() else self.scale

@@ -37,7 +37,7 @@ def sample(model: LLaMA, prompt: list[int], max_new_tokens: int, temperature: fl
         max_new_tokens: How many tokens to add at most; the prompt and they must fit in the block size.
         temperature: Softmax temperature; 0 picks the most likely token every time.
         top_k: Sample only among the ``top_k`` most likely tokens (None: all).
-        generator: Random generator, for reproducible samples.
+        generator: Random generator (a CPU one, whatever the model's device), for reproducible samples.
         stop_id: A token (end of text) that ends the sample; it is not included.
         kv_cache: Keep every layer's keys and values (:class:`~dqt_lightning.model.KVCache`), so that each new token
             runs through the model alone; ``False`` recomputes the whole context for every token (same tokens).
@@ -64,7 +64,9 @@ def sample(model: LLaMA, prompt: list[int], max_new_tokens: int, temperature: fl
             if top_k is not None and top_k < logits.numel():
                 cutoff = torch.topk(logits, top_k).values[-1]
                 logits = logits.masked_fill(logits < cutoff, float("-inf"))
-            token = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+            # Drawn on the CPU, whatever device the model is on: a CPU generator serves every model, and a seed gives
+            # the same tokens for the same logits on any device.
+            token = int(torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=generator))
         if token == stop_id:
             break
         new.append(token)

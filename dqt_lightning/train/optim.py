@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from dqt_lightning.errors import ConfigError
+from dqt_lightning.quant.layers import elements_per_pass
 from dqt_lightning.quant.rounding import noise_keys, run_seed, step_seed
 from dqt_lightning.train.moments import STATE_DTYPES, init_state, read_moments, write_moments
 
@@ -58,7 +59,7 @@ class OptimizerRule:
 
 
 OPTIMIZER_RULES: dict[str, OptimizerRule] = {}
-# Elements per pass of AdamW's eager step over a large parameter.
+# Elements per pass of AdamW's eager step over a large parameter on a CPU (quant.layers.elements_per_pass).
 CHUNK = 1 << 16
 
 
@@ -197,14 +198,15 @@ class AdamW(torch.optim.Optimizer):
         rule = OPTIMIZER_RULES[self.rule]
         scalars = rule.scalars(group, state["step"])
         keys = moment_keys(group, state["step"], index, param.device)
-        if not param.is_contiguous() or param.numel() <= CHUNK:
+        elements = elements_per_pass(param.device, CHUNK)
+        if not param.is_contiguous() or param.numel() <= elements:
             self._step_part(param, param.grad, state, rule, scalars, keys, block_size, None)
             return
         # A large parameter in parts of CHUNK elements (whole blocks of the 8-bit states): the same arithmetic, the
         # same noise (drawn by flat index), in temporaries of a few hundred KiB that malloc reuses, where one pass over
         # a 131M-element embedding held gigabytes of them at once.
         flat, grad = param.view(-1), param.grad.reshape(-1)
-        chunk = -(-CHUNK // block_size) * block_size
+        chunk = -(-elements // block_size) * block_size
         for start in range(0, flat.numel(), chunk):
             part = slice(start, min(start + chunk, flat.numel()))
             self._step_part(flat[part], grad[part], state, rule, scalars, keys, block_size, part)
