@@ -317,7 +317,9 @@ class LLaMA(nn.Module):
         generator = torch.Generator().set_state(self.rng_state)
         if device.type in ("cpu", "meta"):
             return generator
-        return torch.Generator(device).manual_seed(int(torch.randint(2**62, (), generator=generator)))
+        # device="cpu": under Lightning's device context a plain factory call would make a tensor of that device.
+        seed = int(torch.randint(2**62, (), generator=generator, device="cpu"))
+        return torch.Generator(device).manual_seed(seed)
 
     @torch.no_grad()
     def materialize(self, convert: Callable[[str, nn.Module], nn.Module | None] | None = None,

@@ -71,7 +71,8 @@ def test_weights_built_on_a_gpu_draw_from_a_generator_of_that_device(monkeypatch
 
     model = _empty(_layout("llama"), 3)
     monkeypatch.setattr(torch, "Generator", generator)
-    first = model._init_generator(torch.device("cuda", 0))
+    with torch.device("meta"):  # as Lightning's device context: factory calls without a device make meta tensors
+        first = model._init_generator(torch.device("cuda", 0))
     assert asked == ["cpu", "cuda"]
     # Seeded from the state the empty model kept: the same seed gives the same weights on that device.
     again = model._init_generator(torch.device("cuda"))
