@@ -65,9 +65,10 @@ def check_window(seq_len: int, block_size: int) -> None:
 # From this many parameters on, freed memory goes back to the operating system at once (see below).
 LARGE_MODEL = 100_000_000
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 1 << 20  # the threshold a large model fixes; the memory plan counts blocks below it as heap-kept
 
 
-def return_freed_memory_to_the_os(threshold: int = 1 << 20) -> None:
+def return_freed_memory_to_the_os(threshold: int = MMAP_THRESHOLD) -> None:
     """Have glibc's malloc return every freed block of ``threshold`` bytes or more to the operating system at once.
 
     glibc serves blocks above its mmap threshold with their own mappings, unmapped when freed, but raises that

@@ -167,8 +167,8 @@ class DQTWeight(nn.Module):
             q_new, alpha = quant_step.rescaled_step(stepped, self.grid, self.scale.dim() > 0, self.rounding, key)
             self.scale.copy_(alpha.reshape(self.scale.shape))
         else:
-            # A few rows at a time, drawing the same noise by flat index: the rounding's float and int64 temporaries
-            # stay a few hundred KiB (which malloc reuses) instead of several times the layer.
+            # A few rows at a time (elements_per_pass), drawing the same noise by flat index: the rounding's float and
+            # int64 temporaries stay one part's size instead of several times the layer.
             q_new = torch.empty_like(q)
             rows = max(1, elements_per_pass(q.device, ROUNDING_CHUNK) // q.shape[1])
             for start in range(0, q.shape[0], rows):

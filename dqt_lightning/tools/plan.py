@@ -34,7 +34,7 @@ from torch import nn
 
 from dqt_lightning.errors import ConfigError
 from dqt_lightning.model import SIZES, Config, LLaMA
-from dqt_lightning.module import LARGE_MODEL, check_window
+from dqt_lightning.module import LARGE_MODEL, MMAP_THRESHOLD, check_window
 from dqt_lightning.pretrained import Pretrained
 from dqt_lightning.quant.layers import DQTWeight
 from dqt_lightning.train.precision import Execution, Method, QuantPrecision
@@ -55,9 +55,6 @@ BACKWARD_BYTES = 4
 OPTIMIZER_STEP_BYTES = 8
 # torch.compile's compiler and kernels in the process, for the fused update on a CPU.
 COMPILE_BYTES = 200 * 2**20
-# The mmap threshold a large model fixes (module.return_freed_memory_to_the_os): a block below it comes from glibc's
-# heap, which keeps what backward frees until the step ends.
-MMAP_THRESHOLD = 1 << 20
 # Candidate overlays `fit` names when a run would not fit, leanest last.
 OVERLAYS = ("configs/optim/adamw-8bit.yaml", "configs/recipes/lean.yaml", "configs/recipes/lean-factored.yaml")
 
@@ -252,8 +249,9 @@ def plan(settings: RunSettings) -> MemoryPlan:
     backward_transient = BACKWARD_BYTES * largest if settings.method.mode != "fp" else 0
     # The float gradients are still held when the next forward ends (Lightning sets them to None only after it); DQT
     # frees its own at its update. The float parameters are stepped last, DQT's gradients freed by then.
-    # A large model's hidden states (batch x seq x width, float32) below the mmap threshold come from the heap: the
-    # activations backward frees stay resident through the update (the 130m model at batch 1 x 256, not the 1b).
+    # A large model's hidden states (batch x seq x width, float32) below the mmap threshold it fixes
+    # (module.return_freed_memory_to_the_os) come from glibc's heap, which keeps what backward frees: the activations
+    # stay resident through the update (the 130m model at batch 1 x 256, not the 1b).
     heap_kept = activations if (settings.device == "cpu" and sum(shape.numel() for shape, _ in trained) >= LARGE_MODEL
                                 and 4 * settings.batch_size * settings.seq_len * config.n_embd < MMAP_THRESHOLD) else 0
     phases = {"forward": persistent + float_grads + activations,

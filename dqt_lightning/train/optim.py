@@ -202,9 +202,9 @@ class AdamW(torch.optim.Optimizer):
         if not param.is_contiguous() or param.numel() <= elements:
             self._step_part(param, param.grad, state, rule, scalars, keys, block_size, None)
             return
-        # A large parameter in parts of CHUNK elements (whole blocks of the 8-bit states): the same arithmetic, the
-        # same noise (drawn by flat index), in temporaries of a few hundred KiB that malloc reuses, where one pass over
-        # a 131M-element embedding held gigabytes of them at once.
+        # A large parameter in parts (elements_per_pass; whole blocks of the 8-bit states): the same arithmetic, the
+        # same noise (drawn by flat index), in temporaries of one part's size, where one pass over a 131M-element
+        # embedding held gigabytes of them at once.
         flat, grad = param.view(-1), param.grad.reshape(-1)
         chunk = -(-elements // block_size) * block_size
         for start in range(0, flat.numel(), chunk):
