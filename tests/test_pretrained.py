@@ -178,14 +178,19 @@ def checkpoint_with_tokenizer(tmp_path_factory) -> Path:
     return path
 
 
-def test_fit_starts_from_a_checkpoint_with_its_tokenizer(checkpoint_with_tokenizer, tmp_path, monkeypatch):
+def _parsed_cli(checkpoint: Path, *args: str):
+    """The CLI of a ternary run from ``checkpoint``, parsed and built, not run."""
     from dqt_lightning.cli import DQTLightningCLI
     from lightning.pytorch import LightningDataModule, LightningModule
 
+    return DQTLightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                           run=False, args=["--config", str(CONFIGS / "ternary.yaml"), "--model.init_args.init_from",
+                                            str(checkpoint), *args, *SHRINK])
+
+
+def test_fit_starts_from_a_checkpoint_with_its_tokenizer(checkpoint_with_tokenizer, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = DQTLightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                          run=False, args=["--config", str(CONFIGS / "ternary.yaml"), "--model.init_args.init_from",
-                                           str(checkpoint_with_tokenizer), *SHRINK])
+    cli = _parsed_cli(checkpoint_with_tokenizer)
     assert cli.datamodule.hparams.tokenizer == str(checkpoint_with_tokenizer / "tokenizer.json")
     assert cli.model.config.n_kv_head == 2 and cli.model.config.vocab_size == cli.datamodule.vocab_size == 300
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -195,14 +200,8 @@ def test_fit_starts_from_a_checkpoint_with_its_tokenizer(checkpoint_with_tokeniz
 @pytest.mark.parametrize("bpe_spec", ["bpe", ""])
 def test_every_spelling_of_a_bpe_to_train_gives_way_to_the_checkpoint_s_tokenizer(bpe_spec, checkpoint_with_tokenizer,
                                                                                  tmp_path, monkeypatch):
-    from dqt_lightning.cli import DQTLightningCLI
-    from lightning.pytorch import LightningDataModule, LightningModule
-
     monkeypatch.chdir(tmp_path)
-    cli = DQTLightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                          run=False, args=["--config", str(CONFIGS / "ternary.yaml"), "--model.init_args.init_from",
-                                           str(checkpoint_with_tokenizer), "--data.init_args.tokenizer", bpe_spec,
-                                           *SHRINK])
+    cli = _parsed_cli(checkpoint_with_tokenizer, "--data.init_args.tokenizer", bpe_spec)
     assert cli.datamodule.hparams.tokenizer == str(checkpoint_with_tokenizer / "tokenizer.json")
     assert cli.model.config.vocab_size == cli.datamodule.vocab_size == 300
 
